@@ -1,0 +1,66 @@
+"""cbn: fast, exact batch normalization for CPUs.
+
+A C++ core (OpenMP, SIMD chosen at import) behind a Keras-compatible
+:class:`BatchNormalization` layer on NumPy arrays and the functional
+:mod:`cbn.ops` API.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _core, ops
+from .layer import BatchNormalization
+
+__version__ = _core.version()
+__all__ = [
+    "BatchNormalization",
+    "ops",
+    "set_num_threads",
+    "get_num_threads",
+    "show_config",
+    "__version__",
+]
+
+
+def _apply_isa_override() -> None:
+    # CBN_ISA picks the SIMD level once, at import; a level the CPU lacks is an error.
+    requested = os.environ.get("CBN_ISA", "").strip().lower()
+    if not requested:
+        return
+    try:
+        _core.set_isa(requested)
+    except ValueError as err:
+        raise ImportError(f"CBN_ISA={requested!r}: {err}") from None
+
+
+_apply_isa_override()
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in later calls; ``n <= 0`` restores the default
+    (``OMP_NUM_THREADS`` or the number of cores)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int; received {n!r}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Number of threads later calls use."""
+    return _core.get_num_threads()
+
+
+def show_config(print_out: bool = True) -> dict[str, str | int]:
+    """The build and runtime configuration: version, compiler, OpenMP, SIMD level
+    in use (and the best available), threads. Printed unless ``print_out=False``."""
+    config: dict[str, str | int] = {
+        "version": __version__,
+        "build": _core.build_info(),
+        "simd": _core.isa(),
+        "simd_best": _core.best_isa(),
+        "threads": get_num_threads(),
+    }
+    if print_out:
+        for key, value in config.items():
+            print(f"{key:>10}: {value}")
+    return config

@@ -1,0 +1,236 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, embedsignature=True
+"""Thin binding of the bn_core C API on NumPy arrays.
+
+Callers (``cbn.ops``, the layer) validate shapes and convert inputs; this module
+only describes arrays to the core, releases the GIL around it and turns status
+codes into exceptions. Per-channel parameters and statistics are float64.
+"""
+
+from libc.stdint cimport int32_t, int64_t
+
+cimport numpy as cnp
+import ml_dtypes
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "bn_core/bn_core.h" nogil:
+    ctypedef enum bn_status:
+        BN_OK
+        BN_ERR_DTYPE
+        BN_ERR_ALLOC
+        BN_ERR_UNSUPPORTED
+    ctypedef enum bn_dtype:
+        BN_FLOAT32
+        BN_FLOAT64
+        BN_FLOAT16
+        BN_BFLOAT16
+        BN_UINT8
+    ctypedef enum bn_isa:
+        pass
+    ctypedef struct bn_tensor:
+        void *data
+        bn_dtype dtype
+        int32_t rank
+        const int64_t *shape
+        const int64_t *strides
+    int BN_MAX_RANK
+    bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
+                         const bn_tensor *mask, double *mean, double *variance, double *count)
+    bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                           int32_t n_axes, const double *mean, const double *variance,
+                           const double *gamma, const double *beta, double epsilon)
+    bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                               int32_t n_axes, const bn_tensor *mask, const double *gamma,
+                               const double *beta, double epsilon, double *mean, double *variance)
+    bn_status bn_set_num_threads(int32_t n)
+    int32_t bn_get_num_threads()
+    bn_isa bn_get_isa()
+    bn_isa bn_best_isa()
+    bn_status bn_set_isa_by_name(const char *name)
+    const char *bn_isa_name(bn_isa isa)
+    const char *bn_last_error()
+    const char *bn_version()
+    const char *bn_build_info()
+
+_DTYPE_CODES = {
+    np.dtype(np.float32): BN_FLOAT32,
+    np.dtype(np.float64): BN_FLOAT64,
+    np.dtype(np.float16): BN_FLOAT16,
+    np.dtype(ml_dtypes.bfloat16): BN_BFLOAT16,
+    np.dtype(np.bool_): BN_UINT8,
+    np.dtype(np.uint8): BN_UINT8,
+}
+
+
+# An array described to the core; shape and strides copied as int64.
+cdef struct tensor_desc:
+    bn_tensor t
+    int64_t shape[64]
+    int64_t strides[64]
+
+
+cdef int describe(tensor_desc *d, cnp.ndarray a, bint is_mask) except -1:
+    code = _DTYPE_CODES.get(a.dtype)
+    if code is None or (code == BN_UINT8) != is_mask:
+        raise TypeError(f"unsupported dtype {a.dtype} for {'a mask' if is_mask else 'data'}")
+    cdef int rank = cnp.PyArray_NDIM(a)
+    if rank > BN_MAX_RANK:
+        raise ValueError(f"rank {rank} exceeds the maximum {BN_MAX_RANK}")
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
+    for i in range(rank):
+        d.shape[i] = dims[i]
+        d.strides[i] = strides[i]
+    d.t.data = cnp.PyArray_DATA(a)
+    d.t.dtype = code
+    d.t.rank = rank
+    d.t.shape = d.shape
+    d.t.strides = d.strides
+    return 0
+
+
+cdef int check(bn_status status) except -1:
+    if status == BN_OK:
+        return 0
+    message = bn_last_error().decode()
+    if status == BN_ERR_DTYPE:
+        raise TypeError(message)
+    if status == BN_ERR_ALLOC:
+        raise MemoryError(message)
+    raise ValueError(message)
+
+
+cdef class _Axes:
+    cdef int32_t values[64]
+    cdef int32_t count
+
+    def __cinit__(self, axes):
+        if len(axes) > BN_MAX_RANK:
+            raise ValueError(f"too many axes: {len(axes)}")
+        self.count = len(axes)
+        for i, a in enumerate(axes):
+            self.values[i] = a
+
+
+cdef Py_ssize_t channel_count(cnp.ndarray x, axes) except -1:
+    cdef Py_ssize_t c = 1
+    for a in axes:
+        c *= x.shape[a]
+    return c
+
+
+cdef const double *param_ptr(object p, Py_ssize_t channels, str name) except? NULL:
+    if p is None:
+        return NULL
+    cdef cnp.ndarray a = p
+    if a.dtype != np.float64 or a.ndim != 1 or a.shape[0] != channels or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous float64 array of {channels} values")
+    return <const double *>cnp.PyArray_DATA(a)
+
+
+cdef int check_output(cnp.ndarray y) except -1:
+    if not y.flags.writeable:
+        raise ValueError("the output array is read-only")
+    return 0
+
+
+def moments(cnp.ndarray x, tuple axes, mask):
+    """Per-channel (mean, biased variance, count) as float64 arrays."""
+    cdef tensor_desc xd, md
+    cdef _Axes ax = _Axes(axes)
+    describe(&xd, x, False)
+    cdef bn_tensor *mp = NULL
+    if mask is not None:
+        describe(&md, mask, True)
+        mp = &md.t
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef cnp.ndarray mean = np.empty(c), var = np.empty(c), count = np.empty(c)
+    cdef double *mean_p = <double *>cnp.PyArray_DATA(mean)
+    cdef double *var_p = <double *>cnp.PyArray_DATA(var)
+    cdef double *count_p = <double *>cnp.PyArray_DATA(count)
+    cdef bn_status st
+    with nogil:
+        st = bn_moments(&xd.t, ax.values, ax.count, mp, mean_p, var_p, count_p)
+    check(st)
+    return mean, var, count
+
+
+def normalize(cnp.ndarray x, cnp.ndarray y, tuple axes, mean, variance, gamma, beta,
+              double epsilon):
+    """y = (x - mean) * gamma / sqrt(variance + epsilon) + beta; y may be x."""
+    cdef tensor_desc xd, yd
+    cdef _Axes ax = _Axes(axes)
+    describe(&xd, x, False)
+    describe(&yd, y, False)
+    check_output(y)
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef const double *mean_p = param_ptr(mean, c, "mean")
+    cdef const double *var_p = param_ptr(variance, c, "variance")
+    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
+    cdef const double *beta_p = param_ptr(beta, c, "beta")
+    if mean_p == NULL or var_p == NULL:
+        raise ValueError("mean and variance are required")
+    cdef bn_status st
+    with nogil:
+        st = bn_normalize(&xd.t, &yd.t, ax.values, ax.count, mean_p, var_p, gamma_p, beta_p,
+                          epsilon)
+    check(st)
+
+
+def train_forward(cnp.ndarray x, cnp.ndarray y, tuple axes, mask, gamma, beta, double epsilon):
+    """Batch moments (masked) and normalization with them in one call; returns
+    (mean, variance) as float64."""
+    cdef tensor_desc xd, yd, md
+    cdef _Axes ax = _Axes(axes)
+    describe(&xd, x, False)
+    describe(&yd, y, False)
+    check_output(y)
+    cdef bn_tensor *mp = NULL
+    if mask is not None:
+        describe(&md, mask, True)
+        mp = &md.t
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
+    cdef const double *beta_p = param_ptr(beta, c, "beta")
+    cdef cnp.ndarray mean = np.empty(c), var = np.empty(c)
+    cdef double *mean_p = <double *>cnp.PyArray_DATA(mean)
+    cdef double *var_p = <double *>cnp.PyArray_DATA(var)
+    cdef bn_status st
+    with nogil:
+        st = bn_train_forward(&xd.t, &yd.t, ax.values, ax.count, mp, gamma_p, beta_p, epsilon,
+                              mean_p, var_p)
+    check(st)
+    return mean, var
+
+
+def set_num_threads(int n):
+    check(bn_set_num_threads(n))
+
+
+def get_num_threads():
+    return bn_get_num_threads()
+
+
+def isa():
+    """Name of the SIMD level in use."""
+    return bn_isa_name(bn_get_isa()).decode()
+
+
+def best_isa():
+    """Name of the best SIMD level this CPU supports."""
+    return bn_isa_name(bn_best_isa()).decode()
+
+
+def set_isa(str name):
+    """Select a SIMD level by name ('scalar', 'avx2', 'avx512'; '' for the best)."""
+    encoded = name.encode()
+    check(bn_set_isa_by_name(encoded))
+
+
+def version():
+    return bn_version().decode()
+
+
+def build_info():
+    return bn_build_info().decode()

@@ -1,0 +1,181 @@
+"""Argument checking and zero-copy conversion shared by ``cbn.ops`` and the layer.
+
+Every function raises ``TypeError`` or ``ValueError`` whose message names the bad
+value and says what was expected.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+#: dtypes the core reads and writes directly.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
+
+
+def as_array(x, name: str = "x") -> np.ndarray:
+    """View ``x`` as a NumPy array without copying.
+
+    Accepts NumPy arrays, DLPack producers (a PyTorch CPU tensor), objects with
+    ``__array__`` and buffer-protocol objects. Complex, object, string and other
+    non-real dtypes raise ``TypeError``.
+    """
+    if isinstance(x, np.ndarray):
+        arr = x
+    elif hasattr(x, "__dlpack__") and not isinstance(x, (bytes, bytearray, memoryview)):
+        try:
+            arr = np.from_dlpack(x)
+        except (BufferError, TypeError, RuntimeError):
+            arr = np.asarray(x)
+    else:
+        arr = np.asarray(x)
+    if arr.dtype == BFLOAT16:
+        return arr
+    kind = arr.dtype.kind
+    if kind not in "fiub":
+        raise TypeError(
+            f"{name} has dtype {arr.dtype}; expected a real floating, integer or bool "
+            "array (float16, bfloat16, float32, float64, int*, uint*, bool)"
+        )
+    return arr
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_axis_arg(axis, name: str = "axis") -> int | list[int]:
+    """Validate an ``axis`` argument's type: an int or a non-empty list/tuple of ints.
+
+    Returns a plain ``int`` or a ``list`` of ``int`` (NumPy integers converted).
+    Range is only known once the rank is (see :func:`normalize_axes`).
+    """
+    if is_integer(axis):
+        return int(axis)
+    if isinstance(axis, (list, tuple)):
+        if len(axis) == 0:
+            raise ValueError(f"{name} must name at least one axis; received an empty {type(axis).__name__}")
+        bad = [a for a in axis if not is_integer(a)]
+        if bad:
+            raise TypeError(f"{name} must contain only ints; received {axis!r} (bad entries: {bad!r})")
+        out = [int(a) for a in axis]
+        if len(set(out)) != len(out):
+            raise ValueError(f"{name} contains duplicate entries: {axis!r}")
+        return out
+    raise TypeError(
+        f"{name} must be an int or a list/tuple of ints; received {axis!r} of type {type(axis).__name__}"
+    )
+
+
+def normalize_axes(axis, rank: int, name: str = "axis") -> tuple[int, ...]:
+    """Non-negative, sorted channel axes for an input of ``rank``.
+
+    Out-of-range or duplicate (after wrapping negatives) axes raise ``ValueError``
+    naming the axis and the rank.
+    """
+    checked = check_axis_arg(axis, name)
+    axes = [checked] if isinstance(checked, int) else checked
+    out = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"{name}={axis!r} is out of range for an input of rank {rank}: "
+                f"each axis must be in [{-rank}, {rank - 1}]"
+            )
+        out.append(a % rank)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={axis!r} names the same axis twice for an input of rank {rank}")
+    return tuple(sorted(out))
+
+
+def channel_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    """Sizes of the channel axes in increasing axis order (the shape of the weights)."""
+    return tuple(int(shape[a]) for a in axes)
+
+
+def squeezed_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape if s != 1)
+
+
+def as_param(value, cshape: tuple[int, ...], name: str, dtype=np.float64) -> np.ndarray | None:
+    """A per-channel parameter as a contiguous 1-D array of ``prod(cshape)`` values.
+
+    Accepts the channel shape itself or any shape equal to it once size-1 dims are
+    dropped (e.g. ``(1, H, 1, C)``); ``None`` passes through.
+    """
+    if value is None:
+        return None
+    arr = as_array(value, name)
+    if arr.shape != cshape and squeezed_shape(arr.shape) != squeezed_shape(cshape):
+        raise ValueError(
+            f"{name} has shape {arr.shape}; expected {cshape} (the sizes of the normalized axes)"
+        )
+    return np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
+
+
+def canonical_mask(mask, shape: tuple[int, ...], name: str = "mask") -> np.ndarray | None:
+    """A mask as a bool array of the input's rank that broadcasts to ``shape``.
+
+    Forms (spec R8.1): (a) one dimension fewer than the input: a trailing size-1
+    axis is appended (a ``(B, T)`` mask for a ``(B, T, F)`` input); (b) the
+    input's rank, broadcastable by NumPy rules. Non-zero means "use".
+    """
+    if mask is None:
+        return None
+    m = as_array(mask, name)
+    rank = len(shape)
+    if m.ndim == rank - 1:
+        m = m[..., np.newaxis]
+    if m.ndim != rank or any(ms not in (1, s) for ms, s in zip(m.shape, shape)):
+        raise ValueError(
+            f"{name} has shape {tuple(as_array(mask).shape)}, which does not fit the input shape "
+            f"{tuple(shape)}: expected the input's shape without its last axis, or a shape of the "
+            "input's rank that broadcasts to it"
+        )
+    if m.dtype != np.bool_:
+        m = m != 0
+    return m
+
+
+def check_out(out, like: np.ndarray, dtype: np.dtype, name: str = "out") -> np.ndarray:
+    """Validate an ``out=`` buffer: an ndarray of ``like``'s shape and ``dtype``,
+    writeable, and either ``like`` itself (in place) or not overlapping it."""
+    if not isinstance(out, np.ndarray):
+        out = as_array(out, name)
+    if out.shape != like.shape:
+        raise ValueError(f"{name} has shape {out.shape}; expected the input's shape {like.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}; expected {dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only; expected a writeable array")
+    same_layout = (
+        out.__array_interface__["data"][0] == like.__array_interface__["data"][0]
+        and out.strides == like.strides
+    )
+    if not same_layout and np.shares_memory(out, like):
+        raise ValueError(
+            f"{name} overlaps the input without being the same view; pass the input itself "
+            "to normalize in place, or a separate buffer"
+        )
+    return out
+
+
+def check_epsilon(epsilon) -> float:
+    if isinstance(epsilon, (bool, np.bool_)) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a real number; received {epsilon!r}")
+    eps = float(epsilon)
+    if not eps >= 0.0 or eps == float("inf"):
+        raise ValueError(f"epsilon must be finite and >= 0; received {epsilon!r}")
+    return eps
+
+
+def kernel_dtype(arr: np.ndarray) -> np.dtype:
+    """The dtype the core computes ``arr`` in: 16/32/64-bit floats as they are,
+    integers and bool as float32 (spec R7.1)."""
+    if arr.dtype in KERNEL_DTYPES:
+        return arr.dtype
+    return np.dtype(np.float32)

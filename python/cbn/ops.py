@@ -1,0 +1,117 @@
+"""Functional batch normalization on NumPy arrays (and anything that converts to one
+without a copy: buffer protocol, ``__array__``, DLPack).
+
+``axis`` always names the *channel* (normalized) axes, as in the layer; statistics
+are reduced over all other axes. Statistics come back in the shape of the channel
+axes (increasing axis order), as float64 for float64 input and float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._validate import (
+    as_array,
+    as_param,
+    canonical_mask,
+    channel_shape,
+    check_epsilon,
+    check_out,
+    kernel_dtype,
+    normalize_axes,
+)
+
+__all__ = ["moments", "batch_normalization", "batch_norm_train"]
+
+
+def _input(x) -> np.ndarray:
+    arr = as_array(x, "x")
+    if arr.ndim == 0:
+        raise ValueError("x must have at least one dimension; received a scalar")
+    dtype = kernel_dtype(arr)
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def _stats_dtype(x: np.ndarray) -> np.dtype:
+    return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+
+
+def _output(x: np.ndarray, out) -> np.ndarray:
+    if out is None:
+        return np.empty_like(x)
+    return check_out(out, x, x.dtype)
+
+
+def moments(x, axis: int | list[int] = -1, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of ``x``.
+
+    ``mask`` (optional) selects the positions that count: either the input's shape
+    without its last axis, or any shape of the input's rank that broadcasts to it.
+    A channel with no used position gets mean 0 and variance 0.
+    """
+    arr = _input(x)
+    axes = normalize_axes(axis, arr.ndim)
+    m = canonical_mask(mask, arr.shape)
+    mean, var, _ = _core.moments(arr, axes, m)
+    cshape = channel_shape(arr.shape, axes)
+    dt = _stats_dtype(arr)
+    return mean.astype(dt).reshape(cshape), var.astype(dt).reshape(cshape)
+
+
+def batch_normalization(
+    x,
+    mean,
+    variance,
+    *,
+    gamma=None,
+    beta=None,
+    axis: int | list[int] = -1,
+    epsilon: float = 1e-3,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inference: ``(x - mean) * gamma / sqrt(variance + epsilon) + beta`` per channel.
+
+    ``mean``, ``variance``, ``gamma``, ``beta`` have the channel shape (or it with
+    extra size-1 dims). ``out=x`` normalizes in place. Returns the output array
+    (the input's dtype; integers and bool give float32).
+    """
+    arr = _input(x)
+    axes = normalize_axes(axis, arr.ndim)
+    cshape = channel_shape(arr.shape, axes)
+    eps = check_epsilon(epsilon)
+    params = [as_param(v, cshape, n) for v, n in ((mean, "mean"), (variance, "variance"),
+                                                 (gamma, "gamma"), (beta, "beta"))]
+    if params[0] is None or params[1] is None:
+        raise TypeError("mean and variance are required arrays; received None")
+    y = _output(arr, out)
+    _core.normalize(arr, y, axes, *params, eps)
+    return y
+
+
+def batch_norm_train(
+    x,
+    *,
+    gamma=None,
+    beta=None,
+    axis: int | list[int] = -1,
+    epsilon: float = 1e-3,
+    mask=None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training forward: batch statistics (masked as :func:`moments`), then every
+    position normalized with them, in one pass over the data.
+
+    Returns ``(y, mean, variance)``.
+    """
+    arr = _input(x)
+    axes = normalize_axes(axis, arr.ndim)
+    cshape = channel_shape(arr.shape, axes)
+    eps = check_epsilon(epsilon)
+    g = as_param(gamma, cshape, "gamma")
+    b = as_param(beta, cshape, "beta")
+    m = canonical_mask(mask, arr.shape)
+    y = _output(arr, out)
+    mean, var = _core.train_forward(arr, y, axes, m, g, b, eps)
+    dt = _stats_dtype(arr)
+    return y, mean.astype(dt).reshape(cshape), var.astype(dt).reshape(cshape)

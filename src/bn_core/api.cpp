@@ -1,0 +1,508 @@
+// The C API: argument validation, canonicalization into a loop plan, and the
+// parallel schedule around the per-ISA kernels.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "bn_core/bn_core.h"
+#include "chan_merge.hpp"
+#include "dispatch.hpp"
+#include "plan.hpp"
+
+#ifndef BN_CORE_VERSION
+#define BN_CORE_VERSION "0.0.0"
+#endif
+
+namespace bn_core {
+namespace {
+
+thread_local std::string last_error;
+std::atomic<int32_t> thread_override{0};  // 0: OpenMP's default
+std::atomic<int32_t> isa_choice{-1};      // -1: not chosen yet
+
+// Below this many elements a call runs on the calling thread: waking the pool
+// costs microseconds, more than the work.
+constexpr int64_t kParallelGrain = 32768;
+
+bn_status fail(bn_status status, const std::string &message) {
+  last_error = message;
+  return status;
+}
+
+const kernel_table &kernels() {
+  int32_t isa = isa_choice.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    isa_choice.store(isa, std::memory_order_relaxed);
+  }
+  return kernels_for(static_cast<bn_isa>(isa));
+}
+
+int32_t max_threads() {
+  const int32_t n = thread_override.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// ---- validation ----------------------------------------------------------------
+
+const char *dtype_name(bn_dtype dt) {
+  switch (dt) {
+    case BN_FLOAT32: return "float32";
+    case BN_FLOAT64: return "float64";
+    case BN_FLOAT16: return "float16";
+    case BN_BFLOAT16: return "bfloat16";
+    case BN_UINT8: return "uint8";
+  }
+  return "unknown";
+}
+
+std::string shape_str(const bn_tensor &t) {
+  std::string s = "(";
+  for (int32_t i = 0; i < t.rank; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.rank == 1 ? ",)" : ")");
+}
+
+bn_status check_tensor(const bn_tensor *t, const char *name, bool is_mask) {
+  const std::string who = name;
+  if (!t) return fail(BN_ERR_NULL, who + " is NULL");
+  if (t->rank < 1 || t->rank > BN_MAX_RANK)
+    return fail(BN_ERR_RANK, who + " has rank " + std::to_string(t->rank) + "; expected 1 to " +
+                                 std::to_string(BN_MAX_RANK));
+  if (!t->shape || !t->strides) return fail(BN_ERR_NULL, who + " has a NULL shape or strides");
+  const int dt = static_cast<int>(t->dtype);
+  if (dt < BN_FLOAT32 || dt > BN_UINT8 || is_mask != (t->dtype == BN_UINT8))
+    return fail(BN_ERR_DTYPE, who + " has dtype " + (dt >= 0 && dt <= BN_UINT8 ? dtype_name(t->dtype) : std::to_string(dt)) +
+                                  (is_mask ? "; expected uint8" : "; expected float32, float64, float16 or bfloat16"));
+  int64_t count = 1, span = 0;
+  bool overflow = false;
+  for (int32_t i = 0; i < t->rank; ++i) {
+    const int64_t n = t->shape[i];
+    if (n < 0)
+      return fail(BN_ERR_SHAPE, who + " has negative size " + std::to_string(n) + " at axis " + std::to_string(i));
+    overflow |= __builtin_mul_overflow(count, n, &count);
+    const int64_t stride = t->strides[i];
+    if (n > 1) {
+      int64_t reach;
+      if (stride == std::numeric_limits<int64_t>::min()) overflow = true;
+      else overflow |= __builtin_mul_overflow(n - 1, stride < 0 ? -stride : stride, &reach) ||
+                       __builtin_add_overflow(span, reach, &span);
+    }
+  }
+  if (overflow) return fail(BN_ERR_OVERFLOW, who + " " + shape_str(*t) + ": sizes or byte offsets overflow int64");
+  if (count > 0 && !t->data) return fail(BN_ERR_NULL, who + " has NULL data");
+  return BN_OK;
+}
+
+bn_status check_axes(const int32_t *axes, int32_t n_axes, int32_t rank, bool is_channel[]) {
+  if (!axes) return fail(BN_ERR_NULL, "axes is NULL");
+  if (n_axes < 1 || n_axes > rank)
+    return fail(BN_ERR_AXIS, "n_axes is " + std::to_string(n_axes) + "; expected 1 to the rank " + std::to_string(rank));
+  std::fill(is_channel, is_channel + rank, false);
+  for (int32_t k = 0; k < n_axes; ++k) {
+    const int32_t a = axes[k];
+    if (a < -rank || a >= rank)
+      return fail(BN_ERR_AXIS, "axis " + std::to_string(a) + " is out of range for rank " + std::to_string(rank));
+    const int32_t axis = a < 0 ? a + rank : a;
+    if (is_channel[axis]) return fail(BN_ERR_AXIS, "axis " + std::to_string(a) + " is given twice");
+    is_channel[axis] = true;
+  }
+  return BN_OK;
+}
+
+bn_status check_like_x(const bn_tensor &x, const bn_tensor *t, const char *name, bool is_mask) {
+  if (bn_status st = check_tensor(t, name, is_mask)) return st;
+  const std::string who = name;
+  if (t->rank != x.rank)
+    return fail(BN_ERR_SHAPE, who + " has rank " + std::to_string(t->rank) + "; expected x's rank " + std::to_string(x.rank));
+  for (int32_t i = 0; i < x.rank; ++i) {
+    const bool ok = t->shape[i] == x.shape[i] || (is_mask && t->shape[i] == 1);
+    if (!ok)
+      return fail(BN_ERR_SHAPE, who + " has shape " + shape_str(*t) + "; expected " +
+                                    (is_mask ? "a shape broadcastable to " : "") + "x's shape " + shape_str(x));
+  }
+  if (!is_mask && t->dtype != x.dtype)
+    return fail(BN_ERR_DTYPE, who + " has dtype " + dtype_name(t->dtype) + "; expected x's dtype " + dtype_name(x.dtype));
+  return BN_OK;
+}
+
+bn_status check_epsilon(double eps) {
+  if (!(eps >= 0.0) || !std::isfinite(eps))
+    return fail(BN_ERR_VALUE, "epsilon is " + std::to_string(eps) + "; expected a finite value >= 0");
+  return BN_OK;
+}
+
+// ---- canonicalization ----------------------------------------------------------
+
+// Drops size-1 dims, turns negative x strides positive, orders dims by x stride
+// (memory order) and merges dims that walk memory as one. The innermost
+// remaining dim becomes the inner run.
+void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, const bool is_channel[],
+               plan &p) {
+  p.dtype = x.dtype;
+  p.x = static_cast<const char *>(x.data);
+  p.y = y ? static_cast<char *>(y->data) : nullptr;
+  p.mask = mask ? static_cast<const uint8_t *>(mask->data) : nullptr;
+  p.p_base = 0;
+  p.empty = false;
+
+  loop_dim dims[BN_MAX_RANK];
+  int32_t n = 0;
+  int64_t channel_stride = 1;
+  int64_t p_stride[BN_MAX_RANK];
+  for (int32_t i = x.rank - 1; i >= 0; --i) {
+    p_stride[i] = is_channel[i] ? channel_stride : 0;
+    if (is_channel[i]) channel_stride *= x.shape[i];
+  }
+  p.channels = channel_stride;
+  for (int32_t i = 0; i < x.rank; ++i) {
+    if (x.shape[i] == 0) p.empty = true;
+    if (x.shape[i] == 1) continue;
+    loop_dim d{x.shape[i], x.strides[i], y ? y->strides[i] : 0,
+               mask && mask->shape[i] != 1 ? mask->strides[i] : 0, p_stride[i]};
+    if (d.x_stride < 0) {
+      const int64_t last = d.n - 1;
+      p.x += last * d.x_stride;
+      if (p.y) p.y += last * d.y_stride;
+      if (p.mask) p.mask += last * d.m_stride;
+      p.p_base += last * d.p_stride;
+      d.x_stride = -d.x_stride; d.y_stride = -d.y_stride; d.m_stride = -d.m_stride; d.p_stride = -d.p_stride;
+    }
+    dims[n++] = d;
+  }
+  std::stable_sort(dims, dims + n, [](const loop_dim &a, const loop_dim &b) {
+    if (a.x_stride != b.x_stride) return a.x_stride > b.x_stride;
+    return std::abs(a.y_stride) > std::abs(b.y_stride);
+  });
+  int32_t merged = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    if (merged) {
+      loop_dim &o = dims[merged - 1];
+      const loop_dim &d = dims[i];
+      if (o.x_stride == d.n * d.x_stride && o.y_stride == d.n * d.y_stride &&
+          o.m_stride == d.n * d.m_stride && o.p_stride == d.n * d.p_stride) {
+        o = loop_dim{o.n * d.n, d.x_stride, d.y_stride, d.m_stride, d.p_stride};
+        continue;
+      }
+    }
+    dims[merged++] = dims[i];
+  }
+  if (merged == 0) dims[merged++] = loop_dim{1, 0, 0, 0, 0};
+  p.inner = dims[merged - 1];
+  p.n_outer = merged - 1;
+  p.lines = 1;
+  for (int32_t i = 0; i < p.n_outer; ++i) {
+    p.outer[i] = dims[i];
+    p.lines *= dims[i].n;
+  }
+  p.inner_is_channel = p.inner.p_stride != 0;
+  p.segments = 1;
+}
+
+// Threads for this call, and lines cut into segments when there are too few
+// lines to share out (e.g. one huge channel, or one row of many channels).
+int32_t schedule(plan &p) {
+  if (p.empty) return 1;
+  const int64_t elements = p.lines * p.inner.n;
+  const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
+  const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
+  if (threads > 1 && p.lines < 4 * threads) {
+    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
+    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
+  }
+  return threads;
+}
+
+void item_range(const plan &p, int32_t t, int32_t team, int64_t &begin, int64_t &end) {
+  const int64_t items = p.lines * p.segments;
+  const int64_t base = items / team, extra = items % team;
+  begin = base * t + std::min<int64_t>(t, extra);
+  end = begin + base + (t < extra ? 1 : 0);
+}
+
+// Runs body(thread, team) on a team of `threads` (serially when 1).
+template <class F>
+void run_team(int32_t threads, F &&body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  (void)threads;
+  body(0, 1);
+}
+
+// Per-thread moments state, zeroed, laid out for the kernels.
+class moments_state {
+ public:
+  bool allocate(const plan &p, int32_t threads) {
+    channels_ = p.channels;
+    block_ = p.inner_is_channel ? p.inner.n : 0;
+    per_thread_ = 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+    try {
+      buffer_.assign(static_cast<size_t>(per_thread_ * threads), 0.0);
+    } catch (const std::bad_alloc &) {
+      return false;
+    }
+    return true;
+  }
+
+  moments_scratch thread(int32_t t) {
+    double *base = buffer_.data() + per_thread_ * t;
+    const int64_t C = channels_, L = block_;
+    return moments_scratch{base, base + C, base + 2 * C, base + 3 * C,
+                           reinterpret_cast<uint8_t *>(base + 4 * C + 6 * L),
+                           base + 4 * C, base + 4 * C + L,
+                           base + 4 * C + 2 * L, base + 4 * C + 3 * L,
+                           base + 4 * C + 4 * L, base + 4 * C + 5 * L};
+  }
+
+  // Merges the team's partials in thread order (deterministic for a given team).
+  void finish(int32_t team, double *mean, double *variance, double *count) {
+    for (int64_t c = 0; c < channels_; ++c) {
+      double n = 0, mu = 0, m2 = 0;
+      for (int32_t t = 0; t < team; ++t) {
+        const moments_scratch s = thread(t);
+        chan_merge(n, mu, m2, s.count[c], s.mean[c], s.m2[c]);
+      }
+      mean[c] = n > 0 ? mu : 0.0;
+      variance[c] = n > 0 ? std::max(m2 / n, 0.0) : 0.0;
+      if (count) count[c] = n;
+    }
+  }
+
+ private:
+  int64_t channels_ = 0, block_ = 0, per_thread_ = 0;
+  std::vector<double> buffer_;
+};
+
+// y = ((x - mean_hi) - mean_lo) * scale + bias in the compute type; the scale
+// 1/sqrt(var + eps) * gamma is formed in float64 and rounded once.
+class affine_state {
+ public:
+  bool allocate(const plan &p) {
+    wide_ = p.dtype == BN_FLOAT64;
+    try {
+      buffer_.assign(static_cast<size_t>(4 * p.channels), 0.0);
+    } catch (const std::bad_alloc &) {
+      return false;
+    }
+    channels_ = p.channels;
+    return true;
+  }
+
+  void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
+            double eps) {
+    if (wide_) fill_as<double>(mean, variance, gamma, beta, eps);
+    else fill_as<float>(mean, variance, gamma, beta, eps);
+  }
+
+  affine_params params() const {
+    const size_t unit = wide_ ? sizeof(double) : sizeof(float);
+    const char *base = reinterpret_cast<const char *>(buffer_.data());
+    return affine_params{base, base + unit * channels_, base + 2 * unit * channels_,
+                         base + 3 * unit * channels_};
+  }
+
+ private:
+  template <class acc>
+  void fill_as(const double *mean, const double *variance, const double *gamma, const double *beta,
+               double eps) {
+    acc *hi = reinterpret_cast<acc *>(buffer_.data());
+    acc *lo = hi + channels_, *scale = hi + 2 * channels_, *bias = hi + 3 * channels_;
+    for (int64_t c = 0; c < channels_; ++c) {
+      hi[c] = static_cast<acc>(mean[c]);
+      lo[c] = static_cast<acc>(mean[c] - static_cast<double>(hi[c]));
+      scale[c] = static_cast<acc>((gamma ? gamma[c] : 1.0) / std::sqrt(variance[c] + eps));
+      bias[c] = static_cast<acc>(beta ? beta[c] : 0.0);
+    }
+  }
+
+  bool wide_ = false;
+  int64_t channels_ = 0;
+  std::vector<double> buffer_;
+};
+
+bn_status out_of_memory() { return fail(BN_ERR_ALLOC, "out of memory for per-thread scratch"); }
+
+}  // namespace
+}  // namespace bn_core
+
+using namespace bn_core;
+
+extern "C" {
+
+bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                     double *mean, double *variance, double *count) {
+  if (bn_status st = check_tensor(x, "x", false)) return st;
+  bool is_channel[BN_MAX_RANK];
+  if (bn_status st = check_axes(axes, n_axes, x->rank, is_channel)) return st;
+  if (mask)
+    if (bn_status st = check_like_x(*x, mask, "mask", true)) return st;
+  if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance output is NULL");
+  plan p;
+  make_plan(*x, nullptr, mask, is_channel, p);
+  const int32_t threads = schedule(p);
+  moments_state state;
+  if (!state.allocate(p, threads)) return out_of_memory();
+  const kernel_table &k = kernels();
+  int32_t team_size = 1;
+  if (!p.empty) {
+    run_team(threads, [&](int32_t t, int32_t team) {
+      int64_t b, e;
+      item_range(p, t, team, b, e);
+      k.moments(p, b, e, state.thread(t));
+      if (t == 0) team_size = team;
+    });
+  }
+  state.finish(p.empty ? 0 : team_size, mean, variance, count);
+  return BN_OK;
+}
+
+bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes, int32_t n_axes,
+                       const double *mean, const double *variance, const double *gamma,
+                       const double *beta, double epsilon) {
+  if (bn_status st = check_tensor(x, "x", false)) return st;
+  if (bn_status st = check_like_x(*x, y, "y", false)) return st;
+  bool is_channel[BN_MAX_RANK];
+  if (bn_status st = check_axes(axes, n_axes, x->rank, is_channel)) return st;
+  if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance is NULL");
+  if (bn_status st = check_epsilon(epsilon)) return st;
+  plan p;
+  make_plan(*x, y, nullptr, is_channel, p);
+  if (p.empty) return BN_OK;
+  const int32_t threads = schedule(p);
+  affine_state affine;
+  if (!affine.allocate(p)) return out_of_memory();
+  affine.fill(mean, variance, gamma, beta, epsilon);
+  const affine_params params = affine.params();
+  const kernel_table &k = kernels();
+  run_team(threads, [&](int32_t t, int32_t team) {
+    int64_t b, e;
+    item_range(p, t, team, b, e);
+    k.normalize(p, b, e, params);
+  });
+  return BN_OK;
+}
+
+bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                           int32_t n_axes, const bn_tensor *mask, const double *gamma,
+                           const double *beta, double epsilon, double *mean, double *variance) {
+  if (bn_status st = check_tensor(x, "x", false)) return st;
+  if (bn_status st = check_like_x(*x, y, "y", false)) return st;
+  bool is_channel[BN_MAX_RANK];
+  if (bn_status st = check_axes(axes, n_axes, x->rank, is_channel)) return st;
+  if (mask)
+    if (bn_status st = check_like_x(*x, mask, "mask", true)) return st;
+  if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance output is NULL");
+  if (bn_status st = check_epsilon(epsilon)) return st;
+  plan p;
+  make_plan(*x, y, mask, is_channel, p);
+  const int32_t threads = schedule(p);
+  moments_state state;
+  affine_state affine;
+  if (!state.allocate(p, threads) || !affine.allocate(p)) return out_of_memory();
+  if (p.empty) {
+    state.finish(0, mean, variance, nullptr);
+    return BN_OK;
+  }
+  const affine_params params = affine.params();
+  const kernel_table &k = kernels();
+  // One team: statistics, merge, then each thread normalizes the range it just
+  // read (still warm in its cache).
+  run_team(threads, [&](int32_t t, int32_t team) {
+    int64_t b, e;
+    item_range(p, t, team, b, e);
+    k.moments(p, b, e, state.thread(t));
+#pragma omp barrier
+#pragma omp single
+    {
+      state.finish(team, mean, variance, nullptr);
+      affine.fill(mean, variance, gamma, beta, epsilon);
+    }
+    k.normalize(p, b, e, params);
+  });
+  return BN_OK;
+}
+
+bn_status bn_set_num_threads(int32_t n) {
+  thread_override.store(n > 0 ? n : 0, std::memory_order_relaxed);
+  return BN_OK;
+}
+
+int32_t bn_get_num_threads(void) { return max_threads(); }
+
+bn_isa bn_get_isa(void) {
+  (void)kernels();
+  return static_cast<bn_isa>(isa_choice.load(std::memory_order_relaxed));
+}
+
+bn_isa bn_best_isa(void) { return best_isa(); }
+
+const char *bn_isa_name(bn_isa isa) {
+  switch (isa) {
+    case BN_ISA_SCALAR: return "scalar";
+    case BN_ISA_AVX2: return "avx2";
+    case BN_ISA_AVX512: return "avx512";
+  }
+  return "unknown";
+}
+
+bn_status bn_set_isa(bn_isa isa) {
+  if (isa != BN_ISA_SCALAR && isa != BN_ISA_AVX2 && isa != BN_ISA_AVX512)
+    return fail(BN_ERR_VALUE, "unknown SIMD level " + std::to_string(static_cast<int>(isa)));
+  if (!isa_supported(isa)) {
+    std::string have;
+    for (bn_isa i : {BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512})
+      if (isa_supported(i)) have += std::string(have.empty() ? "" : ", ") + bn_isa_name(i);
+    return fail(BN_ERR_UNSUPPORTED, std::string("this CPU lacks SIMD level ") + bn_isa_name(isa) +
+                                        " (available: " + have + ")");
+  }
+  isa_choice.store(isa, std::memory_order_relaxed);
+  return BN_OK;
+}
+
+bn_status bn_set_isa_by_name(const char *name) {
+  if (!name || !*name) return bn_set_isa(best_isa());
+  for (bn_isa i : {BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512})
+    if (std::strcmp(name, bn_isa_name(i)) == 0) return bn_set_isa(i);
+  return fail(BN_ERR_VALUE, std::string("unknown SIMD level '") + name + "'; expected scalar, avx2 or avx512");
+}
+
+const char *bn_last_error(void) { return last_error.c_str(); }
+
+const char *bn_version(void) { return BN_CORE_VERSION; }
+
+const char *bn_build_info(void) {
+#if defined(__clang__)
+#define BN_COMPILER "Clang " __clang_version__
+#elif defined(__GNUC__)
+#define BN_COMPILER "GCC " __VERSION__
+#else
+#define BN_COMPILER "unknown compiler"
+#endif
+#define BN_STR2(x) #x
+#define BN_STR(x) BN_STR2(x)
+#ifdef _OPENMP
+  return BN_COMPILER "; OpenMP " BN_STR(_OPENMP);
+#else
+  return BN_COMPILER "; no OpenMP (serial build)";
+#endif
+}
+
+}  // extern "C"

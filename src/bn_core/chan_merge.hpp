@@ -1,0 +1,27 @@
+// Chan et al.'s pairwise merge of (count, mean, M2) summaries: exact to
+// rounding whatever the two parts' sizes and means. `static` on purpose: each
+// translation unit (portable and per-ISA) keeps its own private copy.
+#ifndef BN_CORE_CHAN_MERGE_HPP
+#define BN_CORE_CHAN_MERGE_HPP
+
+namespace bn_core {
+
+static inline void chan_merge(double &n, double &mean, double &m2, double n_b, double mean_b,
+                              double m2_b) {
+  if (n_b == 0.0) return;
+  if (n == 0.0) {
+    n = n_b;
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
+  const double total = n + n_b;
+  const double delta = mean_b - mean;
+  mean += delta * (n_b / total);
+  m2 += m2_b + delta * delta * (n * n_b / total);
+  n = total;
+}
+
+}  // namespace bn_core
+
+#endif

@@ -1,0 +1,112 @@
+/* bn_core: exact, fast batch normalization on strided N-d buffers.
+ *
+ * C99 API. No C++ types or exceptions cross it: every function returns a
+ * bn_status and, on failure, leaves a message readable with bn_last_error()
+ * (thread-local, valid until the next failing call on the same thread).
+ *
+ * Layout terms: a tensor is (data, dtype, rank, shape, byte strides). "Channel
+ * axes" are the normalized axes; statistics are per channel, where the channel
+ * index runs row-major over the channel axes in increasing axis order
+ * (C = product of their sizes). All other axes are reduced over.
+ */
+#ifndef BN_CORE_H
+#define BN_CORE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(BN_CORE_SHARED)
+#  ifdef BN_CORE_BUILDING
+#    define BN_API __declspec(dllexport)
+#  else
+#    define BN_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__)
+#  define BN_API __attribute__((visibility("default")))
+#else
+#  define BN_API
+#endif
+
+#define BN_MAX_RANK 64
+
+typedef enum bn_status {
+  BN_OK = 0,
+  BN_ERR_NULL = 1,        /* a required pointer is NULL */
+  BN_ERR_RANK = 2,        /* rank out of [1, BN_MAX_RANK] */
+  BN_ERR_SHAPE = 3,       /* negative size, mismatched shapes, bad broadcast */
+  BN_ERR_AXIS = 4,        /* axis out of range or repeated */
+  BN_ERR_DTYPE = 5,       /* unsupported or mismatched dtype */
+  BN_ERR_OVERFLOW = 6,    /* sizes or byte offsets overflow int64 */
+  BN_ERR_ALLOC = 7,       /* out of memory */
+  BN_ERR_VALUE = 8,       /* a bad scalar argument (epsilon, thread count, ISA name) */
+  BN_ERR_UNSUPPORTED = 9  /* e.g. a SIMD level this CPU lacks */
+} bn_status;
+
+typedef enum bn_dtype {
+  BN_FLOAT32 = 0,
+  BN_FLOAT64 = 1,
+  BN_FLOAT16 = 2,  /* IEEE binary16; computed in float32 */
+  BN_BFLOAT16 = 3, /* computed in float32 */
+  BN_UINT8 = 4     /* masks only: non-zero means "use this position" */
+} bn_dtype;
+
+typedef struct bn_tensor {
+  void *data;
+  bn_dtype dtype;
+  int32_t rank;
+  const int64_t *shape;   /* rank sizes, each >= 0 */
+  const int64_t *strides; /* rank strides in bytes, any sign, 0 allowed */
+} bn_tensor;
+
+typedef enum bn_isa { BN_ISA_SCALAR = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2 } bn_isa;
+
+/* Per-channel masked moments: mean and biased variance (float64, C values
+ * each); count (optional, may be NULL) receives the number of used positions.
+ * mask may be NULL; otherwise a BN_UINT8 tensor of x's rank whose every size
+ * equals x's or is 1 (broadcast). A channel with no used position gets mean 0
+ * and variance 0. */
+BN_API bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
+                            const bn_tensor *mask, double *mean, double *variance,
+                            double *count);
+
+/* Inference: y = (x - mean) * gamma / sqrt(variance + epsilon) + beta per
+ * channel. gamma/beta may be NULL (1 and 0). y has x's dtype and shape; y may
+ * be x itself (in place) but must not partially overlap it. */
+BN_API bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                              int32_t n_axes, const double *mean, const double *variance,
+                              const double *gamma, const double *beta, double epsilon);
+
+/* Training forward: batch moments (masked as bn_moments) then normalization
+ * of every position with them, in one call. mean/variance receive the batch
+ * statistics (C values each). */
+BN_API bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                                  int32_t n_axes, const bn_tensor *mask, const double *gamma,
+                                  const double *beta, double epsilon, double *mean,
+                                  double *variance);
+
+/* Number of threads used by later calls; n <= 0 restores the default
+ * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). */
+BN_API bn_status bn_set_num_threads(int32_t n);
+BN_API int32_t bn_get_num_threads(void);
+
+/* SIMD level: the best the CPU supports unless overridden. */
+BN_API bn_isa bn_get_isa(void);
+BN_API bn_isa bn_best_isa(void);
+BN_API bn_status bn_set_isa(bn_isa isa);
+/* Name form: "scalar", "avx2", "avx512" (or "" / NULL for the best). */
+BN_API bn_status bn_set_isa_by_name(const char *name);
+BN_API const char *bn_isa_name(bn_isa isa);
+
+BN_API const char *bn_last_error(void);
+BN_API const char *bn_version(void);
+/* Compiler and OpenMP the library was built with, e.g. "GCC 12.2.0; OpenMP 201511". */
+BN_API const char *bn_build_info(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BN_CORE_H */

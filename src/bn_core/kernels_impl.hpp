@@ -1,0 +1,401 @@
+// The kernel source. Compiled once per ISA: kernels_<isa>.cpp defines
+// BN_ISA_NS and is built with that ISA's target flags. Everything here lives
+// in bn_core::BN_ISA_NS::(anonymous), so no symbol compiled with AVX flags can
+// be shared with (and picked by the linker for) another ISA's code.
+//
+// Moments: per channel, short blocks of shifted sums Σ(x−K), Σ(x−K)² in the
+// accumulator type, with K the channel's running mean (two-pass mean of its
+// first block), folded into float64 (count, mean, M2) with Chan's merge. Plain
+// sum speed, two-pass accuracy (spec R4.2).
+#ifndef BN_ISA_NS
+#error "define BN_ISA_NS before including kernels_impl.hpp"
+#endif
+
+#include <cstring>
+
+#include "chan_merge.hpp"
+#include "plan.hpp"
+
+namespace bn_core {
+namespace BN_ISA_NS {
+namespace {
+
+// ---- element types: storage <-> compute (accumulator) type -------------------
+
+struct f32_elem {
+  using acc = float;
+  static constexpr int64_t size = 4;
+  static acc load(const char *p) { float v; std::memcpy(&v, p, 4); return v; }
+  static void store(char *p, acc v) { std::memcpy(p, &v, 4); }
+};
+
+struct f64_elem {
+  using acc = double;
+  static constexpr int64_t size = 8;
+  static acc load(const char *p) { double v; std::memcpy(&v, p, 8); return v; }
+  static void store(char *p, acc v) { std::memcpy(p, &v, 8); }
+};
+
+struct f16_elem {
+  using acc = float;
+  static constexpr int64_t size = 2;
+  static acc load(const char *p) { _Float16 h; std::memcpy(&h, p, 2); return static_cast<float>(h); }
+  // The conversion rounds to nearest even.
+  static void store(char *p, acc v) { _Float16 h = static_cast<_Float16>(v); std::memcpy(p, &h, 2); }
+};
+
+struct bf16_elem {
+  using acc = float;
+  static constexpr int64_t size = 2;
+  static acc load(const char *p) {
+    uint16_t b; std::memcpy(&b, p, 2);
+    const uint32_t u = static_cast<uint32_t>(b) << 16;
+    float v; std::memcpy(&v, &u, 4); return v;
+  }
+  static void store(char *p, acc v) {
+    uint32_t u; std::memcpy(&u, &v, 4);
+    // Round to nearest even; NaN stays a (quiet) NaN instead of rounding to Inf.
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint16_t b = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+    std::memcpy(p, &b, 2);
+  }
+};
+
+template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
+
+// ---- walking the lines of a plan -----------------------------------------------
+
+// Odometer over the outer dims: byte offsets of the current line's first
+// element in x, y and the mask, and its channel index.
+struct line_cursor {
+  int64_t idx[BN_MAX_RANK];
+  int64_t x_off, y_off, m_off, p_off;
+
+  line_cursor(const plan &p, int64_t line) : x_off(0), y_off(0), m_off(0), p_off(p.p_base) {
+    for (int32_t d = p.n_outer - 1; d >= 0; --d) {
+      const loop_dim &dim = p.outer[d];
+      idx[d] = line % dim.n;
+      line /= dim.n;
+      x_off += idx[d] * dim.x_stride;
+      y_off += idx[d] * dim.y_stride;
+      m_off += idx[d] * dim.m_stride;
+      p_off += idx[d] * dim.p_stride;
+    }
+  }
+
+  void next(const plan &p) {
+    for (int32_t d = p.n_outer - 1; d >= 0; --d) {
+      const loop_dim &dim = p.outer[d];
+      x_off += dim.x_stride; y_off += dim.y_stride; m_off += dim.m_stride; p_off += dim.p_stride;
+      if (++idx[d] < dim.n) return;
+      idx[d] = 0;
+      x_off -= dim.n * dim.x_stride; y_off -= dim.n * dim.y_stride;
+      m_off -= dim.n * dim.m_stride; p_off -= dim.n * dim.p_stride;
+    }
+  }
+};
+
+// A work item is one segment of one line: [begin, begin + len) of the inner run.
+struct segment { int64_t begin, len; };
+
+inline segment segment_of(const plan &p, int64_t seg) {
+  const int64_t seg_len = (p.inner.n + p.segments - 1) / p.segments;
+  const int64_t begin = min_of(seg * seg_len, p.inner.n);
+  return {begin, min_of(seg_len, p.inner.n - begin)};
+}
+
+// Calls f(cursor, segment) for the items [item_begin, item_end) in memory order.
+template <class F>
+void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
+  if (item_begin >= item_end) return;
+  line_cursor cur(p, item_begin / p.segments);
+  for (int64_t k = item_begin; k < item_end;) {
+    f(cur, segment_of(p, k % p.segments));
+    if (++k % p.segments == 0) cur.next(p);
+  }
+}
+
+// ---- moments: planes x L (the inner run is one channel) -------------------------
+
+constexpr int64_t kLanes = 16;        // independent partial sums: short chains, SIMD-friendly
+constexpr int64_t kPlaneBlock = 1024; // elements per shifted-sum block (64 per lane)
+constexpr int64_t kRowBlock = 64;     // rows per shifted-sum block for rows x C
+
+template <class E, bool Contig, bool Masked>
+void plane_block_sums(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int64_t len,
+                      typename E::acc shift, double &s1_out, double &s2_out, double &n_out) {
+  using acc = typename E::acc;
+  acc s1[kLanes] = {}, s2[kLanes] = {}, cnt[kLanes] = {};
+  // A compile-time step lets the compiler vectorize the contiguous case.
+  const int64_t step = Contig ? E::size : xs;
+  int64_t i = 0;
+  auto at = [&](int64_t k) { return x + k * step; };
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      acc d = E::load(at(i + l)) - shift;
+      if (Masked) {
+        const bool used = m[(i + l) * ms] != 0;
+        d = used ? d : acc(0);
+        cnt[l] += used ? acc(1) : acc(0);
+      }
+      s1[l] += d;
+      s2[l] += d * d;
+    }
+  }
+  for (int64_t l = 0; i < len; ++i, ++l) {
+    acc d = E::load(at(i)) - shift;
+    if (Masked) {
+      const bool used = m[i * ms] != 0;
+      d = used ? d : acc(0);
+      cnt[l] += used ? acc(1) : acc(0);
+    }
+    s1[l] += d;
+    s2[l] += d * d;
+  }
+  double a = 0, b = 0, c = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    a += s1[l];
+    b += s2[l];
+    c += cnt[l];
+  }
+  s1_out = a;
+  s2_out = b;
+  n_out = Masked ? c : static_cast<double>(len);
+}
+
+template <class E, bool Masked>
+void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int64_t n, int64_t c,
+                   const moments_scratch &s) {
+  using acc = typename E::acc;
+  for (int64_t b0 = 0; b0 < n; b0 += kPlaneBlock) {
+    const int64_t len = min_of(kPlaneBlock, n - b0);
+    const char *xb = x + b0 * xs;
+    const uint8_t *mb = Masked ? m + b0 * ms : m;
+    if (!s.shift_ok[c]) {
+      // Two-pass start: the shift is the mean of the channel's first used block.
+      double sum = 0, cnt = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        if (Masked && mb[i * ms] == 0) continue;
+        sum += E::load(xb + i * xs);
+        cnt += 1;
+      }
+      if (cnt == 0) continue;
+      s.shift[c] = sum / cnt;
+      s.shift_ok[c] = 1;
+    }
+    const acc shift = static_cast<acc>(s.shift[c]);
+    double s1, s2, cnt;
+    if (xs == E::size)
+      plane_block_sums<E, true, Masked>(xb, xs, mb, ms, len, shift, s1, s2, cnt);
+    else
+      plane_block_sums<E, false, Masked>(xb, xs, mb, ms, len, shift, s1, s2, cnt);
+    if (cnt == 0) continue;
+    const double m2 = s2 - s1 * s1 / cnt;
+    chan_merge(s.count[c], s.mean[c], s.m2[c], cnt, static_cast<double>(shift) + s1 / cnt,
+               m2 > 0 ? m2 : 0.0);
+    s.shift[c] = s.mean[c];  // follow drift so later blocks stay well centred
+  }
+}
+
+// ---- moments: rows x C (the inner run walks channels) ----------------------------
+
+template <class E, bool Contig, bool Masked>
+void row_accumulate(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int64_t len,
+                    const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2,
+                    typename E::acc *cnt) {
+  using acc = typename E::acc;
+  const int64_t step = Contig ? E::size : xs;
+  for (int64_t j = 0; j < len; ++j) {
+    acc d = E::load(x + j * step) - shift[j];
+    if (Masked) {
+      const bool used = m[j * ms] != 0;
+      d = used ? d : acc(0);
+      cnt[j] += used ? acc(1) : acc(0);
+    }
+    s1[j] += d;
+    s2[j] += d * d;
+  }
+}
+
+template <class E>
+void rows_block_moments(const plan &p, const char *const *rows_x, const uint8_t *const *rows_m,
+                        int64_t n_rows, int64_t p_first, segment seg, const moments_scratch &s) {
+  using acc = typename E::acc;
+  const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride, ps = p.inner.p_stride;
+  const int64_t len = seg.len;
+  const bool masked = p.mask != nullptr;
+  const bool per_element_mask = masked && ms != 0;
+  acc *s1 = static_cast<acc *>(s.block_s1);
+  acc *s2 = static_cast<acc *>(s.block_s2);
+  acc *cnt = static_cast<acc *>(s.block_n);
+  acc *k = static_cast<acc *>(s.block_shift);
+  auto used_row = [&](int64_t r) { return !masked || per_element_mask || rows_m[r][0] != 0; };
+
+  bool need_shift = false;
+  for (int64_t j = 0; j < len; ++j) need_shift |= !s.shift_ok[p_first + j * ps];
+  if (need_shift) {
+    for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
+    for (int64_t r = 0; r < n_rows; ++r) {
+      if (!used_row(r)) continue;
+      for (int64_t j = 0; j < len; ++j) {
+        if (per_element_mask && rows_m[r][j * ms] == 0) continue;
+        s.block_sum[j] += E::load(rows_x[r] + j * xs);
+        s.block_cnt[j] += 1;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t c = p_first + j * ps;
+      if (!s.shift_ok[c] && s.block_cnt[j] > 0) {
+        s.shift[c] = s.block_sum[j] / s.block_cnt[j];
+        s.shift_ok[c] = 1;
+      }
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    k[j] = static_cast<acc>(s.shift[p_first + j * ps]);
+    s1[j] = 0; s2[j] = 0; cnt[j] = 0;
+  }
+  double rows_used = 0;
+  const bool contig = xs == E::size;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    if (per_element_mask) {
+      if (contig) row_accumulate<E, true, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
+      else row_accumulate<E, false, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
+    } else if (used_row(r)) {
+      if (contig) row_accumulate<E, true, false>(rows_x[r], xs, nullptr, 0, len, k, s1, s2, cnt);
+      else row_accumulate<E, false, false>(rows_x[r], xs, nullptr, 0, len, k, s1, s2, cnt);
+      rows_used += 1;
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used;
+    if (n_b == 0) continue;
+    const int64_t c = p_first + j * ps;
+    const double a = s1[j], b = s2[j];
+    const double m2 = b - a * a / n_b;
+    chan_merge(s.count[c], s.mean[c], s.m2[c], n_b, static_cast<double>(k[j]) + a / n_b,
+               m2 > 0 ? m2 : 0.0);
+    s.shift[c] = s.mean[c];
+  }
+}
+
+template <class E>
+void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
+  const uint8_t *mask = p.mask;
+  if (!p.inner_is_channel) {
+    for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+      const char *x = p.x + cur.x_off + seg.begin * p.inner.x_stride;
+      if (!mask) {
+        plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
+        return;
+      }
+      const uint8_t *m = mask + cur.m_off + seg.begin * p.inner.m_stride;
+      if (p.inner.m_stride == 0) {  // one mask value for the whole segment
+        if (*m) plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
+      } else {
+        plane_moments<E, true>(x, p.inner.x_stride, m, p.inner.m_stride, seg.len, cur.p_off, s);
+      }
+    });
+    return;
+  }
+  // rows x C: gather up to kRowBlock consecutive rows sharing channels and segment.
+  const char *rows_x[kRowBlock];
+  const uint8_t *rows_m[kRowBlock];
+  int64_t n_rows = 0, block_p = 0;
+  segment block_seg{0, 0};
+  auto flush = [&] {
+    if (n_rows) rows_block_moments<E>(p, rows_x, rows_m, n_rows, block_p, block_seg, s);
+    n_rows = 0;
+  };
+  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+    const int64_t p_first = cur.p_off + seg.begin * p.inner.p_stride;
+    if (n_rows == kRowBlock || (n_rows && (p_first != block_p || seg.begin != block_seg.begin)))
+      flush();
+    block_p = p_first;
+    block_seg = seg;
+    rows_x[n_rows] = p.x + cur.x_off + seg.begin * p.inner.x_stride;
+    rows_m[n_rows] = mask ? mask + cur.m_off + seg.begin * p.inner.m_stride : nullptr;
+    ++n_rows;
+  });
+  flush();
+}
+
+// ---- normalize -------------------------------------------------------------------
+
+// One line segment. Contig: x and y unit-stride (and, for rows x C, unit
+// channel stride), so the compiler sees plain arrays.
+template <class E, bool Contig>
+void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_t len,
+                       const affine_params &a) {
+  using acc = typename E::acc;
+  const acc *mean_hi = static_cast<const acc *>(a.mean_hi);
+  const acc *mean_lo = static_cast<const acc *>(a.mean_lo);
+  const acc *scale = static_cast<const acc *>(a.scale);
+  const acc *bias = static_cast<const acc *>(a.bias);
+  const int64_t xs = Contig ? E::size : p.inner.x_stride;
+  const int64_t ys = Contig ? E::size : p.inner.y_stride;
+  if (!p.inner_is_channel) {
+    const acc mh = mean_hi[c0], ml = mean_lo[c0], sc = scale[c0], b = bias[c0];
+    for (int64_t i = 0; i < len; ++i)
+      E::store(y + i * ys, ((E::load(x + i * xs) - mh) - ml) * sc + b);
+    return;
+  }
+  const int64_t ps = Contig ? 1 : p.inner.p_stride;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t c = c0 + j * ps;
+    E::store(y + j * ys, ((E::load(x + j * xs) - mean_hi[c]) - mean_lo[c]) * scale[c] + bias[c]);
+  }
+}
+
+template <class E>
+void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
+  const int64_t xs = p.inner.x_stride, ys = p.inner.y_stride, ps = p.inner.p_stride;
+  const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1);
+  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+    const char *x = p.x + cur.x_off + seg.begin * xs;
+    char *y = p.y + cur.y_off + seg.begin * ys;
+    const int64_t c0 = cur.p_off + (p.inner_is_channel ? seg.begin * ps : 0);
+    if (contig) normalize_segment<E, true>(p, x, y, c0, seg.len, a);
+    else normalize_segment<E, false>(p, x, y, c0, seg.len, a);
+  });
+}
+
+// ---- dtype dispatch -----------------------------------------------------------
+
+template <template <class> class K, class... Args>
+void by_dtype(bn_dtype dt, Args &&...args) {
+  switch (dt) {
+    case BN_FLOAT32: K<f32_elem>::run(args...); break;
+    case BN_FLOAT64: K<f64_elem>::run(args...); break;
+    case BN_FLOAT16: K<f16_elem>::run(args...); break;
+    case BN_BFLOAT16: K<bf16_elem>::run(args...); break;
+    default: break;  // validated by the caller
+  }
+}
+
+template <class E> struct moments_kernel {
+  static void run(const plan &p, int64_t b, int64_t e, const moments_scratch &s) {
+    moments_items<E>(p, b, e, s);
+  }
+};
+template <class E> struct normalize_kernel {
+  static void run(const plan &p, int64_t b, int64_t e, const affine_params &a) {
+    normalize_items<E>(p, b, e, a);
+  }
+};
+
+void moments_entry(const plan &p, int64_t b, int64_t e, const moments_scratch &s) {
+  by_dtype<moments_kernel>(p.dtype, p, b, e, s);
+}
+void normalize_entry(const plan &p, int64_t b, int64_t e, const affine_params &a) {
+  by_dtype<normalize_kernel>(p.dtype, p, b, e, a);
+}
+
+}  // namespace
+
+extern const kernel_table table;
+const kernel_table table = {BN_ISA_NAME, moments_entry, normalize_entry};
+
+}  // namespace BN_ISA_NS
+}  // namespace bn_core

@@ -1,0 +1,82 @@
+// Canonical loop plan: every call (any rank, strides, channel-axis set, mask
+// broadcast) is reduced to "lines" — an outer odometer over merged dims and one
+// inner run — so kernels only ever see that shape.
+//
+// Types only, no functions: this header is included by the per-ISA kernel
+// translation units, and an inline function here could be emitted with AVX
+// instructions and then picked by the linker for the portable path.
+#ifndef BN_CORE_PLAN_HPP
+#define BN_CORE_PLAN_HPP
+
+#include <cstdint>
+
+#include "bn_core/bn_core.h"
+
+namespace bn_core {
+
+// One loop dimension. x/y/mask strides are in bytes; the parameter stride is
+// in channel-index units (0 for a reduced dimension).
+struct loop_dim {
+  int64_t n;
+  int64_t x_stride;
+  int64_t y_stride;
+  int64_t m_stride;
+  int64_t p_stride;
+};
+
+struct plan {
+  bn_dtype dtype;
+  const char *x;
+  char *y;               // null for moments-only calls
+  const uint8_t *mask;   // null when no mask
+  int64_t p_base;        // channel index of the first element (after stride flips)
+  int32_t n_outer;
+  loop_dim outer[BN_MAX_RANK];  // outer[0] is outermost
+  loop_dim inner;
+  int64_t lines;         // product of outer sizes
+  int64_t segments;      // pieces each line is cut into for load balance
+  int64_t channels;      // C
+  bool empty;            // some size is 0: no element at all
+  bool inner_is_channel; // inner run walks channels (rows x C) vs one channel (planes x L)
+};
+
+// Per-thread scratch for moments; all arrays hold `channels` entries except the
+// block arrays, which hold the inner run length. Allocated by the caller so that
+// kernel code instantiates no library templates (see the note above).
+struct moments_scratch {
+  double *count;
+  double *mean;
+  double *m2;
+  double *shift;     // per-channel shift K of the shifted sums
+  uint8_t *shift_ok; // 1 once shift holds a value of that channel
+  double *block_sum; // kind "rows x C": per-channel pre-pass sums
+  double *block_cnt;
+  void *block_s1;    // accumulator-typed (float for <=32-bit data, double for float64)
+  void *block_s2;
+  void *block_n;
+  void *block_shift;
+};
+
+// Normalization as y = ((x - mean_hi) - mean_lo) * scale + bias per channel,
+// stored in the compute type (float for <=32-bit data, double for float64).
+// Splitting the mean keeps the subtraction exact at mean/std = 1e5.
+struct affine_params {
+  const void *mean_hi;
+  const void *mean_lo;
+  const void *scale;
+  const void *bias;
+};
+
+struct kernel_table {
+  const char *name;
+  void (*moments)(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s);
+  void (*normalize)(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
+};
+
+namespace scalar { extern const kernel_table table; }
+namespace avx2 { extern const kernel_table table; }
+namespace avx512 { extern const kernel_table table; }
+
+}  // namespace bn_core
+
+#endif
