@@ -58,16 +58,21 @@ def check_axis_arg(axis, name: str = "axis") -> int | list[int]:
         return int(axis)
     if isinstance(axis, (list, tuple)):
         if len(axis) == 0:
-            raise ValueError(f"{name} must name at least one axis; received an empty {type(axis).__name__}")
+            raise ValueError(
+                f"{name} must name at least one axis; received an empty {type(axis).__name__}"
+            )
         bad = [a for a in axis if not is_integer(a)]
         if bad:
-            raise TypeError(f"{name} must contain only ints; received {axis!r} (bad entries: {bad!r})")
+            raise TypeError(
+                f"{name} must contain only ints; received {axis!r} (bad entries: {bad!r})"
+            )
         out = [int(a) for a in axis]
         if len(set(out)) != len(out):
             raise ValueError(f"{name} contains duplicate entries: {axis!r}")
         return out
     raise TypeError(
-        f"{name} must be an int or a list/tuple of ints; received {axis!r} of type {type(axis).__name__}"
+        f"{name} must be an int or a list/tuple of ints; "
+        f"received {axis!r} of type {type(axis).__name__}"
     )
 
 
@@ -130,7 +135,7 @@ def canonical_mask(mask, shape: tuple[int, ...], name: str = "mask") -> np.ndarr
     rank = len(shape)
     if m.ndim == rank - 1:
         m = m[..., np.newaxis]
-    if m.ndim != rank or any(ms not in (1, s) for ms, s in zip(m.shape, shape)):
+    if m.ndim != rank or any(ms not in (1, s) for ms, s in zip(m.shape, shape, strict=True)):
         raise ValueError(
             f"{name} has shape {tuple(as_array(mask).shape)}, which does not fit the input shape "
             f"{tuple(shape)}: expected the input's shape without its last axis, or a shape of the "
