@@ -11,6 +11,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#define BN_OMP(directive) _Pragma(#directive)
+#else
+#define BN_OMP(directive)
 #endif
 
 #include "bn_core/bn_core.h"
@@ -429,8 +432,8 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     int64_t b, e;
     item_range(p, t, team, b, e);
     k.moments(p, b, e, state.thread(t));
-#pragma omp barrier
-#pragma omp single
+    BN_OMP(omp barrier)
+    BN_OMP(omp single)
     {
       state.finish(team, mean, variance, nullptr);
       affine.fill(mean, variance, gamma, beta, epsilon);
