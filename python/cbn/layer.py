@@ -194,14 +194,16 @@ class BatchNormalization:
         self.allreduce = allreduce
         self._trainable = _check_bool(trainable, "trainable", ValueError)
         self._policy = get_policy(dtype)
-        # Accepted by the signature, implemented in later steps (R12–R14).
-        for arg, value, default in (
-            ("virtual_batch_size", virtual_batch_size, None),
-            ("adjustment", adjustment, None),
-            ("synchronized", self.synchronized, False),
-        ):
-            if value is not default:
-                raise NotImplementedError(f"{arg}={value!r} is not supported yet")
+        if virtual_batch_size is not None and adjustment is not None:
+            raise ValueError(  # R1.5
+                "virtual_batch_size and adjustment cannot be combined; "
+                f"received virtual_batch_size={virtual_batch_size!r} and adjustment={adjustment!r}"
+            )
+        if virtual_batch_size is not None and self.synchronized:
+            raise ValueError(  # R14.1
+                "synchronized=True cannot be combined with virtual_batch_size="
+                f"{virtual_batch_size!r}"
+            )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None; received {name!r}")
         self.name = name if name is not None else _unique_name(type(self))
@@ -339,6 +341,11 @@ class BatchNormalization:
                 f"input_shape {shape} leaves a normalized axis (axis={self.axis!r}) undefined; "
                 "its size is needed to create the weights"
             )
+        if self.virtual_batch_size is not None and 0 in axes:
+            raise ValueError(  # R1.5: ghost batches split axis 0
+                f"axis={self.axis!r} normalizes axis 0, which virtual_batch_size="
+                f"{self.virtual_batch_size} splits into ghost batches; choose other axes"
+            )
         with self._lock:
             if self.built:
                 self._check_input_shape(shape)
@@ -420,10 +427,27 @@ class BatchNormalization:
             self.build(x.shape)
         y = np.empty_like(x)
         if training and self._trainable:
+            self._check_training_supported()
             self._forward_training(x, y, mask_array)
         else:
             self._forward_inference(x, y)
         return y
+
+    def _check_training_supported(self) -> None:
+        """Ghost batches (R12), adjustment (R13) and synchronized statistics (R14)
+        are accepted, validated and serialized, and inference ignores them; their
+        training computation is not implemented yet, so it refuses plainly rather
+        than silently computing plain batch normalization."""
+        for arg, value, active in (
+            ("virtual_batch_size", self.virtual_batch_size, self.virtual_batch_size is not None),
+            ("adjustment", self.adjustment, self.adjustment is not None),
+            ("synchronized", self.synchronized, self.synchronized),
+        ):
+            if active:
+                raise NotImplementedError(
+                    f"training with {arg}={value!r} is not implemented yet in cbn "
+                    f"{_core.version()}; inference with it works"
+                )
 
     def _autocast(self, inputs: ArrayLike) -> np.ndarray:
         """R7.1/R7.2: integers and bool read as float32, then everything cast to
