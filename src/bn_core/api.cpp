@@ -255,7 +255,7 @@ class moments_state {
  public:
   bool allocate(const plan &p, int32_t threads) {
     channels_ = p.channels;
-    block_ = p.inner_is_channel ? p.inner.n : 0;
+    block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
     per_thread_ = 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
     try {
       buffer_.assign(static_cast<size_t>(per_thread_ * threads), 0.0);

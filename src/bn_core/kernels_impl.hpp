@@ -121,6 +121,7 @@ void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
 constexpr int64_t kLanes = 16;        // independent partial sums: short chains, SIMD-friendly
 constexpr int64_t kPlaneBlock = 1024; // elements per shifted-sum block (64 per lane)
 constexpr int64_t kRowBlock = 64;     // rows per shifted-sum block for rows x C
+constexpr int64_t kChannelChunk = kRowsChannelChunk;  // channels per block (bounds scratch)
 
 template <class E, bool Contig, bool Masked>
 void plane_block_sums(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int64_t len,
@@ -218,12 +219,20 @@ void row_accumulate(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int
   }
 }
 
+// One block of rows over channels [j0, j0 + len) of their segment.
 template <class E>
-void rows_block_moments(const plan &p, const char *const *rows_x, const uint8_t *const *rows_m,
-                        int64_t n_rows, int64_t p_first, segment seg, const moments_scratch &s) {
+void rows_block_moments(const plan &p, const char *const *rows_begin,
+                        const uint8_t *const *rows_m_begin, int64_t n_rows, int64_t p_begin,
+                        int64_t j0, int64_t len, const moments_scratch &s) {
   using acc = typename E::acc;
   const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride, ps = p.inner.p_stride;
-  const int64_t len = seg.len;
+  const char *rows_x[kRowBlock];
+  const uint8_t *rows_m[kRowBlock];
+  for (int64_t r = 0; r < n_rows; ++r) {
+    rows_x[r] = rows_begin[r] + j0 * xs;
+    rows_m[r] = rows_m_begin[r] ? rows_m_begin[r] + j0 * ms : nullptr;
+  }
+  const int64_t p_first = p_begin + j0 * ps;
   const bool masked = p.mask != nullptr;
   const bool per_element_mask = masked && ms != 0;
   acc *s1 = static_cast<acc *>(s.block_s1);
@@ -305,7 +314,9 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
   int64_t n_rows = 0, block_p = 0;
   segment block_seg{0, 0};
   auto flush = [&] {
-    if (n_rows) rows_block_moments<E>(p, rows_x, rows_m, n_rows, block_p, block_seg, s);
+    for (int64_t j0 = 0; n_rows && j0 < block_seg.len; j0 += kChannelChunk)
+      rows_block_moments<E>(p, rows_x, rows_m, n_rows, block_p, j0,
+                            min_of(kChannelChunk, block_seg.len - j0), s);
     n_rows = 0;
   };
   for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {

@@ -40,8 +40,11 @@ struct plan {
   bool inner_is_channel; // inner run walks channels (rows x C) vs one channel (planes x L)
 };
 
+// Channels a rows x C block covers at once: bounds the block scratch below.
+constexpr int64_t kRowsChannelChunk = 2048;
+
 // Per-thread scratch for moments; all arrays hold `channels` entries except the
-// block arrays, which hold the inner run length. Allocated by the caller so that
+// block arrays, which hold min(inner run length, kRowsChannelChunk). Allocated by the caller so that
 // kernel code instantiates no library templates (see the note above).
 struct moments_scratch {
   double *count;
