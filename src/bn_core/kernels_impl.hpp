@@ -100,7 +100,10 @@ struct line_cursor {
 struct segment { int64_t begin, len; };
 
 inline segment segment_of(const plan &p, int64_t seg) {
-  const int64_t seg_len = (p.inner.n + p.segments - 1) / p.segments;
+  // Folded runs are cut at super-row boundaries so element i stays channel i % period.
+  const int64_t align = p.period ? p.fold_len : 1;
+  const int64_t even = (p.inner.n + p.segments - 1) / p.segments;
+  const int64_t seg_len = (even + align - 1) / align * align;
   const int64_t begin = min_of(seg * seg_len, p.inner.n);
   return {begin, min_of(seg_len, p.inner.n - begin)};
 }
@@ -111,7 +114,8 @@ void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
   if (item_begin >= item_end) return;
   line_cursor cur(p, item_begin / p.segments);
   for (int64_t k = item_begin; k < item_end;) {
-    f(cur, segment_of(p, k % p.segments));
+    const segment seg = segment_of(p, k % p.segments);
+    if (seg.len) f(cur, seg);
     if (++k % p.segments == 0) cur.next(p);
   }
 }
@@ -232,7 +236,10 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
     rows_x[r] = rows_begin[r] + j0 * xs;
     rows_m[r] = rows_m_begin[r] ? rows_m_begin[r] + j0 * ms : nullptr;
   }
-  const int64_t p_first = p_begin + j0 * ps;
+  // Channel of position j: folded super rows repeat the channels every period.
+  auto channel = [&](int64_t j) {
+    return p_begin + (p.period ? (j0 + j) % p.period : j0 + j) * ps;
+  };
   const bool masked = p.mask != nullptr;
   const bool per_element_mask = masked && ms != 0;
   acc *s1 = static_cast<acc *>(s.block_s1);
@@ -242,7 +249,7 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   auto used_row = [&](int64_t r) { return !masked || per_element_mask || rows_m[r][0] != 0; };
 
   bool need_shift = false;
-  for (int64_t j = 0; j < len; ++j) need_shift |= !s.shift_ok[p_first + j * ps];
+  for (int64_t j = 0; j < len; ++j) need_shift |= !s.shift_ok[channel(j)];
   if (need_shift) {
     for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -254,7 +261,7 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
       }
     }
     for (int64_t j = 0; j < len; ++j) {
-      const int64_t c = p_first + j * ps;
+      const int64_t c = channel(j);
       if (!s.shift_ok[c] && s.block_cnt[j] > 0) {
         s.shift[c] = s.block_sum[j] / s.block_cnt[j];
         s.shift_ok[c] = 1;
@@ -262,7 +269,7 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
     }
   }
   for (int64_t j = 0; j < len; ++j) {
-    k[j] = static_cast<acc>(s.shift[p_first + j * ps]);
+    k[j] = static_cast<acc>(s.shift[channel(j)]);
     s1[j] = 0; s2[j] = 0; cnt[j] = 0;
   }
   double rows_used = 0;
@@ -280,7 +287,7 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   for (int64_t j = 0; j < len; ++j) {
     const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used;
     if (n_b == 0) continue;
-    const int64_t c = p_first + j * ps;
+    const int64_t c = channel(j);
     const double a = s1[j], b = s2[j];
     const double m2 = b - a * a / n_b;
     chan_merge(s.count[c], s.mean[c], s.m2[c], n_b, static_cast<double>(k[j]) + a / n_b,
@@ -308,26 +315,35 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
     });
     return;
   }
-  // rows x C: gather up to kRowBlock consecutive rows sharing channels and segment.
+  // rows x C: gather up to kRowBlock consecutive rows sharing channels and length
+  // (for a folded plan, super rows of fold_len elements).
   const char *rows_x[kRowBlock];
   const uint8_t *rows_m[kRowBlock];
-  int64_t n_rows = 0, block_p = 0;
-  segment block_seg{0, 0};
+  int64_t n_rows = 0, block_p = 0, block_len = 0;
   auto flush = [&] {
-    for (int64_t j0 = 0; n_rows && j0 < block_seg.len; j0 += kChannelChunk)
+    for (int64_t j0 = 0; n_rows && j0 < block_len; j0 += kChannelChunk)
       rows_block_moments<E>(p, rows_x, rows_m, n_rows, block_p, j0,
-                            min_of(kChannelChunk, block_seg.len - j0), s);
+                            min_of(kChannelChunk, block_len - j0), s);
     n_rows = 0;
   };
-  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
-    const int64_t p_first = cur.p_off + seg.begin * p.inner.p_stride;
-    if (n_rows == kRowBlock || (n_rows && (p_first != block_p || seg.begin != block_seg.begin)))
-      flush();
+  auto push = [&](const char *x, const uint8_t *m, int64_t p_first, int64_t len) {
+    if (n_rows == kRowBlock || (n_rows && (p_first != block_p || len != block_len))) flush();
     block_p = p_first;
-    block_seg = seg;
-    rows_x[n_rows] = p.x + cur.x_off + seg.begin * p.inner.x_stride;
-    rows_m[n_rows] = mask ? mask + cur.m_off + seg.begin * p.inner.m_stride : nullptr;
+    block_len = len;
+    rows_x[n_rows] = x;
+    rows_m[n_rows] = m;
     ++n_rows;
+  };
+  const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
+  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+    const char *x = p.x + cur.x_off + seg.begin * xs;
+    const uint8_t *m = mask ? mask + cur.m_off + seg.begin * ms : nullptr;
+    if (!p.period) {
+      push(x, m, cur.p_off + seg.begin * p.inner.p_stride, seg.len);
+      return;
+    }
+    for (int64_t k = 0; k < seg.len; k += p.fold_len)
+      push(x + k * xs, m ? m + k * ms : nullptr, cur.p_off, min_of(p.fold_len, seg.len - k));
   });
   flush();
 }
@@ -366,6 +382,11 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
+    if (p.period) {  // parameters are replicated over one super row
+      for (int64_t k = 0; k < seg.len; k += p.fold_len)
+        normalize_segment<E, true>(p, x + k * xs, y + k * ys, 0, min_of(p.fold_len, seg.len - k), a);
+      return;
+    }
     const int64_t c0 = cur.p_off + (p.inner_is_channel ? seg.begin * ps : 0);
     if (contig) normalize_segment<E, true>(p, x, y, c0, seg.len, a);
     else normalize_segment<E, false>(p, x, y, c0, seg.len, a);

@@ -38,6 +38,12 @@ struct plan {
   int64_t channels;      // C
   bool empty;            // some size is 0: no element at all
   bool inner_is_channel; // inner run walks channels (rows x C) vs one channel (planes x L)
+  // Folded rows x C: contiguous rows of a few channels merged into one inner run
+  // where element i belongs to channel i % period. Kernels walk it in "super
+  // rows" of fold_len elements (a multiple of period and of the vector width),
+  // with per-channel parameters replicated to fold_len. 0 when not folded.
+  int64_t period;
+  int64_t fold_len;
 };
 
 // Channels a rows x C block covers at once: bounds the block scratch below.
