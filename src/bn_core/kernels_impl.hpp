@@ -124,7 +124,7 @@ void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
 
 constexpr int64_t kLanes = 16;        // independent partial sums: short chains, SIMD-friendly
 constexpr int64_t kPlaneBlock = 1024; // elements per shifted-sum block (64 per lane)
-constexpr int64_t kRowBlock = 64;     // rows per shifted-sum block for rows x C
+constexpr int64_t kRowBlock = 32;     // rows per shifted-sum block for rows x C: the fp32 chain length
 constexpr int64_t kChannelChunk = kRowsChannelChunk;  // channels per block (bounds scratch)
 
 template <class E, bool Contig, bool Masked>
