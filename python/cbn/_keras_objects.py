@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,6 +35,18 @@ def real_number(value, name: str, *, minimum: float | None = None) -> float:
     return out
 
 
+
+def construct_from_config(cls: type, config: Mapping[str, Any]):
+    """``cls(**config)``, refusing keys its constructor does not take (naming them)."""
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown keys {unknown} in the config of {cls.__name__}; "
+            f"expected a subset of {list(accepted)}"
+        )
+    return cls(**config)
+
 class KerasObject:
     """Base of the built-in objects: Keras-style ``get_config``/``from_config``.
 
@@ -50,14 +62,7 @@ class KerasObject:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]):
-        params = inspect.signature(cls).parameters
-        unknown = sorted(set(config) - set(params))
-        if unknown:
-            raise ValueError(
-                f"unknown keys {unknown} in the config of {cls.__name__}; "
-                f"expected a subset of {list(params)}"
-            )
-        return cls(**config)
+        return construct_from_config(cls, config)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())

@@ -9,7 +9,6 @@ the output exact for data whose mean is large relative to its spread (R4.2).
 
 from __future__ import annotations
 
-import inspect
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ from ._keras_objects import (
     INITIALIZERS,
     REGULARIZERS,
     DTypePolicy,
+    construct_from_config,
     get_policy,
     real_number,
     serialize_policy,
@@ -581,14 +581,7 @@ class BatchNormalization:
         kwargs = {k: v for k, v in config.items() if k not in _SHAPE_HINT_KEYS}
         if kwargs.pop("activity_regularizer", None) is not None:
             raise ValueError("activity_regularizer is not supported by cbn.BatchNormalization")
-        accepted = inspect.signature(cls).parameters
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise ValueError(
-                f"unknown keys {unknown} in the BatchNormalization config; "
-                f"expected a subset of {list(accepted)}"
-            )
-        return cls(**kwargs)
+        return construct_from_config(cls, kwargs)
 
     # A lock cannot be copied or pickled: each copy gets its own.
     def __getstate__(self) -> dict[str, Any]:
