@@ -296,6 +296,7 @@ class moments_state {
     per_thread_ = 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
     try {
       buffer_.assign(static_cast<size_t>(per_thread_ * threads), 0.0);
+      shifts_missing_.assign(static_cast<size_t>(threads), channels_);
     } catch (const std::bad_alloc &) {
       return false;
     }
@@ -307,7 +308,7 @@ class moments_state {
     const int64_t C = channels_, L = block_;
     return moments_scratch{base, base + C, base + 2 * C, base + 3 * C,
                            reinterpret_cast<uint8_t *>(base + 4 * C + 6 * L),
-                           base + 4 * C, base + 4 * C + L,
+                           &shifts_missing_[static_cast<size_t>(t)], base + 4 * C, base + 4 * C + L,
                            base + 4 * C + 2 * L, base + 4 * C + 3 * L,
                            base + 4 * C + 4 * L, base + 4 * C + 5 * L};
   }
@@ -329,6 +330,7 @@ class moments_state {
  private:
   int64_t channels_ = 0, block_ = 0, per_thread_ = 0;
   std::vector<double> buffer_;
+  std::vector<int64_t> shifts_missing_;
 };
 
 // y = ((x - mean_hi) - mean_lo) * scale + bias in the compute type; the scale
