@@ -7,8 +7,8 @@
 // accumulator type, with K the channel's running mean (two-pass mean of its
 // first block), folded into float64 (count, mean, M2) with Chan's merge. Plain
 // sum speed, two-pass accuracy (spec R4.2).
-#ifndef BN_ISA_NS
-#error "define BN_ISA_NS before including kernels_impl.hpp"
+#if !defined(BN_ISA_NS) || !defined(BN_VEC_BYTES)
+#error "define BN_ISA_NS and BN_VEC_BYTES before including kernels_impl.hpp"
 #endif
 
 #include <cstring>
@@ -22,39 +22,40 @@ namespace {
 
 // ---- element types: storage <-> compute (accumulator) type -------------------
 
-// 64-byte vectors of the accumulator type (one AVX-512 register, two AVX2 or
-// four SSE registers): GCC lowers them for each target this source is built for.
-using f32_vec = float __attribute__((vector_size(64)));
-using f64_vec = double __attribute__((vector_size(64)));
-using u16_half_vec = uint16_t __attribute__((vector_size(32)));
-using u32_vec = uint32_t __attribute__((vector_size(64)));
+// Vectors of the accumulator type as wide as the target's registers (wider
+// generic vectors are lowered through the stack).
+constexpr int64_t kVecBytes = BN_VEC_BYTES;
+using f32_vec = float __attribute__((vector_size(kVecBytes)));
+using f64_vec = double __attribute__((vector_size(kVecBytes)));
+using u16_half_vec = uint16_t __attribute__((vector_size(kVecBytes / 2)));
+using u32_vec = uint32_t __attribute__((vector_size(kVecBytes)));
 
 struct f32_elem {
   using acc = float;
   using vec = f32_vec;
-  static constexpr int64_t size = 4, lanes = 16;
+  static constexpr int64_t size = 4, lanes = kVecBytes / 4;
   static acc load(const char *p) { float v; std::memcpy(&v, p, 4); return v; }
-  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, 64); return v; }
+  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, 4); }
 };
 
 struct f64_elem {
   using acc = double;
   using vec = f64_vec;
-  static constexpr int64_t size = 8, lanes = 8;
+  static constexpr int64_t size = 8, lanes = kVecBytes / 8;
   static acc load(const char *p) { double v; std::memcpy(&v, p, 8); return v; }
-  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, 64); return v; }
+  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, 8); }
 };
 
 struct f16_elem {
   using acc = float;
   using vec = f32_vec;
-  using half_vec = _Float16 __attribute__((vector_size(32)));
-  static constexpr int64_t size = 2, lanes = 16;
+  using half_vec = _Float16 __attribute__((vector_size(kVecBytes / 2)));
+  static constexpr int64_t size = 2, lanes = kVecBytes / 4;
   static acc load(const char *p) { _Float16 h; std::memcpy(&h, p, 2); return static_cast<float>(h); }
   static vec load_vec(const char *p) {
-    half_vec h; std::memcpy(&h, p, 32); return __builtin_convertvector(h, vec);
+    half_vec h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vec);
   }
   // The conversion rounds to nearest even.
   static void store(char *p, acc v) { _Float16 h = static_cast<_Float16>(v); std::memcpy(p, &h, 2); }
@@ -63,16 +64,16 @@ struct f16_elem {
 struct bf16_elem {
   using acc = float;
   using vec = f32_vec;
-  static constexpr int64_t size = 2, lanes = 16;
+  static constexpr int64_t size = 2, lanes = kVecBytes / 4;
   static acc load(const char *p) {
     uint16_t b; std::memcpy(&b, p, 2);
     const uint32_t u = static_cast<uint32_t>(b) << 16;
     float v; std::memcpy(&v, &u, 4); return v;
   }
   static vec load_vec(const char *p) {
-    u16_half_vec b; std::memcpy(&b, p, 32);
+    u16_half_vec b; std::memcpy(&b, p, sizeof b);
     const u32_vec u = __builtin_convertvector(b, u32_vec) << 16;
-    vec v; std::memcpy(&v, &u, 64); return v;
+    vec v; std::memcpy(&v, &u, sizeof v); return v;
   }
   static void store(char *p, acc v) {
     uint32_t u; std::memcpy(&u, &v, 4);
@@ -145,7 +146,9 @@ void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
 // ---- moments: planes x L (the inner run is one channel) -------------------------
 
 constexpr int64_t kLanes = 16;        // independent partial sums: short chains, SIMD-friendly
-constexpr int64_t kPlaneBlock = 1024; // elements per shifted-sum block (64 per lane)
+// Elements per shifted-sum block of a plane: two chains of 32 per vector lane,
+// so the float32 accuracy is the same on every ISA.
+template <class E> constexpr int64_t plane_block() { return 64 * E::lanes; }
 constexpr int64_t kRowBlock = 32;     // rows per shifted-sum block for rows x C: the fp32 chain length
 constexpr int64_t kChannelChunk = kRowsChannelChunk;  // channels per block (bounds scratch)
 
@@ -227,8 +230,9 @@ template <class E, bool Masked>
 void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int64_t n, int64_t c,
                    const moments_scratch &s) {
   using acc = typename E::acc;
-  for (int64_t b0 = 0; b0 < n; b0 += kPlaneBlock) {
-    const int64_t len = min_of(kPlaneBlock, n - b0);
+  constexpr int64_t block = plane_block<E>();
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t len = min_of(block, n - b0);
     const char *xb = x + b0 * xs;
     const uint8_t *mb = Masked ? m + b0 * ms : m;
     if (!s.shift_ok[c]) {
@@ -278,6 +282,51 @@ void row_accumulate(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int
     s1[j] += d;
     s2[j] += d * d;
   }
+}
+
+// Unmasked contiguous rows: a tile of channels stays in vector registers over
+// all rows of the block (instead of loading and storing the block sums per row).
+template <class E>
+void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len,
+                          const typename E::acc *shift, typename E::acc *s1,
+                          typename E::acc *s2) {
+  using acc = typename E::acc;
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes;
+  auto load_acc = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; };
+  auto add_to = [&](acc *p, vec v) {
+    const vec sum = load_acc(p) + v;
+    std::memcpy(p, &sum, sizeof(vec));
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= len; j += 2 * W) {
+    const vec k0 = load_acc(shift + j), k1 = load_acc(shift + j + W);
+    vec a0 = {}, a1 = {}, b0 = {}, b1 = {};
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const vec d0 = E::load_vec(rows[r] + j * E::size) - k0;
+      const vec d1 = E::load_vec(rows[r] + (j + W) * E::size) - k1;
+      a0 += d0;
+      b0 += d0 * d0;
+      a1 += d1;
+      b1 += d1 * d1;
+    }
+    add_to(s1 + j, a0); add_to(s1 + j + W, a1);
+    add_to(s2 + j, b0); add_to(s2 + j + W, b1);
+  }
+  for (; j + W <= len; j += W) {
+    const vec k0 = load_acc(shift + j);
+    vec a0 = {}, b0 = {};
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const vec d0 = E::load_vec(rows[r] + j * E::size) - k0;
+      a0 += d0;
+      b0 += d0 * d0;
+    }
+    add_to(s1 + j, a0);
+    add_to(s2 + j, b0);
+  }
+  for (int64_t r = 0; j < len && r < n_rows; ++r)
+    row_accumulate<E, true, false>(rows[r] + j * E::size, E::size, nullptr, 0, len - j, shift + j,
+                                   s1 + j, s2 + j, nullptr);
 }
 
 // One block of rows over channels [j0, j0 + len) of their segment.
@@ -336,14 +385,22 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   }
   double rows_used = 0;
   const bool contig = xs == E::size;
-  for (int64_t r = 0; r < n_rows; ++r) {
-    if (per_element_mask) {
+  if (per_element_mask) {
+    for (int64_t r = 0; r < n_rows; ++r) {
       if (contig) row_accumulate<E, true, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
       else row_accumulate<E, false, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
-    } else if (used_row(r)) {
-      if (contig) row_accumulate<E, true, false>(rows_x[r], xs, nullptr, 0, len, k, s1, s2, cnt);
-      else row_accumulate<E, false, false>(rows_x[r], xs, nullptr, 0, len, k, s1, s2, cnt);
-      rows_used += 1;
+    }
+  } else {
+    const char *used[kRowBlock];
+    int64_t n_used = 0;
+    for (int64_t r = 0; r < n_rows; ++r)
+      if (used_row(r)) used[n_used++] = rows_x[r];
+    rows_used = static_cast<double>(n_used);
+    if (contig) {
+      rows_tile_accumulate<E>(used, n_used, len, k, s1, s2);
+    } else {
+      for (int64_t r = 0; r < n_used; ++r)
+        row_accumulate<E, false, false>(used[r], xs, nullptr, 0, len, k, s1, s2, cnt);
     }
   }
   if (!per_element_mask && !p.period && ps == 1) {
