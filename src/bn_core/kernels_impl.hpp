@@ -107,6 +107,18 @@ struct line_cursor {
     }
   }
 
+  // Moves count >= 1 lines ahead; count must not pass the end of the innermost
+  // outer dim (only the last step may carry).
+  void skip(const plan &p, int64_t count) {
+    const int32_t d = p.n_outer - 1;
+    const loop_dim &dim = p.outer[d];
+    const int64_t k = count - 1;
+    idx[d] += k;
+    x_off += k * dim.x_stride; y_off += k * dim.y_stride;
+    m_off += k * dim.m_stride; p_off += k * dim.p_stride;
+    next(p);
+  }
+
   void next(const plan &p) {
     for (int32_t d = p.n_outer - 1; d >= 0; --d) {
       const loop_dim &dim = p.outer[d];
@@ -436,6 +448,33 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   }
 }
 
+// Whole rows (one segment per line) along a reduced innermost outer dim: runs
+// of rows at a fixed stride go to the block kernel without stepping the
+// cursor row by row (that bookkeeping cost more than a 64-channel row's sums).
+template <class E>
+void rows_moments_by_runs(const plan &p, int64_t line_begin, int64_t line_end,
+                          const moments_scratch &s) {
+  const loop_dim &rows = p.outer[p.n_outer - 1];
+  const char *rows_x[kRowBlock];
+  const uint8_t *rows_m[kRowBlock];
+  line_cursor cur(p, line_begin);
+  for (int64_t line = line_begin; line < line_end;) {
+    const int64_t run = min_of(rows.n - cur.idx[p.n_outer - 1], line_end - line);
+    for (int64_t r0 = 0; r0 < run; r0 += kRowBlock) {
+      const int64_t n_rows = min_of(kRowBlock, run - r0);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        rows_x[r] = p.x + cur.x_off + (r0 + r) * rows.x_stride;
+        rows_m[r] = p.mask ? p.mask + cur.m_off + (r0 + r) * rows.m_stride : nullptr;
+      }
+      for (int64_t j0 = 0; j0 < p.inner.n; j0 += kChannelChunk)
+        rows_block_moments<E>(p, rows_x, rows_m, n_rows, cur.p_off, j0,
+                              min_of(kChannelChunk, p.inner.n - j0), s);
+    }
+    cur.skip(p, run);
+    line += run;
+  }
+}
+
 template <class E>
 void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
   const uint8_t *mask = p.mask;
@@ -453,6 +492,10 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
         plane_moments<E, true>(x, p.inner.x_stride, m, p.inner.m_stride, seg.len, cur.p_off, s);
       }
     });
+    return;
+  }
+  if (!p.period && p.segments == 1 && p.n_outer > 0 && p.outer[p.n_outer - 1].p_stride == 0) {
+    rows_moments_by_runs<E>(p, item_begin, item_end, s);
     return;
   }
   // rows x C: gather up to kRowBlock consecutive rows sharing channels and length
