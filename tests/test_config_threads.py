@@ -47,7 +47,7 @@ def run_python(code: str, **env_updates) -> subprocess.CompletedProcess:
 
 
 def test_set_and_get_num_threads():
-    for n in (1, 2, 3):
+    for n in (1, 2, 3, np.int64(2), np.int32(1)):  # NumPy integers count as ints, as for axis
         cbn.set_num_threads(n)
         assert cbn.get_num_threads() == n
 

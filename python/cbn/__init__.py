@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from . import _core, ops
+from ._validate import is_integer
 from .layer import BatchNormalization
 
 __version__ = _core.version()
@@ -40,9 +41,9 @@ _apply_isa_override()
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads in later calls; ``n <= 0`` restores the default
     (``OMP_NUM_THREADS`` or the number of cores)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if not is_integer(n):
         raise TypeError(f"n must be an int; received {n!r}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
