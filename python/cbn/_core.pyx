@@ -43,6 +43,23 @@ cdef extern from "bn_core/bn_core.h" nogil:
     bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
                                int32_t n_axes, const bn_tensor *mask, const double *gamma,
                                const double *beta, double epsilon, double *mean, double *variance)
+    bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                          const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                          const double *mean, const double *variance, const double *gamma,
+                          double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat)
+    bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
+                                 const bn_tensor *mask, const double *shift, double *partial)
+    bn_status bn_moments_finalize(int64_t channels, const double *partial, const double *shift,
+                                  double *mean, double *variance)
+    bn_status bn_backward_sums(const bn_tensor *dy, const bn_tensor *x, const int32_t *axes,
+                               int32_t n_axes, const bn_tensor *mask, const double *mean,
+                               const double *variance, double epsilon, double *count,
+                               double *sum_dy, double *sum_dy_xhat)
+    bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                                const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                                const double *mean, const double *variance, const double *gamma,
+                                double epsilon, const double *count, const double *sum_dy,
+                                const double *sum_dy_xhat)
     bn_status bn_set_num_threads(int32_t n)
     int32_t bn_get_num_threads()
     bn_isa bn_get_isa()
@@ -202,6 +219,112 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, tuple axes, mask, gamma, beta, d
                               mean_p, var_p)
     check(st)
     return mean, var
+
+
+cdef bn_tensor *optional_mask(tensor_desc *d, mask) except? NULL:
+    if mask is None:
+        return NULL
+    describe(d, mask, True)
+    return &d.t
+
+
+cdef double *out_ptr(cnp.ndarray a):
+    return <double *>cnp.PyArray_DATA(a)
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, mean, variance,
+             gamma, double epsilon, bint training):
+    """dx (written into dx, which may be dy) and per-channel (Σdy, Σdy·x̂) as float64."""
+    cdef tensor_desc dyd, xd, dxd, md
+    cdef _Axes ax = _Axes(axes)
+    describe(&dyd, dy, False)
+    describe(&xd, x, False)
+    describe(&dxd, dx, False)
+    check_output(dx)
+    cdef bn_tensor *mp = optional_mask(&md, mask)
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef const double *mean_p = param_ptr(mean, c, "mean")
+    cdef const double *var_p = param_ptr(variance, c, "variance")
+    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
+    cdef cnp.ndarray sum_dy = np.empty(c), sum_dy_xhat = np.empty(c)
+    cdef double *s1 = out_ptr(sum_dy)
+    cdef double *s2 = out_ptr(sum_dy_xhat)
+    cdef bn_status st
+    with nogil:
+        st = bn_backward(&dyd.t, &xd.t, &dxd.t, ax.values, ax.count, mp, mean_p, var_p, gamma_p,
+                         epsilon, training, s1, s2)
+    check(st)
+    return sum_dy, sum_dy_xhat
+
+
+def moments_partial(cnp.ndarray x, tuple axes, mask, shift):
+    """This rank's 3·C float64 buffer (counts, n·(mean − K), M2 + n·(mean − K)²)."""
+    cdef tensor_desc xd, md
+    cdef _Axes ax = _Axes(axes)
+    describe(&xd, x, False)
+    cdef bn_tensor *mp = optional_mask(&md, mask)
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef const double *shift_p = param_ptr(shift, c, "shift")
+    cdef cnp.ndarray partial = np.empty(3 * c)
+    cdef double *out = out_ptr(partial)
+    cdef bn_status st
+    with nogil:
+        st = bn_moments_partial(&xd.t, ax.values, ax.count, mp, shift_p, out)
+    check(st)
+    return partial
+
+
+def moments_finalize(partial, shift):
+    """(mean, variance) from a buffer of moments_partial summed over ranks."""
+    cdef Py_ssize_t c = partial.shape[0] // 3
+    cdef const double *partial_p = param_ptr(partial, 3 * c, "partial")
+    cdef const double *shift_p = param_ptr(shift, c, "shift")
+    cdef cnp.ndarray mean = np.empty(c), var = np.empty(c)
+    check(bn_moments_finalize(c, partial_p, shift_p, out_ptr(mean), out_ptr(var)))
+    return mean, var
+
+
+def backward_sums(cnp.ndarray dy, cnp.ndarray x, tuple axes, mask, mean, variance,
+                  double epsilon):
+    """This rank's 3·C float64 buffer: used counts, Σdy, Σdy·x̂."""
+    cdef tensor_desc dyd, xd, md
+    cdef _Axes ax = _Axes(axes)
+    describe(&dyd, dy, False)
+    describe(&xd, x, False)
+    cdef bn_tensor *mp = optional_mask(&md, mask)
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef const double *mean_p = param_ptr(mean, c, "mean")
+    cdef const double *var_p = param_ptr(variance, c, "variance")
+    cdef cnp.ndarray sums = np.empty(3 * c)
+    cdef double *out = out_ptr(sums)
+    cdef bn_status st
+    with nogil:
+        st = bn_backward_sums(&dyd.t, &xd.t, ax.values, ax.count, mp, mean_p, var_p, epsilon,
+                              out, out + c, out + 2 * c)
+    check(st)
+    return sums
+
+
+def backward_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, mean,
+                   variance, gamma, double epsilon, sums):
+    """dx through statistics whose backward_sums buffer (summed over ranks) is sums."""
+    cdef tensor_desc dyd, xd, dxd, md
+    cdef _Axes ax = _Axes(axes)
+    describe(&dyd, dy, False)
+    describe(&xd, x, False)
+    describe(&dxd, dx, False)
+    check_output(dx)
+    cdef bn_tensor *mp = optional_mask(&md, mask)
+    cdef Py_ssize_t c = channel_count(x, axes)
+    cdef const double *mean_p = param_ptr(mean, c, "mean")
+    cdef const double *var_p = param_ptr(variance, c, "variance")
+    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
+    cdef const double *sums_p = param_ptr(sums, 3 * c, "sums")
+    cdef bn_status st
+    with nogil:
+        st = bn_backward_apply(&dyd.t, &xd.t, &dxd.t, ax.values, ax.count, mp, mean_p, var_p,
+                               gamma_p, epsilon, sums_p, sums_p + c, sums_p + 2 * c)
+    check(st)
 
 
 def set_num_threads(int n):

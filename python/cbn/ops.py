@@ -22,7 +22,7 @@ from ._validate import (
     normalize_axes,
 )
 
-__all__ = ["moments", "batch_normalization", "batch_norm_train"]
+__all__ = ["moments", "batch_normalization", "batch_norm_train", "batch_norm_backward"]
 
 
 def _input(x) -> np.ndarray:
@@ -115,3 +115,54 @@ def batch_norm_train(
     mean, var = _core.train_forward(arr, y, axes, m, g, b, eps)
     dt = _stats_dtype(arr)
     return y, mean.astype(dt).reshape(cshape), var.astype(dt).reshape(cshape)
+
+
+def batch_norm_backward(
+    dy,
+    x,
+    mean,
+    variance,
+    *,
+    gamma=None,
+    axis: int | list[int] = -1,
+    epsilon: float = 1e-3,
+    mask=None,
+    training: bool = True,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta``.
+
+    ``dy`` is the gradient of the loss with respect to ``y`` (the shape of ``x``).
+    With ``training=True`` the derivative goes through the batch statistics, so
+    ``mean`` and ``variance`` must be the ones the forward computed from ``x``
+    (with the same ``mask``: masked positions are normalized with, and so still
+    depend on, the statistics of the used ones). With ``training=False`` they are
+    held fixed (an inference call). ``out`` receives ``dx`` and may be ``dy`` or
+    ``x`` itself (in place).
+
+    Returns ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, ``dgamma =
+    Σ dy·x̂`` and ``dbeta = Σ dy`` over every position, in the channel shape.
+    """
+    arr = _input(x)
+    axes = normalize_axes(axis, arr.ndim)
+    cshape = channel_shape(arr.shape, axes)
+    grad = as_array(dy, "dy")
+    if grad.shape != arr.shape:
+        raise ValueError(f"dy has shape {grad.shape}; expected the input's shape {arr.shape}")
+    if grad.dtype != arr.dtype:
+        grad = grad.astype(arr.dtype)
+    eps = check_epsilon(epsilon)
+    mu = as_param(mean, cshape, "mean")
+    var = as_param(variance, cshape, "variance")
+    if mu is None or var is None:
+        raise TypeError("mean and variance are required arrays; received None")
+    g = as_param(gamma, cshape, "gamma")
+    m = canonical_mask(mask, arr.shape)
+    if out is None:
+        dx = np.empty_like(arr)
+    else:
+        dx = check_out(out, grad, arr.dtype)
+        check_out(dx, arr, arr.dtype)
+    sum_dy, sum_dy_xhat = _core.backward(grad, arr, dx, axes, m, mu, var, g, eps, bool(training))
+    dt = _stats_dtype(arr)
+    return dx, sum_dy_xhat.astype(dt).reshape(cshape), sum_dy.astype(dt).reshape(cshape)

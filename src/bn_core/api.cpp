@@ -148,6 +148,17 @@ bn_status check_epsilon(double eps) {
   return BN_OK;
 }
 
+// C for x and the channel axes (checked).
+bn_status channel_count(const bn_tensor *x, const int32_t *axes, int32_t n_axes, int64_t &channels) {
+  bool is_channel[BN_MAX_RANK];
+  if (bn_status st = check_tensor(x, "x", false)) return st;
+  if (bn_status st = check_axes(axes, n_axes, x->rank, is_channel)) return st;
+  channels = 1;
+  for (int32_t i = 0; i < x->rank; ++i)
+    if (is_channel[i]) channels *= x->shape[i];
+  return BN_OK;
+}
+
 // ---- canonicalization ----------------------------------------------------------
 
 int64_t element_size(bn_dtype dt) {
@@ -172,14 +183,15 @@ void fold_short_rows(plan &p, int64_t es) {
   const bool one_channel_dim = p.channels == c && in.p_stride == 1 && p.p_base == 0;
   const bool rows_contiguous = in.x_stride == es && row.x_stride == c * es && row.p_stride == 0;
   const bool y_contiguous = !p.y || (in.y_stride == es && row.y_stride == c * es);
+  const bool dy_contiguous = !p.dy || (in.d_stride == es && row.d_stride == c * es);
   // A mask must be per element and laid out like x (a row-wide mask is not folded).
   const bool mask_contiguous = !p.mask || (in.m_stride != 0 && row.m_stride == c * in.m_stride);
-  if (!one_channel_dim || !rows_contiguous || !y_contiguous || !mask_contiguous ||
+  if (!one_channel_dim || !rows_contiguous || !y_contiguous || !dy_contiguous || !mask_contiguous ||
       c * es > kFoldRowBytes)
     return;
   int64_t len = c * kFoldLanes / gcd(c, kFoldLanes);
   while (len < kFoldMinElements) len *= 2;
-  p.inner = loop_dim{row.n * c, es, p.y ? es : 0, in.m_stride, 1};
+  p.inner = loop_dim{row.n * c, es, p.y ? es : 0, in.m_stride, 1, p.dy ? es : 0};
   p.lines /= row.n;
   --p.n_outer;
   p.period = c;
@@ -188,12 +200,13 @@ void fold_short_rows(plan &p, int64_t es) {
 
 // Drops size-1 dims, turns negative x strides positive, orders dims by x stride
 // (memory order) and merges dims that walk memory as one. The innermost
-// remaining dim becomes the inner run.
-void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, const bool is_channel[],
-               plan &p) {
+// remaining dim becomes the inner run. dy is given for backward calls only.
+void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, const bn_tensor *dy,
+               const bool is_channel[], plan &p) {
   p.dtype = x.dtype;
   p.x = static_cast<const char *>(x.data);
   p.y = y ? static_cast<char *>(y->data) : nullptr;
+  p.dy = dy ? static_cast<const char *>(dy->data) : nullptr;
   p.mask = mask ? static_cast<const uint8_t *>(mask->data) : nullptr;
   p.p_base = 0;
   p.empty = false;
@@ -211,14 +224,17 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
     if (x.shape[i] == 0) p.empty = true;
     if (x.shape[i] == 1) continue;
     loop_dim d{x.shape[i], x.strides[i], y ? y->strides[i] : 0,
-               mask && mask->shape[i] != 1 ? mask->strides[i] : 0, p_stride[i]};
+               mask && mask->shape[i] != 1 ? mask->strides[i] : 0, p_stride[i],
+               dy ? dy->strides[i] : 0};
     if (d.x_stride < 0) {
       const int64_t last = d.n - 1;
       p.x += last * d.x_stride;
       if (p.y) p.y += last * d.y_stride;
       if (p.mask) p.mask += last * d.m_stride;
+      if (p.dy) p.dy += last * d.d_stride;
       p.p_base += last * d.p_stride;
-      d.x_stride = -d.x_stride; d.y_stride = -d.y_stride; d.m_stride = -d.m_stride; d.p_stride = -d.p_stride;
+      d.x_stride = -d.x_stride; d.y_stride = -d.y_stride; d.m_stride = -d.m_stride;
+      d.p_stride = -d.p_stride; d.d_stride = -d.d_stride;
     }
     dims[n++] = d;
   }
@@ -232,14 +248,15 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
       loop_dim &o = dims[merged - 1];
       const loop_dim &d = dims[i];
       if (o.x_stride == d.n * d.x_stride && o.y_stride == d.n * d.y_stride &&
-          o.m_stride == d.n * d.m_stride && o.p_stride == d.n * d.p_stride) {
-        o = loop_dim{o.n * d.n, d.x_stride, d.y_stride, d.m_stride, d.p_stride};
+          o.m_stride == d.n * d.m_stride && o.p_stride == d.n * d.p_stride &&
+          o.d_stride == d.n * d.d_stride) {
+        o = loop_dim{o.n * d.n, d.x_stride, d.y_stride, d.m_stride, d.p_stride, d.d_stride};
         continue;
       }
     }
     dims[merged++] = dims[i];
   }
-  if (merged == 0) dims[merged++] = loop_dim{1, 0, 0, 0, 0};
+  if (merged == 0) dims[merged++] = loop_dim{1, 0, 0, 0, 0, 0};
   p.inner = dims[merged - 1];
   p.n_outer = merged - 1;
   p.lines = 1;
@@ -333,62 +350,217 @@ class moments_state {
   std::vector<int64_t> shifts_missing_;
 };
 
-// y = ((x - mean_hi) - mean_lo) * scale + bias in the compute type; the scale
-// 1/sqrt(var + eps) * gamma is formed in float64 and rounded once.
-class affine_state {
+// Per-channel parameter arrays in the compute type (float for <=32-bit data,
+// double for float64): arrays 0 and 1 are the mean split into hi + lo (which
+// keeps x − mean exact at mean/std = 1e5), the others are formed in float64 and
+// rounded once. A folded plan reads them replicated over one super row.
+class channel_params {
  public:
-  bool allocate(const plan &p) {
+  bool allocate(const plan &p, int32_t arrays) {
     wide_ = p.dtype == BN_FLOAT64;
+    arrays_ = arrays;
     channels_ = p.channels;
-    // A folded plan reads its parameters replicated over one super row.
     length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
     try {
-      buffer_.assign(static_cast<size_t>(4 * length_), 0.0);
+      buffer_.assign(static_cast<size_t>(arrays_ * length_), 0.0);
     } catch (const std::bad_alloc &) {
       return false;
     }
     return true;
   }
 
-  void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
-            double eps) {
-    if (wide_) fill_as<double>(mean, variance, gamma, beta, eps);
-    else fill_as<float>(mean, variance, gamma, beta, eps);
+  // values(c, out) writes arrays 2.. of channel c as float64.
+  template <class F>
+  void fill(const double *mean, F &&values) {
+    if (wide_) fill_as<double>(mean, values);
+    else fill_as<float>(mean, values);
   }
 
-  affine_params params() const {
+  const void *array(int32_t i) const {
     const size_t unit = wide_ ? sizeof(double) : sizeof(float);
-    const char *base = reinterpret_cast<const char *>(buffer_.data());
-    return affine_params{base, base + unit * length_, base + 2 * unit * length_,
-                         base + 3 * unit * length_};
+    return reinterpret_cast<const char *>(buffer_.data()) + unit * static_cast<size_t>(i * length_);
   }
+
+  int64_t length() const { return length_; }
 
  private:
-  template <class acc>
-  void fill_as(const double *mean, const double *variance, const double *gamma, const double *beta,
-               double eps) {
-    acc *hi = reinterpret_cast<acc *>(buffer_.data());
-    acc *lo = hi + length_, *scale = hi + 2 * length_, *bias = hi + 3 * length_;
+  static constexpr int32_t kMaxArrays = 6;
+
+  template <class acc, class F>
+  void fill_as(const double *mean, F &&values) {
+    acc *a = reinterpret_cast<acc *>(buffer_.data());
+    double v[kMaxArrays] = {};
     for (int64_t c = 0; c < channels_; ++c) {
-      hi[c] = static_cast<acc>(mean[c]);
-      lo[c] = static_cast<acc>(mean[c] - static_cast<double>(hi[c]));
-      scale[c] = static_cast<acc>((gamma ? gamma[c] : 1.0) / std::sqrt(variance[c] + eps));
-      bias[c] = static_cast<acc>(beta ? beta[c] : 0.0);
+      const acc hi = static_cast<acc>(mean[c]);
+      v[0] = hi;
+      v[1] = mean[c] - static_cast<double>(hi);
+      values(c, v);
+      for (int32_t i = 0; i < arrays_; ++i) a[i * length_ + c] = static_cast<acc>(v[i]);
     }
-    for (int64_t i = channels_; i < length_; ++i) {
-      hi[i] = hi[i % channels_];
-      lo[i] = lo[i % channels_];
-      scale[i] = scale[i % channels_];
-      bias[i] = bias[i % channels_];
-    }
+    for (int32_t i = 0; i < arrays_; ++i)
+      for (int64_t k = channels_; k < length_; ++k) a[i * length_ + k] = a[i * length_ + k % channels_];
   }
 
   bool wide_ = false;
+  int32_t arrays_ = 0;
   int64_t channels_ = 0, length_ = 0;
   std::vector<double> buffer_;
 };
 
+// y = ((x - mean_hi) - mean_lo) * scale + bias; scale = gamma / sqrt(var + eps).
+class affine_state {
+ public:
+  bool allocate(const plan &p) { return params_.allocate(p, 4); }
+
+  void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
+            double eps) {
+    params_.fill(mean, [&](int64_t c, double *v) {
+      v[2] = (gamma ? gamma[c] : 1.0) / std::sqrt(variance[c] + eps);
+      v[3] = beta ? beta[c] : 0.0;
+    });
+  }
+
+  affine_params params() const {
+    return affine_params{params_.array(0), params_.array(1), params_.array(2), params_.array(3)};
+  }
+
+ private:
+  channel_params params_;
+};
+
+// Backward through y = x̂·gamma + beta, x̂ = (x − mean)·s, s = 1/sqrt(var + eps),
+// with used positions w (the mask) and N = Σw per channel. Through the batch
+// statistics (training):
+//   dx = gamma·s·(dy − (w/N)·(Σdy + x̂·Σdy·x̂))     (sums over every position)
+// and dx = gamma·s·dy with fixed statistics (inference).
+class backward_state {
+ public:
+  bool allocate(const plan &p, int32_t threads) {
+    channels_ = p.channels;
+    if (!params_.allocate(p, 6)) return false;
+    length_ = params_.length();
+    try {
+      sums_.assign(static_cast<size_t>(3 * length_ * threads), 0.0);
+    } catch (const std::bad_alloc &) {
+      return false;
+    }
+    return true;
+  }
+
+  void fill_xhat(const double *mean, const double *variance, double eps) {
+    params_.fill(mean, [&](int64_t c, double *v) {
+      v[2] = 1.0 / std::sqrt(variance[c] + eps);
+      v[3] = v[4] = v[5] = 0.0;
+    });
+  }
+
+  // count/sum_dy/sum_dy_xhat are the statistics' totals (null: fixed statistics).
+  void fill_dx(const double *mean, const double *variance, const double *gamma, double eps,
+               const double *count, const double *sum_dy, const double *sum_dy_xhat) {
+    params_.fill(mean, [&](int64_t c, double *v) {
+      const double s = 1.0 / std::sqrt(variance[c] + eps), gs = (gamma ? gamma[c] : 1.0) * s;
+      const bool through_stats = count && count[c] > 0;
+      v[2] = s;
+      v[3] = gs;
+      v[4] = through_stats ? -gs * s * sum_dy_xhat[c] / count[c] : 0.0;
+      v[5] = through_stats ? -gs * sum_dy[c] / count[c] : 0.0;
+    });
+  }
+
+  backward_params params() const {
+    return backward_params{params_.array(0), params_.array(1), params_.array(2),
+                           params_.array(3), params_.array(4), params_.array(5)};
+  }
+
+  backward_scratch thread(int32_t t) {
+    double *base = sums_.data() + 3 * length_ * t;
+    return backward_scratch{base, base + length_, base + 2 * length_};
+  }
+
+  // Totals over the team in thread order; entries k and k + C of a folded plan
+  // are the same channel. An unmasked call counts elements / C per channel.
+  void finish(int32_t team, const plan &p, double *count, double *sum_dy, double *sum_dy_xhat) {
+    std::fill(sum_dy, sum_dy + channels_, 0.0);
+    std::fill(sum_dy_xhat, sum_dy_xhat + channels_, 0.0);
+    std::fill(count, count + channels_, 0.0);
+    for (int32_t t = 0; t < team; ++t) {
+      const backward_scratch s = thread(t);
+      for (int64_t k = 0; k < length_; ++k) {
+        sum_dy[k % channels_] += s.sum_dy[k];
+        sum_dy_xhat[k % channels_] += s.sum_dy_xhat[k];
+        count[k % channels_] += s.count[k];
+      }
+    }
+    if (!p.mask && !p.empty) {
+      const double per_channel = static_cast<double>(p.lines * p.inner.n / channels_);
+      std::fill(count, count + channels_, per_channel);
+    }
+  }
+
+ private:
+  int64_t channels_ = 0, length_ = 0;
+  channel_params params_;
+  std::vector<double> sums_;
+};
+
 bn_status out_of_memory() { return fail(BN_ERR_ALLOC, "out of memory for per-thread scratch"); }
+
+// The backward passes: the local sums (Σdy, Σdy·x̂, used count), then dx from
+// the totals — in one team when both run, like the training forward.
+struct backward_call {
+  const bn_tensor *dy, *x, *dx, *mask;
+  const int32_t *axes;
+  int32_t n_axes;
+  const double *mean, *variance, *gamma;
+  double epsilon;
+  bool training;
+  bool sums, apply;                       // which passes run
+  double *count, *sum_dy, *sum_dy_xhat;   // out of the sums pass, else into apply
+
+  bn_status run() const {
+    if (bn_status st = check_tensor(x, "x", false)) return st;
+    if (bn_status st = check_like_x(*x, dy, "dy", false)) return st;
+    if (apply)
+      if (bn_status st = check_like_x(*x, dx, "dx", false)) return st;
+    bool is_channel[BN_MAX_RANK];
+    if (bn_status st = check_axes(axes, n_axes, x->rank, is_channel)) return st;
+    if (mask)
+      if (bn_status st = check_like_x(*x, mask, "mask", true)) return st;
+    if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance is NULL");
+    if (bn_status st = check_epsilon(epsilon)) return st;
+    if (!count || !sum_dy || !sum_dy_xhat)
+      return fail(BN_ERR_NULL, "count, sum_dy or sum_dy_xhat is NULL");
+    plan p;
+    make_plan(*x, apply ? dx : nullptr, mask, dy, is_channel, p);
+    const int32_t threads = schedule(p);
+    backward_state state;
+    if (!state.allocate(p, sums ? threads : 0)) return out_of_memory();
+    if (sums && p.empty) state.finish(0, p, count, sum_dy, sum_dy_xhat);
+    if (p.empty) return BN_OK;
+    const bool through_stats = training;
+    if (sums) state.fill_xhat(mean, variance, epsilon);
+    else state.fill_dx(mean, variance, gamma, epsilon, through_stats ? count : nullptr, sum_dy, sum_dy_xhat);
+    const backward_params params = state.params();
+    const kernel_table &k = kernels();
+    run_team(threads, [&](int32_t t, int32_t team) {
+      int64_t b, e;
+      item_range(p, t, team, b, e);
+      if (sums) {
+        k.backward_sums(p, b, e, params, state.thread(t));
+        BN_OMP(omp barrier)
+        BN_OMP(omp single)
+        {
+          state.finish(team, p, count, sum_dy, sum_dy_xhat);
+          if (apply)
+            state.fill_dx(mean, variance, gamma, epsilon, through_stats ? count : nullptr, sum_dy,
+                          sum_dy_xhat);
+        }
+      }
+      if (apply) k.backward_apply(p, b, e, params);
+    });
+    return BN_OK;
+  }
+};
 
 }  // namespace
 }  // namespace bn_core
@@ -406,7 +578,7 @@ bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, co
     if (bn_status st = check_like_x(*x, mask, "mask", true)) return st;
   if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance output is NULL");
   plan p;
-  make_plan(*x, nullptr, mask, is_channel, p);
+  make_plan(*x, nullptr, mask, nullptr, is_channel, p);
   const int32_t threads = schedule(p);
   moments_state state;
   if (!state.allocate(p, threads)) return out_of_memory();
@@ -434,7 +606,7 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
   if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance is NULL");
   if (bn_status st = check_epsilon(epsilon)) return st;
   plan p;
-  make_plan(*x, y, nullptr, is_channel, p);
+  make_plan(*x, y, nullptr, nullptr, is_channel, p);
   if (p.empty) return BN_OK;
   const int32_t threads = schedule(p);
   affine_state affine;
@@ -462,7 +634,7 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
   if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance output is NULL");
   if (bn_status st = check_epsilon(epsilon)) return st;
   plan p;
-  make_plan(*x, y, mask, is_channel, p);
+  make_plan(*x, y, mask, nullptr, is_channel, p);
   const int32_t threads = schedule(p);
   moments_state state;
   affine_state affine;
@@ -487,6 +659,73 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     }
     k.normalize(p, b, e, params);
   });
+  return BN_OK;
+}
+
+bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                      const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                      const double *mean, const double *variance, const double *gamma,
+                      double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat) {
+  // The sums are needed for dx in training; scratch when the caller skips them.
+  std::vector<double> scratch;
+  int64_t channels = 0;
+  if (bn_status st = channel_count(x, axes, n_axes, channels)) return st;
+  try {
+    scratch.assign(static_cast<size_t>(3 * channels), 0.0);
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
+  double *count = scratch.data();
+  if (!sum_dy) sum_dy = count + channels;
+  if (!sum_dy_xhat) sum_dy_xhat = count + 2 * channels;
+  return backward_call{dy, x, dx, mask, axes, n_axes, mean, variance, gamma, epsilon,
+                       training != 0, true, true, count, sum_dy, sum_dy_xhat}.run();
+}
+
+bn_status bn_backward_sums(const bn_tensor *dy, const bn_tensor *x, const int32_t *axes,
+                           int32_t n_axes, const bn_tensor *mask, const double *mean,
+                           const double *variance, double epsilon, double *count, double *sum_dy,
+                           double *sum_dy_xhat) {
+  return backward_call{dy, x, nullptr, mask, axes, n_axes, mean, variance, nullptr, epsilon,
+                       true, true, false, count, sum_dy, sum_dy_xhat}.run();
+}
+
+bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                            const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                            const double *mean, const double *variance, const double *gamma,
+                            double epsilon, const double *count, const double *sum_dy,
+                            const double *sum_dy_xhat) {
+  return backward_call{dy, x, dx, mask, axes, n_axes, mean, variance, gamma, epsilon, true,
+                       false, true, const_cast<double *>(count), const_cast<double *>(sum_dy),
+                       const_cast<double *>(sum_dy_xhat)}.run();
+}
+
+bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
+                             const bn_tensor *mask, const double *shift, double *partial) {
+  if (!partial) return fail(BN_ERR_NULL, "partial is NULL");
+  int64_t channels = 0;
+  if (bn_status st = channel_count(x, axes, n_axes, channels)) return st;
+  double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
+  // s1/s2 hold mean and variance until they are turned into shifted sums.
+  if (bn_status st = bn_moments(x, axes, n_axes, mask, s1, s2, count)) return st;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double n = count[c], d = s1[c] - (shift ? shift[c] : 0.0);
+    s1[c] = n * d;
+    s2[c] = n * s2[c] + n * d * d;
+  }
+  return BN_OK;
+}
+
+bn_status bn_moments_finalize(int64_t channels, const double *partial, const double *shift,
+                              double *mean, double *variance) {
+  if (!partial || !mean || !variance) return fail(BN_ERR_NULL, "partial, mean or variance is NULL");
+  if (channels < 0) return fail(BN_ERR_SHAPE, "channels is " + std::to_string(channels) + "; expected >= 0");
+  const double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double n = count[c];
+    mean[c] = n > 0 ? (shift ? shift[c] : 0.0) + s1[c] / n : 0.0;
+    variance[c] = n > 0 ? std::max(s2[c] - s1[c] * s1[c] / n, 0.0) / n : 0.0;
+  }
   return BN_OK;
 }
 

@@ -90,20 +90,17 @@ template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 // ---- walking the lines of a plan -----------------------------------------------
 
 // Odometer over the outer dims: byte offsets of the current line's first
-// element in x, y and the mask, and its channel index.
+// element in x, y, the mask and dy, and its channel index.
 struct line_cursor {
   int64_t idx[BN_MAX_RANK];
-  int64_t x_off, y_off, m_off, p_off;
+  int64_t x_off, y_off, m_off, p_off, d_off;
 
-  line_cursor(const plan &p, int64_t line) : x_off(0), y_off(0), m_off(0), p_off(p.p_base) {
+  line_cursor(const plan &p, int64_t line) : x_off(0), y_off(0), m_off(0), p_off(p.p_base), d_off(0) {
     for (int32_t d = p.n_outer - 1; d >= 0; --d) {
       const loop_dim &dim = p.outer[d];
       idx[d] = line % dim.n;
       line /= dim.n;
-      x_off += idx[d] * dim.x_stride;
-      y_off += idx[d] * dim.y_stride;
-      m_off += idx[d] * dim.m_stride;
-      p_off += idx[d] * dim.p_stride;
+      advance(dim, idx[d]);
     }
   }
 
@@ -111,23 +108,25 @@ struct line_cursor {
   // outer dim (only the last step may carry).
   void skip(const plan &p, int64_t count) {
     const int32_t d = p.n_outer - 1;
-    const loop_dim &dim = p.outer[d];
-    const int64_t k = count - 1;
-    idx[d] += k;
-    x_off += k * dim.x_stride; y_off += k * dim.y_stride;
-    m_off += k * dim.m_stride; p_off += k * dim.p_stride;
+    idx[d] += count - 1;
+    advance(p.outer[d], count - 1);
     next(p);
   }
 
   void next(const plan &p) {
     for (int32_t d = p.n_outer - 1; d >= 0; --d) {
       const loop_dim &dim = p.outer[d];
-      x_off += dim.x_stride; y_off += dim.y_stride; m_off += dim.m_stride; p_off += dim.p_stride;
+      advance(dim, 1);
       if (++idx[d] < dim.n) return;
       idx[d] = 0;
-      x_off -= dim.n * dim.x_stride; y_off -= dim.n * dim.y_stride;
-      m_off -= dim.n * dim.m_stride; p_off -= dim.n * dim.p_stride;
+      advance(dim, -dim.n);
     }
+  }
+
+ private:
+  void advance(const loop_dim &dim, int64_t k) {
+    x_off += k * dim.x_stride; y_off += k * dim.y_stride; m_off += k * dim.m_stride;
+    p_off += k * dim.p_stride; d_off += k * dim.d_stride;
   }
 };
 
@@ -576,6 +575,186 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   });
 }
 
+// ---- backward --------------------------------------------------------------------
+
+// The operands of one line segment.
+struct grad_segment {
+  const char *x;
+  const char *dy;
+  char *dx;            // null for the sums pass
+  const uint8_t *m;    // null when unmasked
+  int64_t c0;          // first channel (parameter index)
+  int64_t len;
+};
+
+inline grad_segment grad_segment_at(const plan &p, const line_cursor &cur, segment seg) {
+  const loop_dim &in = p.inner;
+  return grad_segment{p.x + cur.x_off + seg.begin * in.x_stride,
+                      p.dy + cur.d_off + seg.begin * in.d_stride,
+                      p.y ? p.y + cur.y_off + seg.begin * in.y_stride : nullptr,
+                      p.mask ? p.mask + cur.m_off + seg.begin * in.m_stride : nullptr,
+                      cur.p_off + (p.inner_is_channel ? seg.begin * in.p_stride : 0), seg.len};
+}
+
+// Calls f(segment) over [item_begin, item_end); a folded line is handed over
+// one super row at a time with c0 = 0, so parameter index j is its position.
+template <class F>
+void for_each_grad_segment(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
+  const loop_dim &in = p.inner;
+  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+    grad_segment g = grad_segment_at(p, cur, seg);
+    if (!p.period) {
+      f(g);
+      return;
+    }
+    for (int64_t k = 0; k < seg.len; k += p.fold_len) {
+      f(grad_segment{g.x + k * in.x_stride, g.dy + k * in.d_stride,
+                     g.dx ? g.dx + k * in.y_stride : nullptr, g.m ? g.m + k * in.m_stride : nullptr,
+                     0, min_of(p.fold_len, seg.len - k)});
+    }
+  });
+}
+
+// Σdy and Σdy·x̂ of one channel's contiguous unmasked run, in blocks of
+// compute-type vector partial sums folded into float64 (as plane moments).
+template <class E>
+void plane_grad_sums_contiguous(const char *x, const char *dy, int64_t len, typename E::acc mh,
+                                typename E::acc ml, typename E::acc invstd, double &sum_dy,
+                                double &sum_dy_xhat) {
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes, block = plane_block<E>();
+  int64_t i = 0;
+  for (; i + 2 * W <= len;) {
+    const int64_t end = min_of(len, i + block) - 2 * W;
+    vec a0 = {}, a1 = {}, b0 = {}, b1 = {};
+    for (; i <= end; i += 2 * W) {
+      const vec d0 = E::load_vec(dy + i * E::size), d1 = E::load_vec(dy + (i + W) * E::size);
+      const vec h0 = ((E::load_vec(x + i * E::size) - mh) - ml) * invstd;
+      const vec h1 = ((E::load_vec(x + (i + W) * E::size) - mh) - ml) * invstd;
+      a0 += d0; b0 += d0 * h0;
+      a1 += d1; b1 += d1 * h1;
+    }
+    for (int64_t l = 0; l < W; ++l) {
+      sum_dy += static_cast<double>(a0[l]) + static_cast<double>(a1[l]);
+      sum_dy_xhat += static_cast<double>(b0[l]) + static_cast<double>(b1[l]);
+    }
+  }
+  for (; i < len; ++i) {
+    const double d = E::load(dy + i * E::size);
+    sum_dy += d;
+    sum_dy_xhat += d * static_cast<double>(((E::load(x + i * E::size) - mh) - ml) * invstd);
+  }
+}
+
+template <class E, bool Contig, bool Masked>
+void grad_sums_segment(const plan &p, const grad_segment &g, const backward_params &b,
+                       const backward_scratch &s) {
+  using acc = typename E::acc;
+  const acc *mean_hi = static_cast<const acc *>(b.mean_hi);
+  const acc *mean_lo = static_cast<const acc *>(b.mean_lo);
+  const acc *invstd = static_cast<const acc *>(b.invstd);
+  const int64_t xs = Contig ? E::size : p.inner.x_stride;
+  const int64_t ds = Contig ? E::size : p.inner.d_stride;
+  const int64_t ms = p.inner.m_stride;
+  auto used = [&](int64_t i) { return Masked ? double(g.m[i * ms] != 0) : 1.0; };
+  if (!p.inner_is_channel) {
+    const int64_t c = g.c0;
+    if (Contig && !Masked) {
+      plane_grad_sums_contiguous<E>(g.x, g.dy, g.len, mean_hi[c], mean_lo[c], invstd[c],
+                                    s.sum_dy[c], s.sum_dy_xhat[c]);
+      return;
+    }
+    double a = 0, h = 0, n = 0;
+    for (int64_t i = 0; i < g.len; ++i) {
+      const double d = E::load(g.dy + i * ds);
+      a += d;
+      h += d * static_cast<double>(((E::load(g.x + i * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c]);
+      if (Masked) n += used(i);
+    }
+    s.sum_dy[c] += a;
+    s.sum_dy_xhat[c] += h;
+    if (Masked) s.count[c] += n;
+    return;
+  }
+  const int64_t ps = Contig ? 1 : p.inner.p_stride;
+  for (int64_t j = 0; j < g.len; ++j) {
+    const int64_t c = g.c0 + j * ps;
+    const acc d = E::load(g.dy + j * ds);
+    const acc h = ((E::load(g.x + j * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c];
+    s.sum_dy[c] += static_cast<double>(d);
+    s.sum_dy_xhat[c] += static_cast<double>(d) * static_cast<double>(h);
+    if (Masked) s.count[c] += used(j);
+  }
+}
+
+template <class E, bool Contig, bool Masked>
+void grad_apply_segment(const plan &p, const grad_segment &g, const backward_params &b) {
+  using acc = typename E::acc;
+  const acc *mean_hi = static_cast<const acc *>(b.mean_hi);
+  const acc *mean_lo = static_cast<const acc *>(b.mean_lo);
+  const acc *dy_scale = static_cast<const acc *>(b.dy_scale);
+  const acc *xc_scale = static_cast<const acc *>(b.xc_scale);
+  const acc *shift = static_cast<const acc *>(b.shift);
+  const int64_t xs = Contig ? E::size : p.inner.x_stride;
+  const int64_t ds = Contig ? E::size : p.inner.d_stride;
+  const int64_t ys = Contig ? E::size : p.inner.y_stride;
+  const int64_t ms = p.inner.m_stride;
+  auto used = [&](int64_t i) { return Masked ? acc(g.m[i * ms] != 0) : acc(1); };
+  if (!p.inner_is_channel) {
+    const int64_t c = g.c0;
+    const acc mh = mean_hi[c], ml = mean_lo[c], a = dy_scale[c], xc = xc_scale[c], sh = shift[c];
+    for (int64_t i = 0; i < g.len; ++i) {
+      const acc centred = (E::load(g.x + i * xs) - mh) - ml;
+      E::store(g.dx + i * ys, a * E::load(g.dy + i * ds) + used(i) * (xc * centred + sh));
+    }
+    return;
+  }
+  const int64_t ps = Contig ? 1 : p.inner.p_stride;
+  for (int64_t j = 0; j < g.len; ++j) {
+    const int64_t c = g.c0 + j * ps;
+    const acc centred = (E::load(g.x + j * xs) - mean_hi[c]) - mean_lo[c];
+    E::store(g.dx + j * ys, dy_scale[c] * E::load(g.dy + j * ds) + used(j) * (xc_scale[c] * centred + shift[c]));
+  }
+}
+
+// Contig: x, dy (and dx) unit-stride, and unit channel stride for rows x C.
+template <class E>
+bool grad_contiguous(const plan &p) {
+  const loop_dim &in = p.inner;
+  return in.x_stride == E::size && in.d_stride == E::size &&
+         (!p.y || in.y_stride == E::size) && (!p.inner_is_channel || in.p_stride == 1);
+}
+
+template <class E>
+void backward_sums_items(const plan &p, int64_t item_begin, int64_t item_end,
+                         const backward_params &b, const backward_scratch &s) {
+  const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
+  for_each_grad_segment(p, item_begin, item_end, [&](const grad_segment &g) {
+    if (masked) {
+      if (contig) grad_sums_segment<E, true, true>(p, g, b, s);
+      else grad_sums_segment<E, false, true>(p, g, b, s);
+    } else {
+      if (contig) grad_sums_segment<E, true, false>(p, g, b, s);
+      else grad_sums_segment<E, false, false>(p, g, b, s);
+    }
+  });
+}
+
+template <class E>
+void backward_apply_items(const plan &p, int64_t item_begin, int64_t item_end,
+                          const backward_params &b) {
+  const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
+  for_each_grad_segment(p, item_begin, item_end, [&](const grad_segment &g) {
+    if (masked) {
+      if (contig) grad_apply_segment<E, true, true>(p, g, b);
+      else grad_apply_segment<E, false, true>(p, g, b);
+    } else {
+      if (contig) grad_apply_segment<E, true, false>(p, g, b);
+      else grad_apply_segment<E, false, false>(p, g, b);
+    }
+  });
+}
+
 // ---- dtype dispatch -----------------------------------------------------------
 
 template <template <class> class K, class... Args>
@@ -600,6 +779,18 @@ template <class E> struct normalize_kernel {
   }
 };
 
+template <class E> struct backward_sums_kernel {
+  static void run(const plan &p, int64_t b, int64_t e, const backward_params &bp,
+                  const backward_scratch &s) {
+    backward_sums_items<E>(p, b, e, bp, s);
+  }
+};
+template <class E> struct backward_apply_kernel {
+  static void run(const plan &p, int64_t b, int64_t e, const backward_params &bp) {
+    backward_apply_items<E>(p, b, e, bp);
+  }
+};
+
 void moments_entry(const plan &p, int64_t b, int64_t e, const moments_scratch &s) {
   by_dtype<moments_kernel>(p.dtype, p, b, e, s);
 }
@@ -607,10 +798,19 @@ void normalize_entry(const plan &p, int64_t b, int64_t e, const affine_params &a
   by_dtype<normalize_kernel>(p.dtype, p, b, e, a);
 }
 
+void backward_sums_entry(const plan &p, int64_t b, int64_t e, const backward_params &bp,
+                         const backward_scratch &s) {
+  by_dtype<backward_sums_kernel>(p.dtype, p, b, e, bp, s);
+}
+void backward_apply_entry(const plan &p, int64_t b, int64_t e, const backward_params &bp) {
+  by_dtype<backward_apply_kernel>(p.dtype, p, b, e, bp);
+}
+
 }  // namespace
 
 extern const kernel_table table;
-const kernel_table table = {BN_ISA_NAME, moments_entry, normalize_entry};
+const kernel_table table = {BN_ISA_NAME, moments_entry, normalize_entry, backward_sums_entry,
+                            backward_apply_entry};
 
 }  // namespace BN_ISA_NS
 }  // namespace bn_core

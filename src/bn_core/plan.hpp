@@ -14,20 +14,22 @@
 
 namespace bn_core {
 
-// One loop dimension. x/y/mask strides are in bytes; the parameter stride is
-// in channel-index units (0 for a reduced dimension).
+// One loop dimension. x/y/mask/dy strides are in bytes; the parameter stride
+// is in channel-index units (0 for a reduced dimension).
 struct loop_dim {
   int64_t n;
   int64_t x_stride;
   int64_t y_stride;
   int64_t m_stride;
   int64_t p_stride;
+  int64_t d_stride;
 };
 
 struct plan {
   bn_dtype dtype;
   const char *x;
-  char *y;               // null for moments-only calls
+  char *y;               // null for moments-only calls; dx in backward calls
+  const char *dy;        // backward only: the incoming gradient
   const uint8_t *mask;   // null when no mask
   int64_t p_base;        // channel index of the first element (after stride flips)
   int32_t n_outer;
@@ -77,10 +79,36 @@ struct affine_params {
   const void *bias;
 };
 
+// Backward, with x̂ = ((x − mean_hi) − mean_lo)·invstd per channel:
+//   sums:  Σdy, Σdy·x̂ over every position, and the used count (masked calls);
+//   apply: dx = dy_scale·dy + used·(xc_scale·((x − mean_hi) − mean_lo) + shift).
+// Arrays are in the compute type, per channel (replicated like affine_params
+// for a folded plan).
+struct backward_params {
+  const void *mean_hi;
+  const void *mean_lo;
+  const void *invstd;
+  const void *dy_scale;
+  const void *xc_scale;
+  const void *shift;
+};
+
+// Per-thread float64 sums, indexed like the parameters (a folded plan's
+// entries k and k + period belong to the same channel).
+struct backward_scratch {
+  double *count;  // masked calls only
+  double *sum_dy;
+  double *sum_dy_xhat;
+};
+
 struct kernel_table {
   const char *name;
   void (*moments)(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s);
   void (*normalize)(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
+  void (*backward_sums)(const plan &p, int64_t item_begin, int64_t item_end,
+                        const backward_params &b, const backward_scratch &s);
+  void (*backward_apply)(const plan &p, int64_t item_begin, int64_t item_end,
+                         const backward_params &b);
 };
 
 namespace scalar { extern const kernel_table table; }

@@ -87,6 +87,49 @@ BN_API bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const 
                                   const double *beta, double epsilon, double *mean,
                                   double *variance);
 
+/* Backward of y = (x - mean) / sqrt(variance + epsilon) * gamma + beta, per
+ * channel (gamma may be NULL: 1). With x̂ = (x - mean) / sqrt(variance + epsilon):
+ * - training != 0: through the batch statistics, which must be the (masked)
+ *   moments of x that the forward used; with used positions w (the mask) and
+ *   N = Σw per channel, dx = gamma / sqrt(variance + epsilon) *
+ *   (dy - w / N * (Σdy + x̂ * Σdy·x̂)), the sums over every position;
+ * - training == 0: fixed statistics, dx = gamma / sqrt(variance + epsilon) * dy.
+ * sum_dy and sum_dy_xhat (C values each, may be NULL) receive Σdy (= dbeta) and
+ * Σdy·x̂ (= dgamma) over every position. dy and dx have x's dtype and shape;
+ * dx may be dy (in place) but must not partially overlap it or x. */
+BN_API bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                             const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                             const double *mean, const double *variance, const double *gamma,
+                             double epsilon, int32_t training, double *sum_dy,
+                             double *sum_dy_xhat);
+
+/* Distributed training: the statistics' phases around the caller's sum over
+ * ranks (shared/spec/distributed.md). The core itself never communicates.
+ *
+ * Forward, phase 1: this rank's 3*C-value buffer, laid out as C counts n,
+ * then C values n*(mean - K), then C values M2 + n*(mean - K)^2, with the
+ * rank-local masked moments (as bn_moments) and a shift K every rank shares
+ * (C values, e.g. the moving mean; NULL means 0). */
+BN_API bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
+                                    const bn_tensor *mask, const double *shift, double *partial);
+/* Forward, phase 2: mean and biased variance (C values each) from the buffer
+ * summed over ranks (Chan's merge, exact for any counts; 0 and 0 where N = 0). */
+BN_API bn_status bn_moments_finalize(int64_t channels, const double *partial,
+                                     const double *shift, double *mean, double *variance);
+/* Backward, phase 1: this rank's used count, Σdy and Σdy·x̂ per channel (C
+ * values each) for the global statistics mean/variance. */
+BN_API bn_status bn_backward_sums(const bn_tensor *dy, const bn_tensor *x, const int32_t *axes,
+                                  int32_t n_axes, const bn_tensor *mask, const double *mean,
+                                  const double *variance, double epsilon, double *count,
+                                  double *sum_dy, double *sum_dy_xhat);
+/* Backward, phase 2: dx as bn_backward with training != 0, from the phase-1
+ * values summed over ranks. */
+BN_API bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                                   const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                                   const double *mean, const double *variance,
+                                   const double *gamma, double epsilon, const double *count,
+                                   const double *sum_dy, const double *sum_dy_xhat);
+
 /* Number of threads used by later calls; n <= 0 restores the default
  * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). */
 BN_API bn_status bn_set_num_threads(int32_t n);
