@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,23 @@ _CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 # Base-layer keys Keras and tf.keras may write that carry no state of this layer
 # (shape hints for the input layer of a Sequential model).
 _SHAPE_HINT_KEYS = ("batch_input_shape", "batch_shape", "input_shape", "input_dim")
+
+
+@dataclass(frozen=True)
+class _Backprop:
+    """What a call's backward needs (R15). The forward computed, per channel,
+    ``y = x̂·dx_scale + (constant)`` with ``x̂ = (x − mean)/√(variance + ε)``, and
+    ``∂y/∂γ = x̂·gamma_xhat + gamma_one`` (renorm's r and d are constants)."""
+
+    x: np.ndarray
+    mask: np.ndarray | None
+    through_stats: bool  # batch statistics (training) or fixed ones (inference)
+    mean: np.ndarray
+    variance: np.ndarray
+    dx_scale: np.ndarray | None
+    gamma_xhat: np.ndarray | None
+    gamma_one: np.ndarray | None
+
 
 _names_lock = threading.Lock()
 _name_counts: dict[str, int] = {}
@@ -215,6 +233,9 @@ class BatchNormalization:
         self._channel_shape: tuple[int, ...] = ()
         # Guards the weights: snapshots for a call, commits of updates, build.
         self._lock = threading.RLock()
+        self._backprop: _Backprop | None = None
+        #: Gradients of the last :meth:`backward`, aligned with :attr:`trainable_weights`.
+        self.gradients: list[np.ndarray] = []
 
     # ------------------------------------------------------------------ dtypes (R7)
 
@@ -254,9 +275,12 @@ class BatchNormalization:
 
     @property
     def trainable_weights(self) -> list[np.ndarray]:
+        return [w for _, w in self._trainable_items()]
+
+    def _trainable_items(self) -> list[tuple[str, np.ndarray]]:
         if not self._trainable:
             return []
-        return [w for name, w in self._weights.items() if name in _TRAINABLE]
+        return [(name, w) for name, w in self._weights.items() if name in _TRAINABLE]
 
     @property
     def non_trainable_weights(self) -> list[np.ndarray]:
@@ -428,10 +452,52 @@ class BatchNormalization:
         y = np.empty_like(x)
         if training and self._trainable:
             self._check_training_supported()
-            self._forward_training(x, y, mask_array)
+            self._backprop = self._forward_training(x, y, mask_array)
         else:
-            self._forward_inference(x, y)
+            self._backprop = self._forward_inference(x, y)
         return y
+
+    def backward(self, dy: ArrayLike) -> np.ndarray:
+        """Gradient with respect to the input of the last call, for the output
+        gradient ``dy`` (R15); also sets :attr:`gradients` (dγ, dβ as present in
+        :attr:`trainable_weights`, in the weights' dtype).
+
+        After a training call the derivative goes through the batch statistics
+        (with a mask, the masked ones; masked positions still depend on them);
+        after an inference call the moving statistics are constants. The input
+        of that call is kept by reference: do not modify it before ``backward``.
+        Returns ``dx`` in the output's dtype.
+        """
+        record = self._backprop
+        if record is None:
+            raise ValueError(
+                f"layer {self.name!r} has no call to differentiate: call it on an input "
+                "before backward"
+            )
+        x = record.x
+        grad = as_array(dy, "dy")
+        if grad.shape != x.shape:
+            raise ValueError(
+                f"dy has shape {grad.shape}; expected the shape of the last call's output "
+                f"{x.shape}"
+            )
+        if grad.dtype != x.dtype:
+            grad = grad.astype(x.dtype)
+        dx = np.empty_like(x)
+        sum_dy, sum_dy_xhat = _core.backward(
+            grad, x, dx, self._axes, record.mask, record.mean, record.variance,
+            record.dx_scale, self.epsilon, record.through_stats,
+        )
+        dgamma = sum_dy_xhat
+        if record.gamma_xhat is not None:
+            dgamma = record.gamma_xhat * sum_dy_xhat + record.gamma_one * sum_dy
+        per_weight = {"gamma": dgamma, "beta": sum_dy}
+        dtype = self._policy.variable_dtype
+        self.gradients = [
+            per_weight[name].astype(dtype).reshape(self._channel_shape)
+            for name, _ in self._trainable_items()
+        ]
+        return dx
 
     def _check_training_supported(self) -> None:
         """Ghost batches (R12), adjustment (R13) and synchronized statistics (R14)
@@ -460,7 +526,7 @@ class BatchNormalization:
         compute = self._policy.compute_dtype
         return x if x.dtype == compute else x.astype(compute)
 
-    def _forward_inference(self, x: np.ndarray, y: np.ndarray) -> None:
+    def _forward_inference(self, x: np.ndarray, y: np.ndarray) -> _Backprop:
         p = self._snapshot(("moving_mean", "moving_variance", "gamma", "beta"))
         _core.normalize(
             x,
@@ -472,30 +538,38 @@ class BatchNormalization:
             p["beta"],
             self.epsilon,
         )
+        return _Backprop(x, None, False, p["moving_mean"], p["moving_variance"], p["gamma"],
+                         None, None)
 
-    def _forward_training(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> None:
+    def _forward_training(
+        self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
+    ) -> _Backprop:
         p = self._snapshot(("gamma", "beta", "renorm_mean", "renorm_stddev"))
         if self.renorm:
             # The affine depends on the batch statistics: moments first, then one
             # normalize pass with the composed scale/shift.
             mean, variance, _ = _core.moments(x, self._axes, mask)
-            scale, shift = self._training_affine(mean, variance, p)
+            r, d = self._renorm_correction(mean, variance, p)
+            scale, shift = self._training_affine(r, d, p)
             _core.normalize(x, y, self._axes, mean, variance, scale, shift, self.epsilon)
+            backprop = _Backprop(x, mask, True, mean, variance, scale, r, d)
         else:
             mean, variance = _core.train_forward(
                 x, y, self._axes, mask, p["gamma"], p["beta"], self.epsilon
             )
+            backprop = _Backprop(x, mask, True, mean, variance, p["gamma"], None, None)
         self._commit_moving_update(mean, variance)
+        return backprop
 
+    @staticmethod
     def _training_affine(
-        self, mean: np.ndarray, variance: np.ndarray, p: Mapping[str, np.ndarray | None]
+        r: np.ndarray, d: np.ndarray, p: Mapping[str, np.ndarray | None]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``(scale, shift)`` with ``y = x̂·scale + shift`` for the
         normalized input ``x̂`` in a training call whose affine depends on the batch:
         renorm's ``(x̂·r + d)·γ + β`` (R11). Batch-dependent corrections compose here."""
-        gamma = np.ones_like(mean) if p["gamma"] is None else p["gamma"]
-        beta = np.zeros_like(mean) if p["beta"] is None else p["beta"]
-        r, d = self._renorm_correction(mean, variance, p)
+        gamma = np.ones_like(r) if p["gamma"] is None else p["gamma"]
+        beta = np.zeros_like(r) if p["beta"] is None else p["beta"]
         return gamma * r, gamma * d + beta
 
     def _renorm_correction(
@@ -587,6 +661,7 @@ class BatchNormalization:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
+        state["_backprop"] = None  # a reference to the last input is not state
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
