@@ -248,12 +248,17 @@ class BatchNormalization:
         dtype: Any = None,
     ) -> None:
         """Arguments as ``keras.layers.BatchNormalization`` plus tf.keras 2's
-        ``fused`` (accepted, ignored: every cbn path is fused), ``virtual_batch_size``
-        and ``adjustment``, and ``allreduce`` (the callback for ``synchronized``).
+        ``fused``, ``virtual_batch_size`` and ``adjustment``, and ``allreduce`` (the
+        callback for ``synchronized``).
 
         ``axis`` is an int or a list/tuple of ints (R1.1); initializers, regularizers
         and constraints are names, Keras config dicts or callables (R1.2, R1.3);
-        ``dtype`` is None, a policy name or a Keras policy config (R7).
+        ``dtype`` is None, a policy name or a Keras policy config (R7). ``fused``
+        (None/True/False) is accepted and ignored: every cbn path is fused (R1.5).
+        ``virtual_batch_size=V`` normalizes each ghost batch of V strided samples with
+        its own statistics in training (R12). ``adjustment(shape) -> (scale, bias)``,
+        called with the input's shape in training, gives a scalar or per-channel scale
+        and bias applied to the normalized values before γ and β (R13).
         """
         self.axis = check_axis_arg(axis)
         self.momentum = real_number(momentum, "momentum")
@@ -522,7 +527,7 @@ class BatchNormalization:
         normalize_axes(self.axis, len(input_shape))
         return input_shape
 
-    # ------------------------------------------------------------------ call (R3–R8, R11)
+    # ------------------------------------------------------------------ call (R3–R8, R11–R13)
 
     def __call__(self, inputs: ArrayLike, training: bool | None = None, mask=None) -> np.ndarray:
         """Normalize ``inputs``; batch statistics iff ``training`` and ``trainable`` (R3.1).
