@@ -209,3 +209,66 @@ def test_apply_constraints_after_an_sgd_step():
         w -= 1.0 * g
     layer.apply_constraints()
     assert (layer.gamma >= 0).all()
+
+
+def test_ghost_batches_finite_differences():
+    """R12 + R15: each ghost batch {b : b mod (B/V) = g} is normalized with its own
+    statistics, and dx goes through them; dγ, dβ add up over the ghost batches."""
+    rng = np.random.default_rng(10)
+    x = rng.normal(1.0, 2.0, (8, 2, 3))
+    r = rng.normal(0.0, 1.0, x.shape)
+    gamma, beta = rng.normal(1.0, 0.2, 3), rng.normal(0.0, 0.2, 3)
+    groups = 2  # B / V
+
+    def forward(xv, g=gamma):
+        y = np.empty_like(xv)
+        for k in range(groups):
+            xg = xv[k::groups]
+            mean, var = xg.mean((0, 1)), xg.var((0, 1))
+            y[k::groups] = (xg - mean) / np.sqrt(var + EPS) * g + beta
+        return y
+
+    layer = cbn.BatchNormalization(virtual_batch_size=4, epsilon=EPS, dtype="float64")
+    layer.build(x.shape)
+    layer.gamma[...] = gamma
+    layer.beta[...] = beta
+    layer(x, training=True)
+    dx = layer.backward(r)
+    np.testing.assert_allclose(dx, numeric_grad(lambda v: (r * forward(v)).sum(), x),
+                               rtol=1e-6, atol=1e-8)
+    dgamma, dbeta = layer.gradients
+    for c in range(3):
+        e = np.zeros(3)
+        e[c] = 1e-6
+        fd = ((r * forward(x, gamma + e)).sum() - (r * forward(x, gamma - e)).sum()) / 2e-6
+        assert dgamma[c] == pytest.approx(fd, rel=1e-6)
+    np.testing.assert_allclose(dbeta, r.sum((0, 1)), rtol=1e-12)
+
+
+def test_adjustment_with_renorm_is_constant():
+    """R13 + R15: y = ((x̂·r + d)·a_scale + a_bias)·γ + β, with r, d, a_scale, a_bias
+    constants for the gradient."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(0.5, 3.0, (12, 3))
+    r_out = rng.normal(0.0, 1.0, x.shape)
+    a_scale, a_bias = np.array([0.5, 2.0, 1.5]), np.array([0.1, -0.2, 0.3])
+    layer = cbn.BatchNormalization(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.2},
+                                   adjustment=lambda shape: (a_scale, a_bias), epsilon=EPS,
+                                   dtype="float64")
+    layer.build(x.shape)
+    gamma = np.array([1.2, 0.8, -0.5])
+    layer.gamma[...] = gamma
+    r0 = np.minimum(np.sqrt(x.var(0) + EPS), 1.5)
+    d0 = np.clip(x.mean(0), -0.2, 0.2)
+
+    def forward(xv, g=gamma):
+        xhat = (xv - xv.mean(0)) / np.sqrt(xv.var(0) + EPS)
+        return ((xhat * r0 + d0) * a_scale + a_bias) * g
+
+    layer(x, training=True)
+    dx = layer.backward(r_out)
+    np.testing.assert_allclose(dx, numeric_grad(lambda v: (r_out * forward(v)).sum(), x),
+                               rtol=1e-6, atol=1e-8)
+    xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + EPS)
+    np.testing.assert_allclose(layer.gradients[0],
+                               (r_out * ((xhat * r0 + d0) * a_scale + a_bias)).sum(0), rtol=1e-10)
