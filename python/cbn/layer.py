@@ -1,5 +1,5 @@
 """``cbn.BatchNormalization``: a Keras-compatible batch normalization layer on NumPy
-arrays, following ``shared/spec/behaviour.md`` (rules cited as R1 ... R11).
+arrays, following ``shared/spec/behaviour.md`` (rules cited as R1 ... R13).
 
 All per-channel arithmetic (statistics, renorm corrections, moving-average updates)
 is float64; weights are stored in the policy's variable dtype. The batch mean is
@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 from numpy.typing import ArrayLike
 
 from . import _core
@@ -96,6 +97,107 @@ def _ema(current: np.ndarray, batch: np.ndarray, momentum: float) -> np.ndarray:
     return current.astype(np.float64).reshape(-1) * momentum + batch * (1.0 - momentum)
 
 
+def _ghost_view(a: np.ndarray, virtual_batch_size: int) -> np.ndarray:
+    """R12's ``(V, B/V, ...)`` view of ``a`` (batch first), without a copy.
+
+    Element ``[i, g, ...]`` is sample ``i·(B/V) + g``: axis 1 indexes the ghost batch
+    ``{b : b mod (B/V) = g}`` and axis 0 its members. Any strides allow this view, unlike
+    a reshape. A size-1 batch axis (a mask broadcast over the batch) stays broadcast.
+    """
+    if a.shape[0] == 1:
+        return a[np.newaxis]
+    ghosts = a.shape[0] // virtual_batch_size
+    stride = a.strides[0]
+    return as_strided(
+        a, (virtual_batch_size, ghosts) + a.shape[1:], (stride * ghosts, stride) + a.strides[1:]
+    )
+
+
+def _training_affine(
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    r: np.ndarray,
+    d: np.ndarray,
+    adjust_scale: np.ndarray,
+    adjust_bias: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, shift)`` with ``y = x̂·scale + shift`` for R13's
+    ``y = ((x̂·r + d)·a_scale + a_bias)·γ + β``, so a training call stays one normalize
+    pass whatever corrections it composes (r = 1, d = 0 without renorm; a_scale = 1,
+    a_bias = 0 without adjustment)."""
+    return gamma * r * adjust_scale, gamma * (d * adjust_scale + adjust_bias) + beta
+
+
+def _ghost_averages(
+    mean: np.ndarray, variance: np.ndarray, ghosts: int, channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """R12: per channel, the averages over the ghost batches of their means and of their
+    variances (given per (ghost, channel)). An empty batch has no ghost batch; like a
+    channel without a used position (R8.3) its statistics are then 0."""
+
+    def average(values: np.ndarray) -> np.ndarray:
+        return values.reshape(ghosts, channels).sum(axis=0) / max(ghosts, 1)
+
+    return average(mean), average(variance)
+
+
+class _KernelView(NamedTuple):
+    """The arrays and kept axes a training call hands to the core.
+
+    With ``virtual_batch_size`` these are R12's ghost views and the kept axes are the
+    ghost axis 1 plus the channel axes shifted by one, so the core computes statistics
+    and normalizes per (ghost batch, channel); otherwise they are the call's own arrays.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray | None
+    axes: tuple[int, ...]
+    ghosts: int
+    virtual_batch_size: int | None  # the ghost view's V; None: the arrays as called
+
+
+class _ForwardRecord(NamedTuple):
+    """What one call used, i.e. what its derivative (R15) depends on: the kernel's
+    view, the statistics it normalized with (per kept index: per (ghost, channel)),
+    whether they were the batch's (training) or constants (inference), the batch's
+    per-channel statistics (ghost averages, R12; the moving updates' input) and the
+    per-channel γ and constants r, d, a_scale, a_bias of R11 and R13. All float64.
+    The view holds the call's input by reference."""
+
+    view: _KernelView
+    through_stats: bool
+    mean: np.ndarray
+    variance: np.ndarray
+    batch_mean: np.ndarray
+    batch_variance: np.ndarray
+    gamma: np.ndarray
+    r: np.ndarray
+    d: np.ndarray
+    adjust_scale: np.ndarray
+    adjust_bias: np.ndarray
+
+
+def _is_built_tf_keras2_ghost_config(config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` is a built tf.keras 2 ghost-batch layer's, whose ``axis`` is off
+    by one: tf.keras 2 shifts its axes in place at build to index its ``(V, B/V, ...)``
+    view and writes them so (its own ``from_config`` then fails or picks the wrong axis).
+
+    tf.keras 2 writes ``virtual_batch_size`` only when set and never ``synchronized``,
+    which cbn and Keras 3 always write; built, its axes are a list of ints >= 2 (the
+    user's axes exclude 0). An unbuilt tf.keras 2 layer given such a list is
+    indistinguishable, and is read as built: saved models hold built layers.
+    """
+    axis = config.get("axis")
+    return (
+        config.get("virtual_batch_size") is not None
+        and "synchronized" not in config
+        and isinstance(axis, (list, tuple))
+        and len(axis) > 0
+        and all(is_integer(a) and a >= 2 for a in axis)
+    )
+
+
 def _weight_property(name: str) -> property:
     def get(self) -> np.ndarray | None:
         return self._weights.get(name)
@@ -149,12 +251,17 @@ class BatchNormalization:
         dtype: Any = None,
     ) -> None:
         """Arguments as ``keras.layers.BatchNormalization`` plus tf.keras 2's
-        ``fused`` (accepted, ignored: every cbn path is fused), ``virtual_batch_size``
-        and ``adjustment``, and ``allreduce`` (the callback for ``synchronized``).
+        ``fused``, ``virtual_batch_size`` and ``adjustment``, and ``allreduce`` (the
+        callback for ``synchronized``).
 
         ``axis`` is an int or a list/tuple of ints (R1.1); initializers, regularizers
         and constraints are names, Keras config dicts or callables (R1.2, R1.3);
-        ``dtype`` is None, a policy name or a Keras policy config (R7).
+        ``dtype`` is None, a policy name or a Keras policy config (R7). ``fused``
+        (None/True/False) is accepted and ignored: every cbn path is fused (R1.5).
+        ``virtual_batch_size=V`` normalizes each ghost batch of V strided samples with
+        its own statistics in training (R12). ``adjustment(shape) -> (scale, bias)``,
+        called with the input's shape in training, gives a scalar or per-channel scale
+        and bias applied to the normalized values before γ and β (R13).
         """
         self.axis = check_axis_arg(axis)
         self.momentum = real_number(momentum, "momentum")
@@ -180,7 +287,11 @@ class BatchNormalization:
         else:
             self.renorm_clipping = renorm_clipping
         self.renorm_momentum = real_number(renorm_momentum, "renorm_momentum")
-        self.fused = fused
+        # R1.5: every cbn path is the fused kernel, so unlike tf.keras 2 no combination
+        # of fused=True with other arguments or input ranks is refused.
+        if fused is not None and not isinstance(fused, (bool, np.bool_)):
+            raise TypeError(f"fused must be None, True or False; received {fused!r}")
+        self.fused = None if fused is None else bool(fused)
         if virtual_batch_size is not None and not (
             is_integer(virtual_batch_size) and virtual_batch_size > 0
         ):
@@ -188,6 +299,11 @@ class BatchNormalization:
                 f"virtual_batch_size must be a positive int; received {virtual_batch_size!r}"
             )
         self.virtual_batch_size = virtual_batch_size
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError(
+                "adjustment must be a callable adjustment(shape) -> (scale, bias) or None; "
+                f"received {adjustment!r}"
+            )
         self.adjustment = adjustment
         if allreduce is not None and not callable(allreduce):
             raise TypeError(f"allreduce must be a callable or None; received {allreduce!r}")
@@ -215,6 +331,9 @@ class BatchNormalization:
         self._channel_shape: tuple[int, ...] = ()
         # Guards the weights: snapshots for a call, commits of updates, build.
         self._lock = threading.RLock()
+        self._last_call: _ForwardRecord | None = None
+        #: Gradients of the last :meth:`backward`, aligned with :attr:`trainable_weights`.
+        self.gradients: list[np.ndarray] = []
 
     # ------------------------------------------------------------------ dtypes (R7)
 
@@ -254,9 +373,12 @@ class BatchNormalization:
 
     @property
     def trainable_weights(self) -> list[np.ndarray]:
+        return [w for _, w in self._trainable_items()]
+
+    def _trainable_items(self) -> list[tuple[str, np.ndarray]]:
         if not self._trainable:
             return []
-        return [w for name, w in self._weights.items() if name in _TRAINABLE]
+        return [(name, w) for name, w in self._weights.items() if name in _TRAINABLE]
 
     @property
     def non_trainable_weights(self) -> list[np.ndarray]:
@@ -394,6 +516,11 @@ class BatchNormalization:
             weights["renorm_stddev"] = stddev.copy()
         return weights
 
+    @property
+    def _channels(self) -> int:
+        """C, the number of channels of the built layer (R2.2)."""
+        return int(np.prod(self._channel_shape))
+
     def _check_input_shape(self, shape: Sequence[int | None]) -> None:
         """R2.3: the built rank and the sizes of the normalized axes."""
         expected = self._channel_shape
@@ -409,7 +536,7 @@ class BatchNormalization:
         normalize_axes(self.axis, len(input_shape))
         return input_shape
 
-    # ------------------------------------------------------------------ call (R3–R8, R11)
+    # ------------------------------------------------------------------ call (R3–R8, R11–R13)
 
     def __call__(self, inputs: ArrayLike, training: bool | None = None, mask=None) -> np.ndarray:
         """Normalize ``inputs``; batch statistics iff ``training`` and ``trainable`` (R3.1).
@@ -428,26 +555,75 @@ class BatchNormalization:
         y = np.empty_like(x)
         if training and self._trainable:
             self._check_training_supported()
-            self._forward_training(x, y, mask_array)
+            record = self._forward_training(x, y, mask_array)
+            self._commit_moving_update(record.batch_mean, record.batch_variance)
         else:
-            self._forward_inference(x, y)
+            record = self._forward_inference(x, y)
+        self._last_call = record
         return y
 
+    def backward(self, dy: ArrayLike) -> np.ndarray:
+        """Gradient with respect to the input of the last call, for the output
+        gradient ``dy`` (R15); also sets :attr:`gradients` (dγ, dβ as present in
+        :attr:`trainable_weights`, in the weights' dtype).
+
+        After a training call the derivative goes through the batch statistics
+        (with a mask, the masked ones, which masked positions still depend on; with
+        ``virtual_batch_size``, each ghost batch's); after an inference call the
+        moving statistics are constants. Renorm's r, d and the adjustment's values
+        are constants. The input of that call is kept by reference: do not modify
+        it before ``backward``. Returns ``dx`` in the output's dtype.
+        """
+        record = self._last_call
+        if record is None:
+            raise ValueError(
+                f"layer {self.name!r} has no call to differentiate: call it on an input "
+                "before backward"
+            )
+        view = record.view
+        shape = view.y.shape if view.virtual_batch_size is None else (
+            (view.y.shape[0] * view.y.shape[1],) + view.y.shape[2:])
+        grad = as_array(dy, "dy")
+        if grad.shape != shape:
+            raise ValueError(
+                f"dy has shape {grad.shape}; expected the shape of the last call's output {shape}"
+            )
+        if grad.dtype != view.x.dtype:
+            grad = grad.astype(view.x.dtype)
+        dx = np.empty(shape, view.x.dtype)
+        if view.virtual_batch_size is not None:
+            grad_k, dx_k = (_ghost_view(a, view.virtual_batch_size) for a in (grad, dx))
+        else:
+            grad_k, dx_k = grad, dx
+        gamma_r, gamma_one = record.r * record.adjust_scale, record.d * record.adjust_scale
+        sum_dy, sum_dy_xhat = _core.backward(
+            grad_k, view.x, dx_k, view.axes, view.mask, record.mean, record.variance,
+            np.tile(record.gamma * gamma_r, view.ghosts), self.epsilon, record.through_stats,
+        )
+        # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
+        per_channel = (-1, self._channels)
+        sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
+        sum_dy_xhat = sum_dy_xhat.reshape(per_channel).sum(axis=0)
+        per_weight = {
+            "gamma": gamma_r * sum_dy_xhat + (gamma_one + record.adjust_bias) * sum_dy,
+            "beta": sum_dy,
+        }
+        dtype = self._policy.variable_dtype
+        self.gradients = [
+            per_weight[name].astype(dtype).reshape(self._channel_shape)
+            for name, _ in self._trainable_items()
+        ]
+        return dx
+
     def _check_training_supported(self) -> None:
-        """Ghost batches (R12), adjustment (R13) and synchronized statistics (R14)
-        are accepted, validated and serialized, and inference ignores them; their
-        training computation is not implemented yet, so it refuses plainly rather
-        than silently computing plain batch normalization."""
-        for arg, value, active in (
-            ("virtual_batch_size", self.virtual_batch_size, self.virtual_batch_size is not None),
-            ("adjustment", self.adjustment, self.adjustment is not None),
-            ("synchronized", self.synchronized, self.synchronized),
-        ):
-            if active:
-                raise NotImplementedError(
-                    f"training with {arg}={value!r} is not implemented yet in cbn "
-                    f"{_core.version()}; inference with it works"
-                )
+        """Synchronized statistics (R14) are accepted, validated and serialized, and
+        inference ignores them; their training computation is not implemented yet, so
+        it refuses plainly rather than silently computing local batch normalization."""
+        if self.synchronized:
+            raise NotImplementedError(
+                "training with synchronized=True is not implemented yet in cbn "
+                f"{_core.version()}; inference with it works"
+            )
 
     def _autocast(self, inputs: ArrayLike) -> np.ndarray:
         """R7.1/R7.2: integers and bool read as float32, then everything cast to
@@ -460,43 +636,102 @@ class BatchNormalization:
         compute = self._policy.compute_dtype
         return x if x.dtype == compute else x.astype(compute)
 
-    def _forward_inference(self, x: np.ndarray, y: np.ndarray) -> None:
+    def _forward_inference(self, x: np.ndarray, y: np.ndarray) -> _ForwardRecord:
         p = self._snapshot(("moving_mean", "moving_variance", "gamma", "beta"))
-        _core.normalize(
-            x,
-            y,
-            self._axes,
-            p["moving_mean"],
-            p["moving_variance"],
-            p["gamma"],
-            p["beta"],
-            self.epsilon,
-        )
+        mean, variance = p["moving_mean"], p["moving_variance"]
+        _core.normalize(x, y, self._axes, mean, variance, p["gamma"], p["beta"], self.epsilon)
+        ones, zeros = np.ones(self._channels), np.zeros(self._channels)
+        gamma = ones if p["gamma"] is None else p["gamma"]
+        view = _KernelView(x, y, None, self._axes, 1, None)
+        return _ForwardRecord(view, False, mean, variance, mean, variance, gamma, ones, zeros,
+                              ones, zeros)
 
-    def _forward_training(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> None:
+    def _forward_training(
+        self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
+    ) -> _ForwardRecord:
+        """Normalize ``x`` into ``y`` with the batch statistics (R4, R6, R8, R11–R13).
+
+        Every check that can fail (ghost batch divisibility, the adjustment's values)
+        runs before the core writes ``y``; nothing is committed here.
+        """
+        view = self._kernel_view(x, y, mask)
+        adjust_scale, adjust_bias = self._adjustment_values(x.shape)
         p = self._snapshot(("gamma", "beta", "renorm_mean", "renorm_stddev"))
+        channels = self._channels
+        gamma = np.ones(channels) if p["gamma"] is None else p["gamma"]
+        beta = np.zeros(channels) if p["beta"] is None else p["beta"]
         if self.renorm:
-            # The affine depends on the batch statistics: moments first, then one
+            # r and d depend on the batch statistics: moments first, then one
             # normalize pass with the composed scale/shift.
-            mean, variance, _ = _core.moments(x, self._axes, mask)
-            scale, shift = self._training_affine(mean, variance, p)
-            _core.normalize(x, y, self._axes, mean, variance, scale, shift, self.epsilon)
+            mean, variance, _ = _core.moments(view.x, view.axes, view.mask)
+            batch_mean, batch_variance = _ghost_averages(mean, variance, view.ghosts, channels)
+            r, d = self._renorm_correction(batch_mean, batch_variance, p)
+        else:
+            r, d = np.ones(channels), np.zeros(channels)
+        # Every ghost batch gets the same per-channel affine.
+        scale, shift = (
+            np.tile(value, view.ghosts)
+            for value in _training_affine(gamma, beta, r, d, adjust_scale, adjust_bias)
+        )
+        if self.renorm:
+            _core.normalize(view.x, view.y, view.axes, mean, variance, scale, shift, self.epsilon)
         else:
             mean, variance = _core.train_forward(
-                x, y, self._axes, mask, p["gamma"], p["beta"], self.epsilon
+                view.x, view.y, view.axes, view.mask, scale, shift, self.epsilon
             )
-        self._commit_moving_update(mean, variance)
+            batch_mean, batch_variance = _ghost_averages(mean, variance, view.ghosts, channels)
+        return _ForwardRecord(
+            view, True, mean, variance, batch_mean, batch_variance, gamma, r, d, adjust_scale,
+            adjust_bias,
+        )
 
-    def _training_affine(
-        self, mean: np.ndarray, variance: np.ndarray, p: Mapping[str, np.ndarray | None]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel ``(scale, shift)`` with ``y = x̂·scale + shift`` for the
-        normalized input ``x̂`` in a training call whose affine depends on the batch:
-        renorm's ``(x̂·r + d)·γ + β`` (R11). Batch-dependent corrections compose here."""
-        gamma = np.ones_like(mean) if p["gamma"] is None else p["gamma"]
-        beta = np.zeros_like(mean) if p["beta"] is None else p["beta"]
-        r, d = self._renorm_correction(mean, variance, p)
-        return gamma * r, gamma * d + beta
+    def _kernel_view(
+        self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
+    ) -> _KernelView:
+        """The call's arrays as the core sees them: R12's ghost views with
+        ``virtual_batch_size`` (a batch it does not divide raises ``ValueError``)."""
+        size = self.virtual_batch_size
+        if size is None:
+            return _KernelView(x, y, mask, self._axes, 1, None)
+        if x.shape[0] % size:
+            raise ValueError(
+                f"virtual_batch_size={size} must divide the batch size in training; received "
+                f"inputs of shape {x.shape} (batch size {x.shape[0]})"
+            )
+        return _KernelView(
+            _ghost_view(x, size),
+            _ghost_view(y, size),
+            None if mask is None else _ghost_view(mask, size),
+            (1,) + tuple(axis + 1 for axis in self._axes),
+            x.shape[0] // size,
+            size,
+        )
+
+    def _adjustment_values(self, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """R13: ``adjustment(input_shape)`` as per-channel float64 ``(a_scale, a_bias)``;
+        ``(1, 0)`` without an adjustment. Each returned value is a scalar or one value
+        per channel (the channel shape, optionally with extra size-1 dims)."""
+        if self.adjustment is None:
+            return np.ones(self._channels), np.zeros(self._channels)
+        pair = self.adjustment(tuple(input_shape))
+        if isinstance(pair, (tuple, list)) and len(pair) == 2:
+            return (
+                self._per_channel_adjustment(pair[0], "scale"),
+                self._per_channel_adjustment(pair[1], "bias"),
+            )
+        received = (
+            f"a {type(pair).__name__} of length {len(pair)}"
+            if isinstance(pair, (tuple, list))
+            else f"an object of type {type(pair).__name__}"
+        )
+        raise TypeError(f"adjustment(shape) must return a pair (scale, bias); received {received}")
+
+    def _per_channel_adjustment(self, value: Any, role: str) -> np.ndarray:
+        name = f"the {role} returned by adjustment (a scalar or one value per channel)"
+        arr = as_array(value, name)
+        if arr.size == 1:  # one value for every channel
+            arr = np.broadcast_to(arr.reshape(()), self._channel_shape)
+        return as_param(arr, self._channel_shape, name)
 
     def _renorm_correction(
         self, mean: np.ndarray, variance: np.ndarray, p: Mapping[str, np.ndarray | None]
@@ -581,12 +816,15 @@ class BatchNormalization:
         kwargs = {k: v for k, v in config.items() if k not in _SHAPE_HINT_KEYS}
         if kwargs.pop("activity_regularizer", None) is not None:
             raise ValueError("activity_regularizer is not supported by cbn.BatchNormalization")
+        if _is_built_tf_keras2_ghost_config(kwargs):
+            kwargs["axis"] = [axis - 1 for axis in kwargs["axis"]]
         return construct_from_config(cls, kwargs)
 
     # A lock cannot be copied or pickled: each copy gets its own.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]
+        state["_last_call"] = None  # it references the last input: not state
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
