@@ -124,6 +124,16 @@ def test_backward_out(benchmark, data, threads):
     _assert_backward(dx, dgamma, dbeta, data)
 
 
+def test_layer_backward(benchmark, data, threads):
+    _describe(benchmark, data, "backward")
+    layer = cbn.BatchNormalization(axis=data.case.channel_axis, epsilon=EPSILON)
+    layer.build(data.case.shape)
+    layer.set_weights([data.gamma, data.beta, data.mean, data.variance])
+    layer(data.x, training=True)
+    dx = benchmark(layer.backward, data.dy)
+    _assert_backward(dx, *layer.gradients, data)
+
+
 def test_limit_sweep_out(benchmark, data, threads, sweep):
     _describe(benchmark, data, "infer")
     benchmark(sweep.bind(data.x, data.out, threads))

@@ -59,7 +59,9 @@ COLUMNS: tuple[Column, ...] = (
            "dgamma, dbeta) with a preallocated `out=`"),
     Column("cbn-new", "cbn", "fresh", "the same calls without `out=` (a new array each call)"),
     Column("cbn-layer", "cbn", "fresh",
-           "`cbn.BatchNormalization` layer call, `training=False` / `True`"),
+           "`cbn.BatchNormalization` layer call, `training=False` / `True`; backward: "
+           "`layer.backward(dy)` after a training call (dx, and dgamma, dbeta in "
+           "`layer.gradients`)"),
     Column("torch", "torch", "fresh",
            "`torch.nn.functional.batch_norm`, `training=False` / `True` (no running stats); "
            "backward: `torch.autograd.grad` of a training call's output with respect to input, "
@@ -135,9 +137,11 @@ class CbnLibrary(Library):
         if mode == "backward":
             dy, (mean, variance) = data.dy, data.batch_statistics
             del kw["beta"]
+            layer(x, training=True)  # the call layer.backward differentiates
             return {
                 "cbn-out": lambda: ops.batch_norm_backward(dy, x, mean, variance, out=out, **kw),
                 "cbn-new": lambda: ops.batch_norm_backward(dy, x, mean, variance, **kw),
+                "cbn-layer": lambda: layer.backward(dy),
             }
         if mode == "infer":
             m, v = data.mean, data.variance
