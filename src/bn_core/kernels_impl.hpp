@@ -699,21 +699,27 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
   const int64_t ds = Contig ? E::size : p.inner.d_stride;
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   const int64_t ms = p.inner.m_stride;
-  auto used = [&](int64_t i) { return Masked ? acc(g.m[i * ms] != 0) : acc(1); };
+  // Locals, not g's fields: a store through char *dx may alias g, which would make
+  // the compiler reload the pointers and the length every element (no vectorizing).
+  const char *x = g.x, *dy = g.dy;
+  const uint8_t *m = g.m;
+  char *dx = g.dx;
+  const int64_t len = g.len;
+  auto used = [&](int64_t i) { return Masked ? acc(m[i * ms] != 0) : acc(1); };
   if (!p.inner_is_channel) {
     const int64_t c = g.c0;
     const acc mh = mean_hi[c], ml = mean_lo[c], a = dy_scale[c], xc = xc_scale[c], sh = shift[c];
-    for (int64_t i = 0; i < g.len; ++i) {
-      const acc centred = (E::load(g.x + i * xs) - mh) - ml;
-      E::store(g.dx + i * ys, a * E::load(g.dy + i * ds) + used(i) * (xc * centred + sh));
+    for (int64_t i = 0; i < len; ++i) {
+      const acc centred = (E::load(x + i * xs) - mh) - ml;
+      E::store(dx + i * ys, a * E::load(dy + i * ds) + used(i) * (xc * centred + sh));
     }
     return;
   }
-  const int64_t ps = Contig ? 1 : p.inner.p_stride;
-  for (int64_t j = 0; j < g.len; ++j) {
-    const int64_t c = g.c0 + j * ps;
-    const acc centred = (E::load(g.x + j * xs) - mean_hi[c]) - mean_lo[c];
-    E::store(g.dx + j * ys, dy_scale[c] * E::load(g.dy + j * ds) + used(j) * (xc_scale[c] * centred + shift[c]));
+  const int64_t ps = Contig ? 1 : p.inner.p_stride, c0 = g.c0;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t c = c0 + j * ps;
+    const acc centred = (E::load(x + j * xs) - mean_hi[c]) - mean_lo[c];
+    E::store(dx + j * ys, dy_scale[c] * E::load(dy + j * ds) + used(j) * (xc_scale[c] * centred + shift[c]));
   }
 }
 
