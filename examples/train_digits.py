@@ -25,8 +25,8 @@ from sklearn.model_selection import train_test_split
 HIDDEN = 128
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
-# An epoch is only 23 steps. With Keras' default BN momentum (0.99) the moving
-# statistics would still be half their initial values after 3 epochs (0.99^69).
+# An epoch is only 23 steps at the default batch size. With Keras' default BN momentum
+# (0.99) the moving statistics would still be half their initial values after 3 epochs.
 BN_MOMENTUM = 0.9
 
 
