@@ -61,6 +61,8 @@ cdef extern from "bn_core/bn_core.h" nogil:
                                 double epsilon, const double *count, const double *sum_dy,
                                 const double *sum_dy_xhat)
     bn_status bn_set_num_threads(int32_t n)
+    bn_status bn_set_cache_bytes(int64_t l2, int64_t l3)
+    void bn_get_cache_bytes(int64_t *l2, int64_t *l3)
     int32_t bn_get_num_threads()
     bn_isa bn_get_isa()
     bn_isa bn_best_isa()
@@ -329,6 +331,17 @@ def backward_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, ma
 
 def set_num_threads(int n):
     check(bn_set_num_threads(n))
+
+
+def set_cache_bytes(int64_t l2, int64_t l3):
+    check(bn_set_cache_bytes(l2, l3))
+
+
+def get_cache_bytes():
+    """(per-core L2, shared L3) in bytes, as the training forward uses them."""
+    cdef int64_t l2 = 0, l3 = 0
+    bn_get_cache_bytes(&l2, &l3)
+    return l2, l3
 
 
 def get_num_threads():

@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <new>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -271,17 +274,103 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
 
 // Threads for this call, and lines cut into segments when there are too few
 // lines to share out (e.g. one huge channel, or one row of many channels).
+// Lines cut into segments when there are too few to share out among threads.
+void cut_segments(plan &p, int32_t threads) {
+  p.segments = 1;
+  if (threads > 1 && p.lines < 4 * threads) {
+    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
+    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
+  }
+}
+
 int32_t schedule(plan &p) {
   if (p.empty) return 1;
   const int64_t elements = p.lines * p.inner.n;
   const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
   const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
-  if (threads > 1 && p.lines < 4 * threads) {
-    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
-    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
-  }
+  cut_segments(p, threads);
   return threads;
 }
+
+// ---- cache blocking for the training forward ------------------------------------
+
+// Per-core L2 and shared L3 in bytes: read once from sysfs (sysconf as the
+// fallback; it reports a VM's L3 wrongly here), overridable.
+std::atomic<int64_t> l2_override{0}, l3_override{0};
+
+int64_t sysfs_cache_bytes(int index) {
+  const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+  FILE *f = std::fopen(path.c_str(), "r");
+  if (!f) return 0;
+  long long value = 0;
+  char unit = 0;
+  const int read = std::fscanf(f, "%lld%c", &value, &unit);
+  std::fclose(f);
+  if (read < 1 || value <= 0) return 0;
+  return value * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+}
+
+int64_t detected_cache_bytes(int level) {
+  static const int64_t l2 = [] {
+    int64_t v = sysfs_cache_bytes(2);
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? v : int64_t(1) << 20;
+  }();
+  static const int64_t l3 = [] {
+    int64_t v = sysfs_cache_bytes(3);
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (v <= 0) v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return v > 0 ? v : int64_t(8) << 20;
+  }();
+  return level == 2 ? l2 : l3;
+}
+
+int64_t cache_bytes(int level) {
+  const int64_t o = (level == 2 ? l2_override : l3_override).load(std::memory_order_relaxed);
+  return o > 0 ? o : detected_cache_bytes(level);
+}
+
+// Channels per chunk of a training forward, or 0 to run it in one piece. A
+// tensor larger than half the L3 would come back from memory for the second
+// read (normalize after statistics); in chunks of channels, each chunk is
+// normalized right after its statistics while it is still cached. Planes
+// (channels-first) chunk to half the threads' L2s; channels-last chunks must
+// span whole cache lines of a row and use half the L3.
+int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
+  if (n_axes != 1) return 0;
+  const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
+  const int64_t channels = x.shape[axis], es = element_size(x.dtype);
+  int64_t elements = 1;
+  for (int32_t i = 0; i < x.rank; ++i) elements *= x.shape[i];
+  const int64_t bytes = elements * es, l3_budget = cache_bytes(3) / 2;
+  if (channels < 2 || bytes <= l3_budget) return 0;
+  const int64_t per_channel = bytes / channels;
+  int64_t chunk;
+  if (std::abs(x.strides[axis]) == es) {
+    const int64_t line = 64 / es;
+    chunk = std::max<int64_t>(1, l3_budget / per_channel / line) * line;
+  } else {
+    chunk = std::max<int64_t>(1, cache_bytes(2) * threads / 2 / per_channel);
+  }
+  return chunk < channels ? chunk : 0;
+}
+
+// x (and y, mask) restricted to channels [first, first + count) of `axis`.
+struct tensor_slice {
+  int64_t shape[BN_MAX_RANK];
+  bn_tensor t;
+
+  tensor_slice(const bn_tensor &whole, int32_t axis, int64_t first, int64_t count) : t(whole) {
+    std::copy(whole.shape, whole.shape + whole.rank, shape);
+    t.shape = shape;
+    if (whole.shape[axis] == 1) return;  // a mask broadcast over the channels
+    shape[axis] = count;
+    t.data = static_cast<char *>(whole.data) + first * whole.strides[axis];
+  }
+};
 
 void item_range(const plan &p, int32_t t, int32_t team, int64_t &begin, int64_t &end) {
   const int64_t items = p.lines * p.segments;
@@ -307,17 +396,24 @@ void run_team(int32_t threads, F &&body) {
 // Per-thread moments state, zeroed, laid out for the kernels.
 class moments_state {
  public:
+  // Room for `threads` partials of plans up to p's size; laid out for p.
   bool allocate(const plan &p, int32_t threads) {
-    channels_ = p.channels;
-    block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
-    per_thread_ = 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+    threads_ = threads;
     try {
-      buffer_.assign(static_cast<size_t>(per_thread_ * threads), 0.0);
-      shifts_missing_.assign(static_cast<size_t>(threads), channels_);
+      buffer_.resize(static_cast<size_t>(layout(p) * threads));
+      shifts_missing_.resize(static_cast<size_t>(threads));
     } catch (const std::bad_alloc &) {
       return false;
     }
+    reset(p);
     return true;
+  }
+
+  // Zeroed partials laid out for p (no larger than the allocated plan).
+  void reset(const plan &p) {
+    per_thread_ = layout(p);
+    std::fill(buffer_.begin(), buffer_.begin() + per_thread_ * threads_, 0.0);
+    std::fill(shifts_missing_.begin(), shifts_missing_.end(), channels_);
   }
 
   moments_scratch thread(int32_t t) {
@@ -345,6 +441,13 @@ class moments_state {
   }
 
  private:
+  int64_t layout(const plan &p) {
+    channels_ = p.channels;
+    block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
+    return 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+  }
+
+  int32_t threads_ = 0;
   int64_t channels_ = 0, block_ = 0, per_thread_ = 0;
   std::vector<double> buffer_;
   std::vector<int64_t> shifts_missing_;
@@ -359,14 +462,20 @@ class channel_params {
   bool allocate(const plan &p, int32_t arrays) {
     wide_ = p.dtype == BN_FLOAT64;
     arrays_ = arrays;
-    channels_ = p.channels;
-    length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
+    fit(p);
+    stride_ = length_;
     try {
-      buffer_.assign(static_cast<size_t>(arrays_ * length_), 0.0);
+      buffer_.assign(static_cast<size_t>(arrays_ * stride_), 0.0);
     } catch (const std::bad_alloc &) {
       return false;
     }
     return true;
+  }
+
+  // Lays the arrays out for p (no larger than the allocated plan).
+  void fit(const plan &p) {
+    channels_ = p.channels;
+    length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
   }
 
   // values(c, out) writes arrays 2.. of channel c as float64.
@@ -378,7 +487,7 @@ class channel_params {
 
   const void *array(int32_t i) const {
     const size_t unit = wide_ ? sizeof(double) : sizeof(float);
-    return reinterpret_cast<const char *>(buffer_.data()) + unit * static_cast<size_t>(i * length_);
+    return reinterpret_cast<const char *>(buffer_.data()) + unit * static_cast<size_t>(i * stride_);
   }
 
   int64_t length() const { return length_; }
@@ -395,15 +504,15 @@ class channel_params {
       v[0] = hi;
       v[1] = mean[c] - static_cast<double>(hi);
       values(c, v);
-      for (int32_t i = 0; i < arrays_; ++i) a[i * length_ + c] = static_cast<acc>(v[i]);
+      for (int32_t i = 0; i < arrays_; ++i) a[i * stride_ + c] = static_cast<acc>(v[i]);
     }
     for (int32_t i = 0; i < arrays_; ++i)
-      for (int64_t k = channels_; k < length_; ++k) a[i * length_ + k] = a[i * length_ + k % channels_];
+      for (int64_t k = channels_; k < length_; ++k) a[i * stride_ + k] = a[i * stride_ + k % channels_];
   }
 
   bool wide_ = false;
   int32_t arrays_ = 0;
-  int64_t channels_ = 0, length_ = 0;
+  int64_t channels_ = 0, length_ = 0, stride_ = 0;  // stride_: the allocated length
   std::vector<double> buffer_;
 };
 
@@ -411,6 +520,7 @@ class channel_params {
 class affine_state {
  public:
   bool allocate(const plan &p) { return params_.allocate(p, 4); }
+  void fit(const plan &p) { params_.fit(p); }
 
   void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
             double eps) {
@@ -633,31 +743,62 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     if (bn_status st = check_like_x(*x, mask, "mask", true)) return st;
   if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance output is NULL");
   if (bn_status st = check_epsilon(epsilon)) return st;
-  plan p;
-  make_plan(*x, y, mask, nullptr, is_channel, p);
-  const int32_t threads = schedule(p);
+  plan whole;
+  make_plan(*x, y, mask, nullptr, is_channel, whole);
+  const int32_t threads = schedule(whole);
+  // The pieces: the whole tensor, or cache-sized chunks of its channels (each
+  // with its first channel index).
+  std::vector<plan> pieces;
+  std::vector<int64_t> first_channel;
+  const int64_t chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
+  try {
+    if (chunk == 0) {
+      pieces.push_back(whole);
+      first_channel.push_back(0);
+    } else {
+      const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
+      for (int64_t c0 = 0; c0 < x->shape[axis]; c0 += chunk) {
+        const int64_t count = std::min(chunk, x->shape[axis] - c0);
+        const tensor_slice xs(*x, axis, c0, count), ys(*y, axis, c0, count);
+        const tensor_slice ms(mask ? *mask : *x, axis, c0, count);
+        pieces.emplace_back();
+        make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, pieces.back());
+        cut_segments(pieces.back(), threads);
+        first_channel.push_back(c0);
+      }
+    }
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
   moments_state state;
   affine_state affine;
-  if (!state.allocate(p, threads) || !affine.allocate(p)) return out_of_memory();
-  if (p.empty) {
+  if (!state.allocate(pieces[0], threads) || !affine.allocate(pieces[0])) return out_of_memory();
+  if (whole.empty) {
     state.finish(0, mean, variance, nullptr);
     return BN_OK;
   }
   const affine_params params = affine.params();
   const kernel_table &k = kernels();
-  // One team: statistics, merge, then each thread normalizes the range it just
-  // read (still warm in its cache).
+  // One team: per piece, statistics, merge, then each thread normalizes the
+  // range it just read (still in its cache).
   run_team(threads, [&](int32_t t, int32_t team) {
-    int64_t b, e;
-    item_range(p, t, team, b, e);
-    k.moments(p, b, e, state.thread(t));
-    BN_OMP(omp barrier)
-    BN_OMP(omp single)
-    {
-      state.finish(team, mean, variance, nullptr);
-      affine.fill(mean, variance, gamma, beta, epsilon);
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const plan &piece = pieces[i];
+      int64_t b, e;
+      item_range(piece, t, team, b, e);
+      k.moments(piece, b, e, state.thread(t));
+      BN_OMP(omp barrier)
+      BN_OMP(omp single)
+      {
+        const int64_t c0 = first_channel[i];
+        state.finish(team, mean + c0, variance + c0, nullptr);
+        affine.fit(piece);
+        affine.fill(mean + c0, variance + c0, gamma ? gamma + c0 : nullptr,
+                    beta ? beta + c0 : nullptr, epsilon);
+        if (i + 1 < pieces.size()) state.reset(pieces[i + 1]);
+      }
+      k.normalize(piece, b, e, params);
     }
-    k.normalize(p, b, e, params);
   });
   return BN_OK;
 }
@@ -727,6 +868,17 @@ bn_status bn_moments_finalize(int64_t channels, const double *partial, const dou
     variance[c] = n > 0 ? std::max(s2[c] - s1[c] * s1[c] / n, 0.0) / n : 0.0;
   }
   return BN_OK;
+}
+
+bn_status bn_set_cache_bytes(int64_t l2, int64_t l3) {
+  l2_override.store(l2 > 0 ? l2 : 0, std::memory_order_relaxed);
+  l3_override.store(l3 > 0 ? l3 : 0, std::memory_order_relaxed);
+  return BN_OK;
+}
+
+void bn_get_cache_bytes(int64_t *l2, int64_t *l3) {
+  if (l2) *l2 = cache_bytes(2);
+  if (l3) *l3 = cache_bytes(3);
 }
 
 bn_status bn_set_num_threads(int32_t n) {
