@@ -245,8 +245,19 @@ def check_shard(case: Case, full: Batch, part: Batch, world: int, rank: int, y, 
     np.testing.assert_array_less(np.abs(dbeta - dbeta_ref), tol, err_msg=f"{where}: dbeta")
 
 
-def _engine(name: str):
-    """(world, rank, allreduce, abort) for one process of a real engine."""
+@dataclass
+class Engine:
+    """One process of a real engine: its place and callback, how to stop every rank
+    after an unexpected error, and how to shut down."""
+
+    world: int
+    rank: int
+    allreduce: object
+    abort: object = None
+    close: object = None
+
+
+def start_engine(name: str) -> Engine:
     if name == "mpi":
         from mpi4py import MPI
 
@@ -257,40 +268,43 @@ def _engine(name: str):
             pass
         else:
             raise AssertionError("MPIAllreduce(comm=3) did not raise TypeError")
-        return comm.Get_size(), comm.Get_rank(), distributed.MPIAllreduce(comm), comm.Abort
+        return Engine(comm.Get_size(), comm.Get_rank(), distributed.MPIAllreduce(comm),
+                      abort=lambda: comm.Abort(1))
     if name == "torch":
         import datetime
 
         import torch.distributed as dist
 
+        # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); the timeout also bounds a
+        # collective that a failed rank never joins.
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        return dist.get_world_size(), dist.get_rank(), distributed.TorchAllreduce(), None
+        return Engine(dist.get_world_size(), dist.get_rank(), distributed.TorchAllreduce(),
+                      close=dist.destroy_process_group)
     raise SystemExit(f"usage: {sys.argv[0]} mpi|torch")
 
 
 def main() -> int:
-    world, rank, allreduce, abort = _engine(sys.argv[1] if len(sys.argv) > 1 else "")
+    engine = start_engine(sys.argv[1] if len(sys.argv) > 1 else "")
+    where = f"rank {engine.rank} of {engine.world}"
     failures = []
     for case in CASES:
         try:
-            run_rank(case, world, rank, allreduce)
+            run_rank(case, engine.world, engine.rank, engine.allreduce)
         except AssertionError as err:
             failures.append(f"{case.name}: {err}")
         except Exception:
             # Not a failed check: this rank may have skipped a collective, so stop them all.
             traceback.print_exc()
             sys.stdout.flush()
-            if abort is not None:
-                abort(1)
+            if engine.abort is not None:
+                engine.abort()
             return 1
     for failure in failures:
-        print(f"rank {rank} of {world}: FAILED {failure}", flush=True)
+        print(f"{where}: FAILED {failure}", flush=True)
     if not failures:
-        print(f"rank {rank} of {world}: {len(CASES)} cases ok", flush=True)
-    if world and allreduce.__class__ is distributed.TorchAllreduce:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        print(f"{where}: {len(CASES)} cases ok", flush=True)
+    if engine.close is not None:
+        engine.close()
     return 1 if failures else 0
 
 
