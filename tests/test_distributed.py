@@ -76,6 +76,33 @@ def test_shift_keeps_large_mean_exact(shifted):
             assert np.abs(var - ref_var).max() / ref_var.max() > 1e-6
 
 
+def test_synchronized_in_place():
+    """out=x in the forward and out=dy in the backward give the out-of-place results."""
+    rng = np.random.default_rng(8)
+    xs = [rng.normal(1.0, 2.0, (n, 3, 6)).astype(np.float32) for n in (5, 2)]
+    dys = [rng.normal(0.0, 1.0, x.shape).astype(np.float32) for x in xs]
+    mask = [rng.random(x.shape[:-1]) > 0.3 for x in xs]
+
+    def step(rank, group, in_place):
+        x, dy = xs[rank].copy(), dys[rank].copy()
+        y, mean, var = ops.batch_norm_train(x, mask=mask[rank], allreduce=group[rank],
+                                            out=x if in_place else None)
+        dx, dgamma, dbeta = ops.batch_norm_backward(dy, xs[rank], mean, var, mask=mask[rank],
+                                                    allreduce=group[rank],
+                                                    out=dy if in_place else None)
+        assert (y is x and dx is dy) == in_place
+        return y, dx, dgamma, dbeta
+
+    runs = []
+    for in_place in (False, True):
+        group = distributed.ThreadGroup(2, timeout=TIMEOUT)
+        runs.append(run_threads(2, lambda rank, g=group, p=in_place: step(rank, g, p)))
+        raise_any(runs[-1])
+    for separate, in_place in zip(*runs, strict=True):
+        for a, b in zip(separate, in_place, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 # ---- the callback contract -----------------------------------------------------------
 
 def data(shape=(6, 5), seed=0, dtype=np.float32):

@@ -108,7 +108,8 @@ def batch_norm_train(
     With ``allreduce`` (a :mod:`cbn.distributed` callback) the statistics are those
     of the union of all ranks' used positions: this rank's partial moments are summed
     across ranks in exactly one call of ``allreduce``, then every rank normalizes its
-    own ``x`` with the global statistics. ``shift`` (channel shape, default 0) is a
+    own ``x`` with the global statistics (a second pass: no output can be written
+    before the collective). ``shift`` (channel shape, default 0) is a
     per-channel value every rank shares, close to the mean (a layer passes its moving
     mean): the merge is exact to 1e-6 while ``|mean - shift| <= 1e3 * std``. Without
     ``allreduce`` the statistics are local and ``shift`` is not needed (it is
