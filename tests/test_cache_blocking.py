@@ -4,11 +4,10 @@ path; results must match the float64 reference as the one-piece path does."""
 
 from __future__ import annotations
 
+import cbn
 import ml_dtypes
 import numpy as np
 import pytest
-
-import cbn
 
 
 @pytest.fixture

@@ -1,15 +1,15 @@
 """cbn: fast, exact batch normalization for CPUs.
 
 A C++ core (OpenMP, SIMD chosen at import) behind a Keras-compatible
-:class:`BatchNormalization` layer on NumPy arrays and the functional
-:mod:`cbn.ops` API.
+:class:`BatchNormalization` layer on NumPy arrays, the functional :mod:`cbn.ops`
+API and :mod:`cbn.distributed` (synchronized statistics across ranks).
 """
 
 from __future__ import annotations
 
 import os
 
-from . import _core, ops
+from . import _core, distributed, ops
 from ._validate import is_integer
 from .layer import BatchNormalization
 
@@ -17,6 +17,7 @@ __version__ = _core.version()
 __all__ = [
     "BatchNormalization",
     "ops",
+    "distributed",
     "set_num_threads",
     "get_num_threads",
     "set_cache_sizes",
