@@ -39,6 +39,7 @@ from ._validate import (
     is_integer,
     normalize_axes,
 )
+from .distributed import Allreduce, resolve_allreduce, sum_across_ranks
 
 __all__ = ["BatchNormalization"]
 
@@ -167,6 +168,7 @@ class _ForwardRecord(NamedTuple):
 
     view: _KernelView
     through_stats: bool
+    allreduce: Allreduce | None  # synchronized statistics: the backward's collective too
     mean: np.ndarray
     variance: np.ndarray
     batch_mean: np.ndarray
@@ -554,7 +556,6 @@ class BatchNormalization:
             self.build(x.shape)
         y = np.empty_like(x)
         if training and self._trainable:
-            self._check_training_supported()
             record = self._forward_training(x, y, mask_array)
             self._commit_moving_update(record.batch_mean, record.batch_variance)
         else:
@@ -596,10 +597,18 @@ class BatchNormalization:
         else:
             grad_k, dx_k = grad, dx
         gamma_r, gamma_one = record.r * record.adjust_scale, record.d * record.adjust_scale
-        sum_dy, sum_dy_xhat = _core.backward(
-            grad_k, view.x, dx_k, view.axes, view.mask, record.mean, record.variance,
-            np.tile(record.gamma * gamma_r, view.ghosts), self.epsilon, record.through_stats,
-        )
+        dx_scale = np.tile(record.gamma * gamma_r, view.ghosts)
+        core_args = (view.axes, view.mask, record.mean, record.variance)
+        if record.allreduce is None:
+            sum_dy, sum_dy_xhat = _core.backward(
+                grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, record.through_stats
+            )
+        else:
+            # R14.3: one collective of (count, Σdy, Σdy·x̂); dγ and dβ stay this rank's.
+            local = _core.backward_sums(grad_k, view.x, *core_args, self.epsilon)
+            total = sum_across_ranks(record.allreduce, local.copy())
+            _core.backward_apply(grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, total)
+            sum_dy, sum_dy_xhat = np.split(local, 3)[1:]
         # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
         per_channel = (-1, self._channels)
         sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
@@ -614,16 +623,6 @@ class BatchNormalization:
             for name, _ in self._trainable_items()
         ]
         return dx
-
-    def _check_training_supported(self) -> None:
-        """Synchronized statistics (R14) are accepted, validated and serialized, and
-        inference ignores them; their training computation is not implemented yet, so
-        it refuses plainly rather than silently computing local batch normalization."""
-        if self.synchronized:
-            raise NotImplementedError(
-                "training with synchronized=True is not implemented yet in cbn "
-                f"{_core.version()}; inference with it works"
-            )
 
     def _autocast(self, inputs: ArrayLike) -> np.ndarray:
         """R7.1/R7.2: integers and bool read as float32, then everything cast to
@@ -643,8 +642,8 @@ class BatchNormalization:
         ones, zeros = np.ones(self._channels), np.zeros(self._channels)
         gamma = ones if p["gamma"] is None else p["gamma"]
         view = _KernelView(x, y, None, self._axes, 1, None)
-        return _ForwardRecord(view, False, mean, variance, mean, variance, gamma, ones, zeros,
-                              ones, zeros)
+        return _ForwardRecord(view, False, None, mean, variance, mean, variance, gamma, ones,
+                              zeros, ones, zeros)
 
     def _forward_training(
         self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
@@ -654,26 +653,36 @@ class BatchNormalization:
         Every check that can fail (ghost batch divisibility, the adjustment's values)
         runs before the core writes ``y``; nothing is committed here.
         """
+        # R14.1: a missing callback is an error before anything runs.
+        allreduce = resolve_allreduce(self.allreduce) if self.synchronized else None
         view = self._kernel_view(x, y, mask)
         adjust_scale, adjust_bias = self._adjustment_values(x.shape)
-        p = self._snapshot(("gamma", "beta", "renorm_mean", "renorm_stddev"))
+        p = self._snapshot(
+            ("gamma", "beta", "renorm_mean", "renorm_stddev", "moving_mean"))
         channels = self._channels
         gamma = np.ones(channels) if p["gamma"] is None else p["gamma"]
         beta = np.zeros(channels) if p["beta"] is None else p["beta"]
-        if self.renorm:
-            # r and d depend on the batch statistics: moments first, then one
-            # normalize pass with the composed scale/shift.
+        # Statistics before the normalize pass when the affine depends on them
+        # (renorm) or they come from all ranks (R14); else one fused core call.
+        statistics_first = self.renorm or allreduce is not None
+        if allreduce is not None:
+            # One collective of the shifted sums around the moving mean (distributed.md).
+            shift_k = p["moving_mean"]
+            partial = _core.moments_partial(view.x, view.axes, view.mask, shift_k)
+            mean, variance = _core.moments_finalize(sum_across_ranks(allreduce, partial), shift_k)
+        elif statistics_first:
             mean, variance, _ = _core.moments(view.x, view.axes, view.mask)
+        if statistics_first:
             batch_mean, batch_variance = _ghost_averages(mean, variance, view.ghosts, channels)
+        r, d = np.ones(channels), np.zeros(channels)
+        if self.renorm:
             r, d = self._renorm_correction(batch_mean, batch_variance, p)
-        else:
-            r, d = np.ones(channels), np.zeros(channels)
         # Every ghost batch gets the same per-channel affine.
         scale, shift = (
             np.tile(value, view.ghosts)
             for value in _training_affine(gamma, beta, r, d, adjust_scale, adjust_bias)
         )
-        if self.renorm:
+        if statistics_first:
             _core.normalize(view.x, view.y, view.axes, mean, variance, scale, shift, self.epsilon)
         else:
             mean, variance = _core.train_forward(
@@ -681,8 +690,8 @@ class BatchNormalization:
             )
             batch_mean, batch_variance = _ghost_averages(mean, variance, view.ghosts, channels)
         return _ForwardRecord(
-            view, True, mean, variance, batch_mean, batch_variance, gamma, r, d, adjust_scale,
-            adjust_bias,
+            view, True, allreduce, mean, variance, batch_mean, batch_variance, gamma, r, d,
+            adjust_scale, adjust_bias,
         )
 
     def _kernel_view(
