@@ -335,27 +335,23 @@ int64_t cache_bytes(int level) {
 
 // Channels per chunk of a training forward, or 0 to run it in one piece. A
 // tensor larger than half the L3 would come back from memory for the second
-// read (normalize after statistics); in chunks of channels, each chunk is
-// normalized right after its statistics while it is still cached. Planes
-// (channels-first) chunk to half the threads' L2s; channels-last chunks must
-// span whole cache lines of a row and use half the L3.
+// read (normalize after statistics). Cut into chunks of whole channels, each
+// handled by one thread — statistics, then normalize while the chunk is still
+// in that core's L2 — x is read from memory once. Only for channels-first
+// layouts: a channels-last chunk is a narrow strided column of every row.
 int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
   if (n_axes != 1) return 0;
   const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
   const int64_t channels = x.shape[axis], es = element_size(x.dtype);
+  if (std::abs(x.strides[axis]) == es) return 0;
   int64_t elements = 1;
   for (int32_t i = 0; i < x.rank; ++i) elements *= x.shape[i];
-  const int64_t bytes = elements * es, l3_budget = cache_bytes(3) / 2;
-  if (channels < 2 || bytes <= l3_budget) return 0;
+  const int64_t bytes = elements * es, l3 = cache_bytes(3);
+  if (channels < 2 * threads || bytes <= l3 / 2) return 0;
   const int64_t per_channel = bytes / channels;
-  int64_t chunk;
-  if (std::abs(x.strides[axis]) == es) {
-    const int64_t line = 64 / es;
-    chunk = std::max<int64_t>(1, l3_budget / per_channel / line) * line;
-  } else {
-    chunk = std::max<int64_t>(1, cache_bytes(2) * threads / 2 / per_channel);
-  }
-  return chunk < channels ? chunk : 0;
+  if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached
+  const int64_t chunk = std::max<int64_t>(1, cache_bytes(2) / 2 / per_channel);
+  return std::min(chunk, channels / (2 * threads));  // enough chunks to share out
 }
 
 // x (and y, mask) restricted to channels [first, first + count) of `axis`.
@@ -746,16 +742,12 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
   plan whole;
   make_plan(*x, y, mask, nullptr, is_channel, whole);
   const int32_t threads = schedule(whole);
-  // The pieces: the whole tensor, or cache-sized chunks of its channels (each
-  // with its first channel index).
+  // Cache-sized chunks of the channels, each with its first channel index.
   std::vector<plan> pieces;
   std::vector<int64_t> first_channel;
   const int64_t chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
   try {
-    if (chunk == 0) {
-      pieces.push_back(whole);
-      first_channel.push_back(0);
-    } else {
+    if (chunk > 0) {
       const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
       for (int64_t c0 = 0; c0 < x->shape[axis]; c0 += chunk) {
         const int64_t count = std::min(chunk, x->shape[axis] - c0);
@@ -763,41 +755,65 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
         const tensor_slice ms(mask ? *mask : *x, axis, c0, count);
         pieces.emplace_back();
         make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, pieces.back());
-        cut_segments(pieces.back(), threads);
         first_channel.push_back(c0);
       }
     }
   } catch (const std::bad_alloc &) {
     return out_of_memory();
   }
-  moments_state state;
-  affine_state affine;
-  if (!state.allocate(pieces[0], threads) || !affine.allocate(pieces[0])) return out_of_memory();
-  if (whole.empty) {
-    state.finish(0, mean, variance, nullptr);
-    return BN_OK;
-  }
-  const affine_params params = affine.params();
   const kernel_table &k = kernels();
-  // One team: per piece, statistics, merge, then each thread normalizes the
-  // range it just read (still in its cache).
-  run_team(threads, [&](int32_t t, int32_t team) {
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      const plan &piece = pieces[i];
+  if (chunk == 0) {
+    moments_state state;
+    affine_state affine;
+    if (!state.allocate(whole, threads) || !affine.allocate(whole)) return out_of_memory();
+    if (whole.empty) {
+      state.finish(0, mean, variance, nullptr);
+      return BN_OK;
+    }
+    const affine_params params = affine.params();
+    // One team: statistics, merge, then each thread normalizes the range it
+    // just read (still warm in its cache).
+    run_team(threads, [&](int32_t t, int32_t team) {
       int64_t b, e;
-      item_range(piece, t, team, b, e);
-      k.moments(piece, b, e, state.thread(t));
+      item_range(whole, t, team, b, e);
+      k.moments(whole, b, e, state.thread(t));
       BN_OMP(omp barrier)
       BN_OMP(omp single)
       {
-        const int64_t c0 = first_channel[i];
-        state.finish(team, mean + c0, variance + c0, nullptr);
-        affine.fit(piece);
-        affine.fill(mean + c0, variance + c0, gamma ? gamma + c0 : nullptr,
-                    beta ? beta + c0 : nullptr, epsilon);
-        if (i + 1 < pieces.size()) state.reset(pieces[i + 1]);
+        state.finish(team, mean, variance, nullptr);
+        affine.fill(mean, variance, gamma, beta, epsilon);
       }
-      k.normalize(piece, b, e, params);
+      k.normalize(whole, b, e, params);
+    });
+    return BN_OK;
+  }
+  // Chunks: one team, each thread takes whole chunks (no barrier), so the result
+  // does not depend on the thread count at all.
+  std::vector<moments_state> states;
+  std::vector<affine_state> affines;
+  try {
+    states.resize(static_cast<size_t>(threads));
+    affines.resize(static_cast<size_t>(threads));
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
+  for (int32_t t = 0; t < threads; ++t)
+    if (!states[t].allocate(pieces[0], 1) || !affines[t].allocate(pieces[0])) return out_of_memory();
+  std::atomic<size_t> next_piece{0};
+  run_team(threads, [&](int32_t t, int32_t) {
+    moments_state &state = states[t];
+    affine_state &affine = affines[t];
+    const affine_params params = affine.params();
+    for (size_t i; (i = next_piece.fetch_add(1, std::memory_order_relaxed)) < pieces.size();) {
+      const plan &piece = pieces[i];
+      const int64_t c0 = first_channel[i], items = piece.lines * piece.segments;
+      state.reset(piece);
+      k.moments(piece, 0, items, state.thread(0));
+      state.finish(1, mean + c0, variance + c0, nullptr);
+      affine.fit(piece);
+      affine.fill(mean + c0, variance + c0, gamma ? gamma + c0 : nullptr,
+                  beta ? beta + c0 : nullptr, epsilon);
+      k.normalize(piece, 0, items, params);
     }
   });
   return BN_OK;
