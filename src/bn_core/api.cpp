@@ -39,6 +39,16 @@ std::atomic<int32_t> isa_choice{-1};      // -1: not chosen yet
 // costs microseconds, more than the work.
 constexpr int64_t kParallelGrain = 32768;
 
+// An enum argument's value read as the int32 a C caller passed: loading an
+// out-of-range value through the enum type is undefined behaviour in C++.
+template <class Enum>
+int32_t enum_value(const Enum &e) {
+  static_assert(sizeof(Enum) == sizeof(int32_t), "C enums are int-sized here");
+  int32_t v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
+
 bn_status fail(bn_status status, const std::string &message) {
   last_error = message;
   return status;
@@ -89,17 +99,20 @@ bn_status check_tensor(const bn_tensor *t, const char *name, bool is_mask) {
     return fail(BN_ERR_RANK, who + " has rank " + std::to_string(t->rank) + "; expected 1 to " +
                                  std::to_string(BN_MAX_RANK));
   if (!t->shape || !t->strides) return fail(BN_ERR_NULL, who + " has a NULL shape or strides");
-  const int dt = static_cast<int>(t->dtype);
-  if (dt < BN_FLOAT32 || dt > BN_UINT8 || is_mask != (t->dtype == BN_UINT8))
+  const int32_t dt = enum_value(t->dtype);
+  if (dt < BN_FLOAT32 || dt > BN_UINT8 || is_mask != (dt == BN_UINT8))
     return fail(BN_ERR_DTYPE, who + " has dtype " + (dt >= 0 && dt <= BN_UINT8 ? dtype_name(t->dtype) : std::to_string(dt)) +
                                   (is_mask ? "; expected uint8" : "; expected float32, float64, float16 or bfloat16"));
-  int64_t count = 1, span = 0;
+  // Sizes multiply without overflow even when one is 0 (a channel count is a
+  // product of some of them).
+  int64_t count = 1, nonzero_count = 1, span = 0;
   bool overflow = false;
   for (int32_t i = 0; i < t->rank; ++i) {
     const int64_t n = t->shape[i];
     if (n < 0)
       return fail(BN_ERR_SHAPE, who + " has negative size " + std::to_string(n) + " at axis " + std::to_string(i));
     overflow |= __builtin_mul_overflow(count, n, &count);
+    overflow |= __builtin_mul_overflow(nonzero_count, n ? n : 1, &nonzero_count);
     const int64_t stride = t->strides[i];
     if (n > 1) {
       int64_t reach;
@@ -912,7 +925,7 @@ bn_isa bn_get_isa(void) {
 bn_isa bn_best_isa(void) { return best_isa(); }
 
 const char *bn_isa_name(bn_isa isa) {
-  switch (isa) {
+  switch (enum_value(isa)) {
     case BN_ISA_SCALAR: return "scalar";
     case BN_ISA_AVX2: return "avx2";
     case BN_ISA_AVX512: return "avx512";
@@ -921,8 +934,9 @@ const char *bn_isa_name(bn_isa isa) {
 }
 
 bn_status bn_set_isa(bn_isa isa) {
-  if (isa != BN_ISA_SCALAR && isa != BN_ISA_AVX2 && isa != BN_ISA_AVX512)
-    return fail(BN_ERR_VALUE, "unknown SIMD level " + std::to_string(static_cast<int>(isa)));
+  const int32_t value = enum_value(isa);
+  if (value != BN_ISA_SCALAR && value != BN_ISA_AVX2 && value != BN_ISA_AVX512)
+    return fail(BN_ERR_VALUE, "unknown SIMD level " + std::to_string(value));
   if (!isa_supported(isa)) {
     std::string have;
     for (bn_isa i : {BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512})
