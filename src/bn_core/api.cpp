@@ -207,6 +207,7 @@ void fold_short_rows(plan &p, int64_t es) {
     return;
   int64_t len = c * kFoldLanes / gcd(c, kFoldLanes);
   while (len < kFoldMinElements) len *= 2;
+  if (row.n * c < 4 * len) return;  // too few rows to repay the replicated parameters
   p.inner = loop_dim{row.n * c, es, p.y ? es : 0, in.m_stride, 1, p.dy ? es : 0};
   p.lines /= row.n;
   --p.n_outer;
@@ -516,7 +517,7 @@ class channel_params {
       for (int32_t i = 0; i < arrays_; ++i) a[i * stride_ + c] = static_cast<acc>(v[i]);
     }
     for (int32_t i = 0; i < arrays_; ++i)
-      for (int64_t k = channels_; k < length_; ++k) a[i * stride_ + k] = a[i * stride_ + k % channels_];
+      for (int64_t k = channels_; k < length_; ++k) a[i * stride_ + k] = a[i * stride_ + k - channels_];
   }
 
   bool wide_ = false;
