@@ -372,11 +372,12 @@ cdef bint fast_param(object p, Py_ssize_t c, double *out, double default):
 
 
 def normalize_fast(object x, object mean, object variance, object gamma, object beta,
-                   object axis, object epsilon):
+                   object axis, object epsilon, bint keep_params=False):
     """``cbn.ops.batch_normalization`` for its common small call — a float32 or float64
     ndarray, an int axis, 1-D float32/float64 parameters of at most 64 channels, a
     float epsilon >= 0, no ``out`` — or None when the call is anything else (the
-    caller then takes the general path, which validates and explains)."""
+    caller then takes the general path, which validates and explains). With
+    keep_params, returns (y, the float64 parameters used as a (4, C) array)."""
     if type(x) is not np.ndarray or type(axis) is not int or type(epsilon) is not float:
         return None
     cdef cnp.ndarray a = <cnp.ndarray>x
@@ -425,6 +426,8 @@ def normalize_fast(object x, object mean, object variance, object gamma, object 
             st = bn_normalize(&xd.t, &yd.t, axes, 1, params, params + c, params + 2 * c,
                               params + 3 * c, eps)
     check(st)
+    if keep_params:
+        return y, np.asarray(<double[:4 * c]>params).reshape(4, c).copy()
     return y
 
 
