@@ -507,8 +507,9 @@ static void copy_buffer(buffer *to, const buffer *from) {
 static const char *const kDtypeNames[] = {"float32", "float64", "float16", "bfloat16"};
 
 /* One layout case in one dtype: its buffers, pristine copies of the inputs and
- * the float64 references. The backward's dy is laid out like x and dx like y;
- * an in-place case writes dx into dy. */
+ * the float64 references. The backward's dx is laid out like y, and dy like y
+ * where the case gives y strides of its own (a layout other than x's), else like
+ * x (so with x's zero and negative strides); an in-place case writes dx into dy. */
 typedef struct {
   const layout_case *lc;
   buffer x, x_pristine, y, mask, dy, dy_pristine, dx;
@@ -537,8 +538,9 @@ static void test_case_make(test_case *tc, const layout_case *lc, bn_dtype dt) {
   tc->lc = lc;
   make_case_buffer(&tc->x, lc, dt, lc->x_strides);
   make_case_buffer(&tc->x_pristine, lc, dt, lc->x_strides);
-  make_case_buffer(&tc->dy, lc, dt, lc->x_strides);
-  make_case_buffer(&tc->dy_pristine, lc, dt, lc->x_strides);
+  const int64_t *dy_strides = all_zero(lc->y_strides, lc->rank) ? lc->x_strides : lc->y_strides;
+  make_case_buffer(&tc->dy, lc, dt, dy_strides);
+  make_case_buffer(&tc->dy_pristine, lc, dt, dy_strides);
   if (lc->in_place) {
     tc->y = tc->x;
     tc->dx = tc->dy;
@@ -665,6 +667,7 @@ enum { kShards = 3 };
 typedef struct {
   int64_t shape[kMaxCaseRank], mask_shape[kMaxCaseRank];
   bn_tensor x, dy, dx, mask;
+  const bn_tensor *mask_t; /* NULL or &mask */
 } shard;
 
 /* t restricted to [first, first + n) along axis. */
@@ -691,9 +694,12 @@ static int make_shards(const test_case *tc, shard *shards) {
     s->x = slice_of(&tc->x.t, s->shape, axis, first[i], count[i]);
     s->dy = slice_of(&tc->dy.t, s->shape, axis, first[i], count[i]);
     s->dx = slice_of(&tc->dx.t, s->shape, axis, first[i], count[i]);
-    if (tc->mask_t)
+    s->mask_t = NULL;
+    if (tc->mask_t) {
       s->mask = tc->mask_t->shape[axis] == 1 ? *tc->mask_t
                                              : slice_of(tc->mask_t, s->mask_shape, axis, first[i], count[i]);
+      s->mask_t = &s->mask;
+    }
   }
   return 1;
 }
@@ -720,8 +726,8 @@ static void check_shards(test_case *tc, const char *what) {
              shifted ? "shift" : "no shift");
     memset(total, 0, (size_t)(3 * C) * sizeof(double));
     for (int i = 0; i < kShards; ++i) {
-      CHECK(bn_moments_partial(&shards[i].x, lc->axes, lc->n_axes, tc->mask_t ? &shards[i].mask : NULL,
-                               shifted ? shift : NULL, partial) == BN_OK,
+      CHECK(bn_moments_partial(&shards[i].x, lc->axes, lc->n_axes, shards[i].mask_t, shifted ? shift : NULL,
+                               partial) == BN_OK,
             "%s: shard %d: %s", label, i, bn_last_error());
       for (int64_t j = 0; j < 3 * C; ++j) total[j] += partial[j];
     }
@@ -733,16 +739,15 @@ static void check_shards(test_case *tc, const char *what) {
   snprintf(label, sizeof label, "%s, shards: backward_sums/apply", what);
   memset(total, 0, (size_t)(3 * C) * sizeof(double));
   for (int i = 0; i < kShards; ++i) {
-    CHECK(bn_backward_sums(&shards[i].dy, &shards[i].x, lc->axes, lc->n_axes, tc->mask_t ? &shards[i].mask : NULL,
-                           r->mean, r->variance, tc->epsilon, partial, partial + C, partial + 2 * C) == BN_OK,
+    CHECK(bn_backward_sums(&shards[i].dy, &shards[i].x, lc->axes, lc->n_axes, shards[i].mask_t, r->mean,
+                           r->variance, tc->epsilon, partial, partial + C, partial + 2 * C) == BN_OK,
           "%s: shard %d: %s", label, i, bn_last_error());
     for (int64_t j = 0; j < 3 * C; ++j) total[j] += partial[j];
   }
   check_grad_sums(label, r, &tc->g, tc->x.t.dtype, total + C, total + 2 * C, total);
   for (int i = 0; i < kShards; ++i)
-    CHECK(bn_backward_apply(&shards[i].dy, &shards[i].x, &shards[i].dx, lc->axes, lc->n_axes,
-                            tc->mask_t ? &shards[i].mask : NULL, r->mean, r->variance, tc->gamma, tc->epsilon,
-                            total, total + C, total + 2 * C) == BN_OK,
+    CHECK(bn_backward_apply(&shards[i].dy, &shards[i].x, &shards[i].dx, lc->axes, lc->n_axes, shards[i].mask_t,
+                            r->mean, r->variance, tc->gamma, tc->epsilon, total, total + C, total + 2 * C) == BN_OK,
           "%s: shard %d: %s", label, i, bn_last_error());
   check_dx(label, &tc->dx.t, r, tc->g.dx_training, tc->g.dx_scale, tc->gamma);
 
@@ -779,6 +784,8 @@ static const layout_case kChunkedCases[] = {
     {"NCHW in chunks of channels", 4, {4, 257, 8, 8}, {0}, {0}, 1, {1}, 0, {0}, 0, 0, 3.0, 4.0},
     {"NCHW in chunks, mask (N, 1, H, W)", 4, {4, 257, 8, 8}, {0}, {0}, 1, {1}, 4, {4, 1, 8, 8}, 0, 0, 3.0, 4.0},
     {"NCHW in chunks, mask x's shape", 4, {4, 257, 8, 8}, {0}, {0}, 1, {1}, 4, {4, 257, 8, 8}, 5, 0, 3.0, 4.0},
+    {"NCHW in chunks, C reversed, y NHWC", 4, {4, 257, 8, 8}, {16448, -64, 8, 1}, {16448, 1, 2056, 257}, 1, {1},
+     0, {0}, 0, 0, 3.0, 4.0},
 };
 
 static void test_layouts(void) {
