@@ -1,5 +1,6 @@
 // bn_core from C++: inference on an NHWC batch with given statistics, then a
-// training step of a BatchNorm layer; both checked against a plain loop.
+// training step of a BatchNorm layer, forward and backward; all checked against
+// a plain loop.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -53,13 +54,33 @@ int main() {
     moving_error = std::fmax(moving_error, std::fabs(layer.moving_mean[c] - 0.1 * batch_mean[c]));
     moving_error = std::fmax(moving_error, std::fabs(layer.moving_variance[c] - (0.9 + 0.1 * batch_variance[c])));
   }
-  const double training_error = worst_error(y, [&](int i, int c) {
-    return (x[i] - batch_mean[c]) / std::sqrt(batch_variance[c] + epsilon);
-  });
+  auto xhat = [&](int i) { return (x[i] - batch_mean[i % C]) / std::sqrt(batch_variance[i % C] + epsilon); };
+  const double training_error = worst_error(y, [&](int i, int) { return xhat(i); });
 
-  std::printf("largest errors against the plain loop: inference %.2g, training %.2g, moving statistics %.2g\n",
-              inference_error, training_error, moving_error);
-  const bool ok = inference_error < 1e-5 && training_error < 1e-5 && moving_error < 1e-9;
+  // Its backward for a gradient dy of y (gamma = 1): dbeta = Σdy, dgamma = Σdy·x̂ and
+  // dx = (dy - (dbeta + x̂·dgamma) / n) / sqrt(variance + epsilon), n per channel.
+  std::vector<float> dy(size), dx(size);
+  for (int i = 0; i < size; ++i) dy[i] = static_cast<float>((i * 5 % 7 - 3) * 0.25);
+  layer.backward(bn_core::nhwc(dy.data(), N, H, W, C), bn_core::nhwc(dx.data(), N, H, W, C));
+  std::vector<double> dbeta(C, 0.0), dgamma(C, 0.0);
+  for (int i = 0; i < size; ++i) {
+    dbeta[i % C] += dy[i];
+    dgamma[i % C] += dy[i] * xhat(i);
+  }
+  double gradient_error = worst_error(dx, [&](int i, int c) {
+    return (dy[i] - (dbeta[c] + xhat(i) * dgamma[c]) / per_channel) / std::sqrt(batch_variance[c] + epsilon);
+  });
+  for (int c = 0; c < C; ++c) {
+    gradient_error = std::fmax(gradient_error, std::fabs(layer.dbeta[c] - dbeta[c]));
+    gradient_error = std::fmax(gradient_error, std::fabs(layer.dgamma[c] - dgamma[c]));
+  }
+  std::printf("backward: dx[0..2] = %.4f %.4f %.4f, dgamma[0] %.4f, dbeta[0] %.4f\n", dx[0], dx[1], dx[2],
+              layer.dgamma[0], layer.dbeta[0]);
+
+  std::printf("largest errors against the plain loop: inference %.2g, training %.2g, moving statistics %.2g, "
+              "backward %.2g\n",
+              inference_error, training_error, moving_error, gradient_error);
+  const bool ok = inference_error < 1e-5 && training_error < 1e-5 && moving_error < 1e-9 && gradient_error < 1e-5;
   std::printf("%s\n", ok ? "OK" : "MISMATCH");
   return ok ? 0 : 1;
 }

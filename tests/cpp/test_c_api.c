@@ -1,8 +1,11 @@
 /* C99 tests of the bn_core C API. Every result is compared with a
  * double-precision loop written here (odometer over the tensor's own strides,
- * two-pass moments), on many layouts, strides, masks and all four dtypes, on
- * every SIMD level this CPU has and on 1 and 2 threads; then every error
- * status, each with a non-empty bn_last_error(). */
+ * two-pass moments, the backward's formulas with compensated sums), on many
+ * layouts, strides, masks and all four dtypes, on every SIMD level this CPU has
+ * and on 1 and 2 threads: moments, normalization, the training forward (also in
+ * chunks of channels, under small cache sizes), the backward, and the
+ * distributed phases on the batch cut into shards (one empty). Then hand-derived
+ * values, and every error status, each with a non-empty bn_last_error(). */
 #include <float.h>
 #include <inttypes.h>
 #include <math.h>
@@ -264,8 +267,11 @@ static double output_tolerance(bn_dtype dt) {
   }
 }
 
+/* finalized_shift: the shift K when the moments come from bn_moments_finalize
+ * (NULL otherwise), whose S2 - S1^2/N cancels N (mean - K)^2: a few roundings
+ * of (mean - K)^2 more in the variance. */
 static int check_moments(const char *what, const reference *r, bn_dtype dt, const double *mean,
-                         const double *variance, const double *count) {
+                         const double *variance, const double *count, const double *finalized_shift) {
   const double tol = stat_tolerance(dt);
   int ok = 1;
   for (int64_t c = 0; c < r->channels; ++c) {
@@ -273,8 +279,10 @@ static int check_moments(const char *what, const reference *r, bn_dtype dt, cons
     /* Errors relative to the spread, plus the float64 merge's floor of a few
      * roundings of the mean (what remains at mean/std = 1e4 in float64). */
     const double merge_floor = 8 * DBL_EPSILON * fabs(r->mean[c]);
+    const double offset = finalized_shift ? r->mean[c] - finalized_shift[c] : 0.0;
+    const double cancel_floor = 8 * DBL_EPSILON * offset * offset;
     const double mean_err = fabs(mean[c] - r->mean[c]), var_err = fabs(variance[c] - r->variance[c]);
-    if (mean_err > tol * sd + merge_floor || var_err > tol * r->variance[c] + merge_floor * sd ||
+    if (mean_err > tol * sd + merge_floor || var_err > tol * r->variance[c] + merge_floor * sd + cancel_floor ||
         (count && count[c] != r->count[c])) {
       ok = 0;
       CHECK(0, "%s: channel %" PRId64 ": mean %.17g var %.17g count %g; expected %.17g %.17g %g", what, c,
@@ -305,6 +313,123 @@ static void check_output(const char *what, const bn_tensor *x_ref, const bn_tens
       return;
     }
   } while (next_index(x_ref->rank, x_ref->shape, idx));
+}
+
+/* The backward in float64 (bn_core.h's formulas) from pristine dy and x, with the
+ * reference statistics, for gamma = 1 (the checks scale by gamma). */
+typedef struct {
+  double *sum_dy, *sum_dy_xhat;   /* per channel, over every position */
+  double *abs_dy, *abs_dy_xhat;   /* Σ|dy|, Σ|dy·x̂|: the scale of the sums' rounding */
+  double *dx_training, *dx_fixed; /* per element, row-major over the shape */
+  double *dx_scale;               /* per element: the magnitude of the terms dx_training adds up */
+} reference_grad;
+
+/* Neumaier's compensated sum: *sum + *carry is the sum of everything added to
+ * within a rounding or two, whatever the count (a plain float64 loop over 40000
+ * values strays further than the library's blocked sums). */
+static void add_compensated(double *sum, double *carry, double v) {
+  const double t = *sum + v;
+  *carry += fabs(*sum) >= fabs(v) ? (*sum - t) + v : (v - t) + *sum;
+  *sum = t;
+}
+
+static void reference_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *mask,
+                               const reference *r, double epsilon, reference_grad *g) {
+  const int64_t elements = element_count(x->rank, x->shape);
+  /* One spare entry each: never calloc(0). */
+  g->sum_dy = calloc((size_t)r->channels + 1, sizeof(double));
+  g->sum_dy_xhat = calloc((size_t)r->channels + 1, sizeof(double));
+  g->abs_dy = calloc((size_t)r->channels + 1, sizeof(double));
+  g->abs_dy_xhat = calloc((size_t)r->channels + 1, sizeof(double));
+  g->dx_training = calloc((size_t)elements + 1, sizeof(double));
+  g->dx_fixed = calloc((size_t)elements + 1, sizeof(double));
+  g->dx_scale = calloc((size_t)elements + 1, sizeof(double));
+  double *carry_dy = calloc((size_t)r->channels + 1, sizeof(double));
+  double *carry_dy_xhat = calloc((size_t)r->channels + 1, sizeof(double));
+  for (int pass = 0; pass < 2 && elements > 0; ++pass) {
+    int64_t idx[BN_MAX_RANK] = {0}, k = 0;
+    do {
+      const int64_t c = channel_of(x->rank, x->shape, r->is_channel, idx);
+      const double s = 1.0 / sqrt(r->variance[c] + epsilon);
+      const double xhat = (load((const char *)x->data + offset_of(x, idx), x->dtype) - r->mean[c]) * s;
+      const double d = load((const char *)dy->data + offset_of(dy, idx), dy->dtype);
+      if (pass == 0) {
+        add_compensated(&g->sum_dy[c], &carry_dy[c], d);
+        add_compensated(&g->sum_dy_xhat[c], &carry_dy_xhat[c], d * xhat);
+        g->abs_dy[c] += fabs(d);
+        g->abs_dy_xhat[c] += fabs(d * xhat);
+      } else {
+        /* w / N, and 0 for a channel with no used position (w = 0 there). */
+        const int used = !mask || ((const uint8_t *)mask->data)[offset_of(mask, idx)];
+        const double w = used && r->count[c] > 0 ? 1.0 / r->count[c] : 0.0;
+        g->dx_training[k] = s * (d - w * (g->sum_dy[c] + xhat * g->sum_dy_xhat[c]));
+        g->dx_scale[k] = s * (fabs(d) + w * (g->abs_dy[c] + fabs(xhat) * g->abs_dy_xhat[c]));
+        g->dx_fixed[k] = s * d;
+      }
+      ++k;
+    } while (next_index(x->rank, x->shape, idx));
+    if (pass == 0)
+      for (int64_t c = 0; c < r->channels; ++c) {
+        g->sum_dy[c] += carry_dy[c];
+        g->sum_dy_xhat[c] += carry_dy_xhat[c];
+      }
+  }
+  free(carry_dy);
+  free(carry_dy_xhat);
+}
+
+static void reference_grad_free(reference_grad *g) {
+  free(g->sum_dy);
+  free(g->sum_dy_xhat);
+  free(g->abs_dy);
+  free(g->abs_dy_xhat);
+  free(g->dx_training);
+  free(g->dx_fixed);
+  free(g->dx_scale);
+}
+
+/* The sums of <= 32-bit data are float32 blocks of Σdy and Σdy·x̂ folded into
+ * float64, like the moments: stat_tolerance of the sums of magnitudes. */
+static void check_grad_sums(const char *what, const reference *r, const reference_grad *g, bn_dtype dt,
+                            const double *sum_dy, const double *sum_dy_xhat, const double *count) {
+  const double tol = stat_tolerance(dt);
+  for (int64_t c = 0; c < r->channels; ++c) {
+    if (fabs(sum_dy[c] - g->sum_dy[c]) > tol * g->abs_dy[c] ||
+        fabs(sum_dy_xhat[c] - g->sum_dy_xhat[c]) > tol * g->abs_dy_xhat[c] || (count && count[c] != r->count[c])) {
+      CHECK(0, "%s: channel %" PRId64 ": sum_dy %.17g sum_dy_xhat %.17g count %g; expected %.17g %.17g %g", what,
+            c, sum_dy[c], sum_dy_xhat[c], count ? count[c] : -1.0, g->sum_dy[c], g->sum_dy_xhat[c], r->count[c]);
+      return;
+    }
+  }
+  ++checks;
+}
+
+/* dx adds terms that hold the channel's sums (their rounding: stat_tolerance of
+ * the terms' magnitudes) and is rounded once to its format. */
+static double grad_tolerance(bn_dtype dt) { return stat_tolerance(dt) + output_tolerance(dt); }
+
+/* dx against gamma times the reference's per-element values (gamma NULL: 1),
+ * within grad_tolerance of gamma times scale (NULL: |expected|); below float16's
+ * smallest spacing (2^-24, subnormal) its rounding is absolute. */
+static void check_dx(const char *what, const bn_tensor *dx, const reference *r, const double *expected,
+                     const double *scale, const double *gamma) {
+  const double tol = grad_tolerance(dx->dtype), floor = dx->dtype == BN_FLOAT16 ? ldexp(1, -24) : 0.0;
+  int64_t idx[BN_MAX_RANK] = {0}, k = 0;
+  ++checks;
+  if (element_count(dx->rank, dx->shape) == 0) return;
+  do {
+    const int64_t c = channel_of(dx->rank, dx->shape, r->is_channel, idx);
+    const double g = gamma ? gamma[c] : 1.0, want = g * expected[k];
+    const double bound = tol * fabs(g) * (scale ? scale[k] : fabs(expected[k])) + floor;
+    const double got = load((const char *)dx->data + offset_of(dx, idx), dx->dtype);
+    if (!(fabs(got - want) <= bound)) {
+      ++failures;
+      fprintf(stderr, "FAIL %s: dx at channel %" PRId64 ", element %" PRId64 " is %.17g; expected %.17g\n", what,
+              c, k, got, want);
+      return;
+    }
+    ++k;
+  } while (next_index(dx->rank, dx->shape, idx));
 }
 
 /* ---- layout cases -------------------------------------------------------------- */
@@ -381,85 +506,287 @@ static void copy_buffer(buffer *to, const buffer *from) {
 
 static const char *const kDtypeNames[] = {"float32", "float64", "float16", "bfloat16"};
 
-static void run_case(const layout_case *lc, bn_dtype dt, const bn_isa *isas, int n_isas) {
-  char what[256];
-  unsigned seed = 2024u;
-  buffer x, x_pristine, y, mask;
-  make_case_buffer(&x, lc, dt, lc->x_strides);
-  make_case_buffer(&x_pristine, lc, dt, lc->x_strides);
-  if (lc->in_place) y = x;
-  else make_case_buffer(&y, lc, dt, lc->y_strides);
-  /* Every byte of the allocation gets a value, so broadcast and reversed views read data. */
+/* One layout case in one dtype: its buffers, pristine copies of the inputs and
+ * the float64 references. The backward's dx is laid out like y, and dy like y
+ * where the case gives y strides of its own (a layout other than x's), else like
+ * x (so with x's zero and negative strides); an in-place case writes dx into dy. */
+typedef struct {
+  const layout_case *lc;
+  buffer x, x_pristine, y, mask, dy, dy_pristine, dx;
+  const bn_tensor *mask_t; /* NULL or &mask.t */
+  reference r;
+  reference_grad g;
+  /* C values each, plus a spare entry: never malloc(0). */
+  double *gamma, *beta, *mean, *variance, *count, *sum_dy, *sum_dy_xhat;
+  double epsilon;
+} test_case;
+
+static double *channel_array(const reference *r, int64_t per_channel) {
+  return calloc((size_t)(per_channel * r->channels + 1), sizeof(double));
+}
+
+/* Every byte of an allocation gets a value, so broadcast and reversed views read data. */
+static void fill_buffer(buffer *b, double offset, double spread, unsigned *seed) {
+  const bn_dtype dt = b->t.dtype;
   const int64_t es = element_size(dt);
-  for (int64_t i = 0; i < x.span / es; ++i)
-    store(x_pristine.allocation + i * es, dt, lc->offset + lc->spread * (uniform(&seed) - 0.5));
-  const bn_tensor *mask_t = NULL;
+  for (int64_t i = 0; i < b->span / es; ++i)
+    store(b->allocation + i * es, dt, offset + spread * (uniform(seed) - 0.5));
+}
+
+static void test_case_make(test_case *tc, const layout_case *lc, bn_dtype dt) {
+  unsigned seed = 2024u;
+  tc->lc = lc;
+  make_case_buffer(&tc->x, lc, dt, lc->x_strides);
+  make_case_buffer(&tc->x_pristine, lc, dt, lc->x_strides);
+  const int64_t *dy_strides = all_zero(lc->y_strides, lc->rank) ? lc->x_strides : lc->y_strides;
+  make_case_buffer(&tc->dy, lc, dt, dy_strides);
+  make_case_buffer(&tc->dy_pristine, lc, dt, dy_strides);
+  if (lc->in_place) {
+    tc->y = tc->x;
+    tc->dx = tc->dy;
+  } else {
+    make_case_buffer(&tc->y, lc, dt, lc->y_strides);
+    make_case_buffer(&tc->dx, lc, dt, lc->y_strides);
+  }
+  fill_buffer(&tc->x_pristine, lc->offset, lc->spread, &seed);
+  fill_buffer(&tc->dy_pristine, 0.2, 1.0, &seed); /* Σdy is not 0 */
+  tc->mask_t = NULL;
   if (lc->mask_rank) {
     int64_t contiguous[kMaxCaseRank];
     contiguous_strides(lc->mask_rank, lc->mask_shape, contiguous);
-    buffer_make(&mask, BN_UINT8, lc->mask_rank, lc->mask_shape, contiguous);
-    for (int64_t i = 0; i < mask.span; ++i)
-      mask.allocation[i] = (char)(lc->mask_period > 0 ? i % lc->mask_period != 0 : uniform(&seed) > 0.3);
-    mask_t = &mask.t;
+    buffer_make(&tc->mask, BN_UINT8, lc->mask_rank, lc->mask_shape, contiguous);
+    for (int64_t i = 0; i < tc->mask.span; ++i)
+      tc->mask.allocation[i] = (char)(lc->mask_period > 0 ? i % lc->mask_period != 0 : uniform(&seed) > 0.3);
+    tc->mask_t = &tc->mask.t;
   }
 
-  reference r;
-  reference_moments(&x_pristine.t, lc->axes, lc->n_axes, mask_t, &r);
-  /* One spare entry each: never malloc(0). */
-  double *gamma = malloc((size_t)(r.channels + 1) * sizeof(double));
-  double *beta = malloc((size_t)(r.channels + 1) * sizeof(double));
-  double *mean = malloc((size_t)(r.channels + 1) * sizeof(double));
-  double *variance = malloc((size_t)(r.channels + 1) * sizeof(double));
-  double *count = malloc((size_t)(r.channels + 1) * sizeof(double));
-  for (int64_t c = 0; c < r.channels; ++c) {
-    gamma[c] = 0.5 + uniform(&seed);
-    beta[c] = uniform(&seed) - 0.5;
+  tc->epsilon = 1e-3;
+  reference_moments(&tc->x_pristine.t, lc->axes, lc->n_axes, tc->mask_t, &tc->r);
+  reference_backward(&tc->dy_pristine.t, &tc->x_pristine.t, tc->mask_t, &tc->r, tc->epsilon, &tc->g);
+  tc->gamma = channel_array(&tc->r, 1);
+  tc->beta = channel_array(&tc->r, 1);
+  tc->mean = channel_array(&tc->r, 1);
+  tc->variance = channel_array(&tc->r, 1);
+  tc->count = channel_array(&tc->r, 1);
+  tc->sum_dy = channel_array(&tc->r, 1);
+  tc->sum_dy_xhat = channel_array(&tc->r, 1);
+  for (int64_t c = 0; c < tc->r.channels; ++c) {
+    tc->gamma[c] = 0.5 + uniform(&seed);
+    tc->beta[c] = uniform(&seed) - 0.5;
   }
-  const double epsilon = 1e-3;
+}
 
+static void test_case_free(test_case *tc) {
+  free(tc->gamma);
+  free(tc->beta);
+  free(tc->mean);
+  free(tc->variance);
+  free(tc->count);
+  free(tc->sum_dy);
+  free(tc->sum_dy_xhat);
+  reference_grad_free(&tc->g);
+  reference_free(&tc->r);
+  if (tc->lc->mask_rank) free(tc->mask.allocation);
+  if (!tc->lc->in_place) {
+    free(tc->y.allocation);
+    free(tc->dx.allocation);
+  }
+  free(tc->dy_pristine.allocation);
+  free(tc->dy.allocation);
+  free(tc->x_pristine.allocation);
+  free(tc->x.allocation);
+}
+
+static void check_forward(test_case *tc, const char *what) {
+  const layout_case *lc = tc->lc;
+  const reference *r = &tc->r;
+  const bn_dtype dt = tc->x.t.dtype;
+  copy_buffer(&tc->x, &tc->x_pristine);
+  CHECK(bn_moments(&tc->x.t, lc->axes, lc->n_axes, tc->mask_t, tc->mean, tc->variance, tc->count) == BN_OK,
+        "%s: moments: %s", what, bn_last_error());
+  check_moments(what, r, dt, tc->mean, tc->variance, tc->count, NULL);
+
+  /* Inference with the reference statistics, with and without gamma/beta. */
+  CHECK(bn_normalize(&tc->x.t, &tc->y.t, lc->axes, lc->n_axes, r->mean, r->variance, tc->gamma, tc->beta,
+                     tc->epsilon) == BN_OK,
+        "%s: normalize: %s", what, bn_last_error());
+  check_output(what, &tc->x_pristine.t, &tc->y.t, r, r->mean, r->variance, tc->gamma, tc->beta, tc->epsilon);
+  copy_buffer(&tc->x, &tc->x_pristine);
+  CHECK(bn_normalize(&tc->x.t, &tc->y.t, lc->axes, lc->n_axes, r->mean, r->variance, NULL, NULL, tc->epsilon) ==
+            BN_OK,
+        "%s: normalize: %s", what, bn_last_error());
+  check_output(what, &tc->x_pristine.t, &tc->y.t, r, r->mean, r->variance, NULL, NULL, tc->epsilon);
+
+  copy_buffer(&tc->x, &tc->x_pristine);
+  CHECK(bn_train_forward(&tc->x.t, &tc->y.t, lc->axes, lc->n_axes, tc->mask_t, tc->gamma, tc->beta, tc->epsilon,
+                         tc->mean, tc->variance) == BN_OK,
+        "%s: train_forward: %s", what, bn_last_error());
+  /* y must be normalized with the statistics returned (checked just above). */
+  if (check_moments(what, r, dt, tc->mean, tc->variance, NULL, NULL))
+    check_output(what, &tc->x_pristine.t, &tc->y.t, r, tc->mean, tc->variance, tc->gamma, tc->beta, tc->epsilon);
+}
+
+/* bn_backward with the reference statistics: through them with and without
+ * gamma and the sums, and with them fixed. */
+static void check_backward(test_case *tc, const char *what) {
+  const layout_case *lc = tc->lc;
+  const reference *r = &tc->r;
+  const reference_grad *g = &tc->g;
+  const bn_dtype dt = tc->x.t.dtype;
+  char label[320];
+  copy_buffer(&tc->x, &tc->x_pristine); /* an in-place forward left y there */
+
+  snprintf(label, sizeof label, "%s, backward (training)", what);
+  copy_buffer(&tc->dy, &tc->dy_pristine);
+  CHECK(bn_backward(&tc->dy.t, &tc->x.t, &tc->dx.t, lc->axes, lc->n_axes, tc->mask_t, r->mean, r->variance,
+                    tc->gamma, tc->epsilon, 1, tc->sum_dy, tc->sum_dy_xhat) == BN_OK,
+        "%s: %s", label, bn_last_error());
+  check_grad_sums(label, r, g, dt, tc->sum_dy, tc->sum_dy_xhat, NULL);
+  check_dx(label, &tc->dx.t, r, g->dx_training, g->dx_scale, tc->gamma);
+
+  snprintf(label, sizeof label, "%s, backward (training, no gamma, no sums)", what);
+  copy_buffer(&tc->dy, &tc->dy_pristine);
+  CHECK(bn_backward(&tc->dy.t, &tc->x.t, &tc->dx.t, lc->axes, lc->n_axes, tc->mask_t, r->mean, r->variance, NULL,
+                    tc->epsilon, 1, NULL, NULL) == BN_OK,
+        "%s: %s", label, bn_last_error());
+  check_dx(label, &tc->dx.t, r, g->dx_training, g->dx_scale, NULL);
+
+  snprintf(label, sizeof label, "%s, backward (fixed statistics)", what);
+  copy_buffer(&tc->dy, &tc->dy_pristine);
+  CHECK(bn_backward(&tc->dy.t, &tc->x.t, &tc->dx.t, lc->axes, lc->n_axes, tc->mask_t, r->mean, r->variance,
+                    tc->gamma, tc->epsilon, 0, tc->sum_dy, tc->sum_dy_xhat) == BN_OK,
+        "%s: %s", label, bn_last_error());
+  check_grad_sums(label, r, g, dt, tc->sum_dy, tc->sum_dy_xhat, NULL);
+  check_dx(label, &tc->dx.t, r, g->dx_fixed, NULL, tc->gamma);
+}
+
+/* ---- distributed phases: the batch in shards, as on several ranks ------------------ */
+
+enum { kShards = 3 };
+
+typedef struct {
+  int64_t shape[kMaxCaseRank], mask_shape[kMaxCaseRank];
+  bn_tensor x, dy, dx, mask;
+  const bn_tensor *mask_t; /* NULL or &mask */
+} shard;
+
+/* t restricted to [first, first + n) along axis. */
+static bn_tensor slice_of(const bn_tensor *t, int64_t *shape, int32_t axis, int64_t first, int64_t n) {
+  bn_tensor s = *t;
+  memcpy(shape, t->shape, (size_t)t->rank * sizeof *shape);
+  shape[axis] = n;
+  s.shape = shape;
+  /* An empty slice keeps t's pointer: first may be one past the end. */
+  if (n > 0) s.data = (char *)t->data + first * t->strides[axis];
+  return s;
+}
+
+/* The case's tensors split along the first reduced axis (size n) into [0, h),
+ * [h, h) (an empty rank) and [h, n). Returns 0 when every axis is a channel axis. */
+static int make_shards(const test_case *tc, shard *shards) {
+  int32_t axis = 0;
+  while (axis < tc->lc->rank && tc->r.is_channel[axis]) ++axis;
+  if (axis == tc->lc->rank) return 0;
+  const int64_t n = tc->lc->shape[axis], h = (n + 1) / 2;
+  const int64_t first[kShards] = {0, h, h}, count[kShards] = {h, 0, n - h};
+  for (int i = 0; i < kShards; ++i) {
+    shard *s = &shards[i];
+    s->x = slice_of(&tc->x.t, s->shape, axis, first[i], count[i]);
+    s->dy = slice_of(&tc->dy.t, s->shape, axis, first[i], count[i]);
+    s->dx = slice_of(&tc->dx.t, s->shape, axis, first[i], count[i]);
+    s->mask_t = NULL;
+    if (tc->mask_t) {
+      s->mask = tc->mask_t->shape[axis] == 1 ? *tc->mask_t
+                                             : slice_of(tc->mask_t, s->mask_shape, axis, first[i], count[i]);
+      s->mask_t = &s->mask;
+    }
+  }
+  return 1;
+}
+
+/* The shards' partial moments and backward sums, added up as an allreduce would,
+ * must give the whole batch's moments, sums and dx. */
+static void check_shards(test_case *tc, const char *what) {
+  const layout_case *lc = tc->lc;
+  const reference *r = &tc->r;
+  const int64_t C = r->channels;
+  shard shards[kShards];
+  if (!make_shards(tc, shards)) return;
+  /* 3 C values: counts, then the two sums (moments: S1, S2; backward: Σdy, Σdy·x̂). */
+  double *partial = channel_array(r, 3), *total = channel_array(r, 3);
+  /* Shifts: none (0), and a moving mean half a standard deviation off the mean. */
+  double *no_shift = channel_array(r, 1), *shift = channel_array(r, 1);
+  for (int64_t c = 0; c < C; ++c) shift[c] = r->mean[c] + 0.5 * sqrt(r->variance[c]);
+  char label[320];
+  copy_buffer(&tc->x, &tc->x_pristine);
+  copy_buffer(&tc->dy, &tc->dy_pristine); /* an in-place backward left dx there */
+
+  for (int shifted = 0; shifted < 2; ++shifted) {
+    snprintf(label, sizeof label, "%s, shards: moments_partial/finalize (%s)", what,
+             shifted ? "shift" : "no shift");
+    memset(total, 0, (size_t)(3 * C) * sizeof(double));
+    for (int i = 0; i < kShards; ++i) {
+      CHECK(bn_moments_partial(&shards[i].x, lc->axes, lc->n_axes, shards[i].mask_t, shifted ? shift : NULL,
+                               partial) == BN_OK,
+            "%s: shard %d: %s", label, i, bn_last_error());
+      for (int64_t j = 0; j < 3 * C; ++j) total[j] += partial[j];
+    }
+    CHECK(bn_moments_finalize(C, total, shifted ? shift : NULL, tc->mean, tc->variance) == BN_OK, "%s: %s", label,
+          bn_last_error());
+    check_moments(label, r, tc->x.t.dtype, tc->mean, tc->variance, total, shifted ? shift : no_shift);
+  }
+
+  snprintf(label, sizeof label, "%s, shards: backward_sums/apply", what);
+  memset(total, 0, (size_t)(3 * C) * sizeof(double));
+  for (int i = 0; i < kShards; ++i) {
+    CHECK(bn_backward_sums(&shards[i].dy, &shards[i].x, lc->axes, lc->n_axes, shards[i].mask_t, r->mean,
+                           r->variance, tc->epsilon, partial, partial + C, partial + 2 * C) == BN_OK,
+          "%s: shard %d: %s", label, i, bn_last_error());
+    for (int64_t j = 0; j < 3 * C; ++j) total[j] += partial[j];
+  }
+  check_grad_sums(label, r, &tc->g, tc->x.t.dtype, total + C, total + 2 * C, total);
+  for (int i = 0; i < kShards; ++i)
+    CHECK(bn_backward_apply(&shards[i].dy, &shards[i].x, &shards[i].dx, lc->axes, lc->n_axes, shards[i].mask_t,
+                            r->mean, r->variance, tc->gamma, tc->epsilon, total, total + C, total + 2 * C) == BN_OK,
+          "%s: shard %d: %s", label, i, bn_last_error());
+  check_dx(label, &tc->dx.t, r, tc->g.dx_training, tc->g.dx_scale, tc->gamma);
+
+  free(partial);
+  free(total);
+  free(no_shift);
+  free(shift);
+}
+
+static void run_case(const layout_case *lc, bn_dtype dt, const bn_isa *isas, int n_isas) {
+  test_case tc;
+  test_case_make(&tc, lc, dt);
   for (int i = 0; i < n_isas; ++i) {
     CHECK(bn_set_isa(isas[i]) == BN_OK, "set %s: %s", bn_isa_name(isas[i]), bn_last_error());
     for (int32_t threads = 1; threads <= 2; ++threads) {
+      char what[256];
       bn_set_num_threads(threads);
-      snprintf(what, sizeof what, "%s, %s, %s, %d thread(s)", lc->name, kDtypeNames[dt],
-               bn_isa_name(isas[i]), (int)threads);
-
-      copy_buffer(&x, &x_pristine);
-      CHECK(bn_moments(&x.t, lc->axes, lc->n_axes, mask_t, mean, variance, count) == BN_OK, "%s: moments: %s",
-            what, bn_last_error());
-      check_moments(what, &r, dt, mean, variance, count);
-
-      /* Inference with the reference statistics, with and without gamma/beta. */
-      CHECK(bn_normalize(&x.t, &y.t, lc->axes, lc->n_axes, r.mean, r.variance, gamma, beta, epsilon) == BN_OK,
-            "%s: normalize: %s", what, bn_last_error());
-      check_output(what, &x_pristine.t, &y.t, &r, r.mean, r.variance, gamma, beta, epsilon);
-      copy_buffer(&x, &x_pristine);
-      CHECK(bn_normalize(&x.t, &y.t, lc->axes, lc->n_axes, r.mean, r.variance, NULL, NULL, epsilon) == BN_OK,
-            "%s: normalize: %s", what, bn_last_error());
-      check_output(what, &x_pristine.t, &y.t, &r, r.mean, r.variance, NULL, NULL, epsilon);
-
-      copy_buffer(&x, &x_pristine);
-      CHECK(bn_train_forward(&x.t, &y.t, lc->axes, lc->n_axes, mask_t, gamma, beta, epsilon, mean, variance) ==
-                BN_OK,
-            "%s: train_forward: %s", what, bn_last_error());
-      /* y must be normalized with the statistics returned (checked just above). */
-      if (check_moments(what, &r, dt, mean, variance, NULL))
-        check_output(what, &x_pristine.t, &y.t, &r, mean, variance, gamma, beta, epsilon);
+      snprintf(what, sizeof what, "%s, %s, %s, %d thread(s)", lc->name, kDtypeNames[dt], bn_isa_name(isas[i]),
+               (int)threads);
+      check_forward(&tc, what);
+      check_backward(&tc, what);
+      check_shards(&tc, what);
     }
   }
   bn_set_num_threads(0);
-
-  free(gamma);
-  free(beta);
-  free(mean);
-  free(variance);
-  free(count);
-  reference_free(&r);
-  if (lc->mask_rank) free(mask.allocation);
-  if (!lc->in_place) free(y.allocation);
-  free(x_pristine.allocation);
-  free(x.allocation);
+  test_case_free(&tc);
 }
+
+/* Channels-first tensors larger than half the L3 train in chunks of channels, one
+ * thread per chunk; under kChunkingCaches these small ones do (257 channels: the
+ * last chunk is shorter; 2^16 elements and more: two threads). */
+static const int64_t kChunkingCaches[2] = {4096, 65536}; /* L2, L3 */
+static const layout_case kChunkedCases[] = {
+    {"NCHW in chunks of channels", 4, {4, 257, 8, 8}, {0}, {0}, 1, {1}, 0, {0}, 0, 0, 3.0, 4.0},
+    {"NCHW in chunks, mask (N, 1, H, W)", 4, {4, 257, 8, 8}, {0}, {0}, 1, {1}, 4, {4, 1, 8, 8}, 0, 0, 3.0, 4.0},
+    {"NCHW in chunks, mask x's shape", 4, {4, 257, 8, 8}, {0}, {0}, 1, {1}, 4, {4, 257, 8, 8}, 5, 0, 3.0, 4.0},
+    {"NCHW in chunks, C reversed, y NHWC", 4, {4, 257, 8, 8}, {16448, -64, 8, 1}, {16448, 1, 2056, 257}, 1, {1},
+     0, {0}, 0, 0, 3.0, 4.0},
+};
 
 static void test_layouts(void) {
   bn_isa isas[3];
@@ -469,6 +796,11 @@ static void test_layouts(void) {
     if (all[i] <= bn_best_isa()) isas[n_isas++] = all[i];
   for (size_t k = 0; k < sizeof kCases / sizeof kCases[0]; ++k)
     for (int dt = BN_FLOAT32; dt <= BN_BFLOAT16; ++dt) run_case(&kCases[k], (bn_dtype)dt, isas, n_isas);
+
+  CHECK(bn_set_cache_bytes(kChunkingCaches[0], kChunkingCaches[1]) == BN_OK, "set cache sizes");
+  for (size_t k = 0; k < sizeof kChunkedCases / sizeof kChunkedCases[0]; ++k)
+    for (int dt = BN_FLOAT32; dt <= BN_BFLOAT16; ++dt) run_case(&kChunkedCases[k], (bn_dtype)dt, isas, n_isas);
+  CHECK(bn_set_cache_bytes(0, 0) == BN_OK, "restore the detected cache sizes");
   CHECK(bn_set_isa(bn_best_isa()) == BN_OK, "restore the best SIMD level");
 }
 
@@ -492,6 +824,82 @@ static void test_hand_values(void) {
   CHECK(fabs(y[0] - (-1.5 * s0 + 1)) < 1e-6 && fabs(y[6] - (1.5 * s0 + 1)) < 1e-6, "y channel 0: %g %g",
         y[0], y[6]);
   CHECK(y[1] == -1.0f && y[7] == 79.0f, "y channel 1 (masked 14 still normalized): %g %g", y[1], y[7]);
+
+  /* The same batch as two ranks of two rows, shift {2, 0}. Rows 0-1: channel 0
+   * {1, 2} (n 2, mean 1.5, M2 0.5) and channel 1 {10, 10}; rows 2-3: {3, 4} (n 2,
+   * mean 3.5, M2 0.5) and {10} (14 masked). Buffers: n, n (mean - K), M2 + n (mean - K)^2. */
+  int64_t half_shape[2] = {2, 2};
+  const bn_tensor top = {x, BN_FLOAT32, 2, half_shape, strides};
+  const bn_tensor bottom = {x + 4, BN_FLOAT32, 2, half_shape, strides};
+  const bn_tensor top_mask = {m, BN_UINT8, 2, half_shape, mstrides};
+  const bn_tensor bottom_mask = {m + 4, BN_UINT8, 2, half_shape, mstrides};
+  const double shift[2] = {2.0, 0.0};
+  const double top_partial[6] = {2, 2, 2 * -0.5, 20, 0.5 + 2 * 0.25, 200};
+  const double bottom_partial[6] = {2, 1, 2 * 1.5, 10, 0.5 + 2 * 2.25, 100};
+  double partial[6], total[6];
+  CHECK(bn_moments_partial(&top, axes, 1, &top_mask, shift, partial) == BN_OK, "%s", bn_last_error());
+  CHECK(memcmp(partial, top_partial, sizeof partial) == 0, "rows 0-1: %g %g %g %g %g %g", partial[0], partial[1],
+        partial[2], partial[3], partial[4], partial[5]);
+  for (int i = 0; i < 6; ++i) total[i] = partial[i];
+  CHECK(bn_moments_partial(&bottom, axes, 1, &bottom_mask, shift, partial) == BN_OK, "%s", bn_last_error());
+  CHECK(memcmp(partial, bottom_partial, sizeof partial) == 0, "rows 2-3: %g %g %g %g %g %g", partial[0],
+        partial[1], partial[2], partial[3], partial[4], partial[5]);
+  for (int i = 0; i < 6; ++i) total[i] += partial[i];
+  /* Summed: n {4, 3}, S1 {2, 30}, S2 {6, 300}: mean 2 + 2/4, variance (6 - 2^2/4)/4;
+   * mean 30/3, variance (300 - 30^2/3)/3. */
+  CHECK(bn_moments_finalize(2, total, shift, mean, var) == BN_OK, "%s", bn_last_error());
+  CHECK(mean[0] == 2.5 && var[0] == 1.25 && mean[1] == 10 && var[1] == 0, "finalized: %g %g %g %g", mean[0],
+        var[0], mean[1], var[1]);
+  /* No position anywhere: 0 and 0. */
+  const double nothing[3] = {0, 0, 0};
+  CHECK(bn_moments_finalize(1, nothing, NULL, mean, var) == BN_OK && mean[0] == 0 && var[0] == 0,
+        "empty channel: %g %g", mean[0], var[0]);
+}
+
+/* Hand-derived backward, rows x 2 channels, the last row masked out of both;
+ * epsilon 0.3125 makes 1/sqrt(variance + epsilon) simple.
+ * Channel 0: x {1, 2, 3, 4 | 9}, mean 2.5, variance 1.25, s = 1/sqrt(1.5625) = 0.8,
+ *   x̂ {-1.2, -0.4, 0.4, 1.2 | 5.2}, dy {0, 0, 0, 1 | 0}: Σdy 1, Σdy·x̂ 1.2; gamma 2:
+ *   dx = 1.6 (dy - (1 + 1.2 x̂)/4) = {0.176, -0.208, -0.592, 0.624 | 0}.
+ * Channel 1: x {-0.5, 0.5, -0.5, 0.5 | 2}, mean 0, variance 0.25, s = 1/sqrt(0.5625) = 4/3,
+ *   x̂ {-2/3, 2/3, -2/3, 2/3 | 8/3}, dy {1, 1, 1, 1 | 3}: Σdy 7 and Σdy·x̂ 0 + 8 = 8 count
+ *   the masked row too; gamma 1: dx = 4/3 (1 - (7 + 8 x̂)/4) = 7/9 at x̂ = -2/3 and -25/9
+ *   at 2/3; the masked row gets s dy = 4.
+ * Fixed statistics: dx = gamma s dy = {0, 4/3, 0, 4/3, 0, 4/3, 1.6, 4/3, 0, 4}. */
+static void test_hand_backward(void) {
+  float x[10] = {1, -0.5f, 2, 0.5f, 3, -0.5f, 4, 0.5f, 9, 2}, dy[10] = {0, 1, 0, 1, 0, 1, 1, 1, 0, 3}, dx[10];
+  uint8_t rows[5] = {1, 1, 1, 1, 0};
+  int64_t shape[2] = {5, 2}, strides[2] = {8, 4}, mask_shape[2] = {5, 1}, mask_strides[2] = {1, 1};
+  const bn_tensor xt = {x, BN_FLOAT32, 2, shape, strides}, dyt = {dy, BN_FLOAT32, 2, shape, strides};
+  const bn_tensor dxt = {dx, BN_FLOAT32, 2, shape, strides}, mt = {rows, BN_UINT8, 2, mask_shape, mask_strides};
+  const int32_t axes[1] = {-1};
+  const double mean[2] = {2.5, 0}, var[2] = {1.25, 0.25}, gamma[2] = {2, 1}, eps = 0.3125;
+  const double training_dx[10] = {0.176, 7.0 / 9, -0.208, -25.0 / 9, -0.592, 7.0 / 9, 0.624, -25.0 / 9, 0, 4};
+  const double fixed_dx[10] = {0, 4.0 / 3, 0, 4.0 / 3, 0, 4.0 / 3, 1.6, 4.0 / 3, 0, 4};
+  double sum_dy[2], sum_dy_xhat[2], count[2];
+
+  /* Any training != 0 goes through the statistics. */
+  CHECK(bn_backward(&dyt, &xt, &dxt, axes, 1, &mt, mean, var, gamma, eps, 2, sum_dy, sum_dy_xhat) == BN_OK, "%s",
+        bn_last_error());
+  CHECK(fabs(sum_dy[0] - 1) < 1e-6 && fabs(sum_dy[1] - 7) < 1e-6 && fabs(sum_dy_xhat[0] - 1.2) < 1e-6 &&
+            fabs(sum_dy_xhat[1] - 8) < 1e-6,
+        "sums %g %g %g %g", sum_dy[0], sum_dy[1], sum_dy_xhat[0], sum_dy_xhat[1]);
+  for (int i = 0; i < 10; ++i) CHECK(fabs(dx[i] - training_dx[i]) < 1e-6, "training dx[%d] %g", i, dx[i]);
+
+  /* The two distributed phases on one rank give the same. */
+  CHECK(bn_backward_sums(&dyt, &xt, axes, 1, &mt, mean, var, eps, count, sum_dy, sum_dy_xhat) == BN_OK, "%s",
+        bn_last_error());
+  CHECK(count[0] == 4 && count[1] == 4 && fabs(sum_dy_xhat[1] - 8) < 1e-6, "phase 1: count %g %g", count[0],
+        count[1]);
+  CHECK(bn_backward_apply(&dyt, &xt, &dxt, axes, 1, &mt, mean, var, gamma, eps, count, sum_dy, sum_dy_xhat) ==
+            BN_OK,
+        "%s", bn_last_error());
+  for (int i = 0; i < 10; ++i) CHECK(fabs(dx[i] - training_dx[i]) < 1e-6, "phase 2 dx[%d] %g", i, dx[i]);
+
+  /* Fixed statistics, in place into dy. */
+  CHECK(bn_backward(&dyt, &xt, &dyt, axes, 1, &mt, mean, var, gamma, eps, 0, NULL, NULL) == BN_OK, "%s",
+        bn_last_error());
+  for (int i = 0; i < 10; ++i) CHECK(fabs(dy[i] - fixed_dx[i]) < 1e-6, "fixed dx[%d] %g", i, dy[i]);
 }
 
 /* ---- errors --------------------------------------------------------------------- */
@@ -656,6 +1064,142 @@ static void test_errors(void) {
   CHECK(bn_set_isa_by_name("") == BN_OK && bn_get_isa() == bn_best_isa(), "empty name: the best level");
 }
 
+/* The backward and the distributed phases: their own arguments (dy, dx, the sums,
+ * partial) and the checks they share with the calls above. */
+static void test_errors_backward(void) {
+  float data[6] = {0}, grad[6] = {0};
+  double other[6] = {0};
+  double mean[3] = {0}, var[3] = {1, 1, 1}, count[3] = {1, 1, 1}, sum_dy[3] = {0}, sum_dy_xhat[3] = {0};
+  double partial[9] = {0};
+  uint8_t mask_data[6] = {1, 1, 1, 1, 1, 1};
+  int64_t shape[2] = {2, 3}, strides[2] = {12, 4}, mask_strides[2] = {3, 1}, other_strides[2] = {24, 8};
+  const bn_tensor x = {data, BN_FLOAT32, 2, shape, strides}, dy = {grad, BN_FLOAT32, 2, shape, strides};
+  const bn_tensor mask = {mask_data, BN_UINT8, 2, shape, mask_strides};
+  const bn_tensor f64 = {other, BN_FLOAT64, 2, shape, other_strides};
+  int32_t axes[1] = {1}, out_of_range[1] = {2}, twice[2] = {1, -1};
+  bn_tensor bad;
+
+  /* BN_ERR_NULL */
+  CHECK_STATUS(bn_backward(NULL, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_NULL,
+               "backward: dy NULL");
+  CHECK_STATUS(bn_backward(&dy, NULL, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_NULL,
+               "backward: x NULL");
+  CHECK_STATUS(bn_backward(&dy, &x, NULL, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_NULL,
+               "backward: dx NULL");
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, NULL, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_NULL,
+               "backward: axes NULL");
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, axes, 1, NULL, NULL, var, NULL, 1e-3, 0, NULL, NULL), BN_ERR_NULL,
+               "backward: mean NULL");
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, axes, 1, NULL, mean, NULL, NULL, 1e-3, 0, NULL, NULL), BN_ERR_NULL,
+               "backward: variance NULL");
+  bad = dy;
+  bad.data = NULL;
+  CHECK_STATUS(bn_backward(&bad, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_NULL,
+               "backward: dy data NULL");
+  CHECK_STATUS(bn_backward_sums(&dy, &x, axes, 1, NULL, mean, var, 1e-3, NULL, sum_dy, sum_dy_xhat), BN_ERR_NULL,
+               "backward_sums: count NULL");
+  CHECK_STATUS(bn_backward_sums(&dy, &x, axes, 1, NULL, mean, var, 1e-3, count, NULL, sum_dy_xhat), BN_ERR_NULL,
+               "backward_sums: sum_dy NULL");
+  CHECK_STATUS(bn_backward_sums(&dy, &x, axes, 1, NULL, mean, var, 1e-3, count, sum_dy, NULL), BN_ERR_NULL,
+               "backward_sums: sum_dy_xhat NULL");
+  CHECK_STATUS(bn_backward_sums(NULL, &x, axes, 1, NULL, mean, var, 1e-3, count, sum_dy, sum_dy_xhat), BN_ERR_NULL,
+               "backward_sums: dy NULL");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, NULL, axes, 1, NULL, mean, var, NULL, 1e-3, count, sum_dy, sum_dy_xhat),
+               BN_ERR_NULL, "backward_apply: dx NULL");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, NULL, sum_dy, sum_dy_xhat),
+               BN_ERR_NULL, "backward_apply: count NULL");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, count, NULL, sum_dy_xhat),
+               BN_ERR_NULL, "backward_apply: sum_dy NULL");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, count, sum_dy, NULL),
+               BN_ERR_NULL, "backward_apply: sum_dy_xhat NULL");
+  CHECK_STATUS(bn_moments_partial(&x, axes, 1, NULL, NULL, NULL), BN_ERR_NULL, "moments_partial: partial NULL");
+  CHECK_STATUS(bn_moments_partial(NULL, axes, 1, NULL, NULL, partial), BN_ERR_NULL, "moments_partial: x NULL");
+  CHECK_STATUS(bn_moments_partial(&x, NULL, 1, NULL, NULL, partial), BN_ERR_NULL, "moments_partial: axes NULL");
+  CHECK_STATUS(bn_moments_finalize(3, NULL, NULL, mean, var), BN_ERR_NULL, "moments_finalize: partial NULL");
+  CHECK_STATUS(bn_moments_finalize(3, partial, NULL, NULL, var), BN_ERR_NULL, "moments_finalize: mean NULL");
+  CHECK_STATUS(bn_moments_finalize(3, partial, NULL, mean, NULL), BN_ERR_NULL, "moments_finalize: variance NULL");
+
+  /* BN_ERR_RANK */
+  bad = x;
+  bad.rank = 0;
+  CHECK_STATUS(bn_backward(&dy, &bad, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_RANK,
+               "backward: x rank 0");
+  CHECK_STATUS(bn_moments_partial(&bad, axes, 1, NULL, NULL, partial), BN_ERR_RANK, "moments_partial: rank 0");
+
+  /* BN_ERR_SHAPE */
+  int64_t other_shape[2] = {3, 2}, mask_bad[2] = {2, 2};
+  bad = dy;
+  bad.shape = other_shape;
+  CHECK_STATUS(bn_backward(&bad, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_SHAPE,
+               "backward: dy shape differs");
+  CHECK_STATUS(bn_backward(&dy, &x, &bad, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_SHAPE,
+               "backward: dx shape differs");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, &bad, axes, 1, NULL, mean, var, NULL, 1e-3, count, sum_dy, sum_dy_xhat),
+               BN_ERR_SHAPE, "backward_apply: dx shape differs");
+  bad = dy;
+  bad.rank = 1;
+  CHECK_STATUS(bn_backward_sums(&bad, &x, axes, 1, NULL, mean, var, 1e-3, count, sum_dy, sum_dy_xhat), BN_ERR_SHAPE,
+               "backward_sums: dy rank differs");
+  bad = mask;
+  bad.shape = mask_bad;
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, axes, 1, &bad, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_SHAPE,
+               "backward: mask does not broadcast");
+  CHECK_STATUS(bn_moments_partial(&x, axes, 1, &bad, NULL, partial), BN_ERR_SHAPE,
+               "moments_partial: mask does not broadcast");
+  CHECK_STATUS(bn_moments_finalize(-1, partial, NULL, mean, var), BN_ERR_SHAPE, "moments_finalize: channels -1");
+
+  /* BN_ERR_DTYPE */
+  CHECK_STATUS(bn_backward(&f64, &x, &dy, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_DTYPE,
+               "backward: dy dtype differs");
+  CHECK_STATUS(bn_backward(&dy, &x, &f64, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_DTYPE,
+               "backward: dx dtype differs");
+  CHECK_STATUS(bn_backward_sums(&f64, &x, axes, 1, NULL, mean, var, 1e-3, count, sum_dy, sum_dy_xhat),
+               BN_ERR_DTYPE, "backward_sums: dy dtype differs");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, &f64, axes, 1, NULL, mean, var, NULL, 1e-3, count, sum_dy, sum_dy_xhat),
+               BN_ERR_DTYPE, "backward_apply: dx dtype differs");
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, axes, 1, &x, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_DTYPE,
+               "backward: float32 mask");
+  CHECK_STATUS(bn_moments_partial(&mask, axes, 1, NULL, NULL, partial), BN_ERR_DTYPE, "moments_partial: uint8 x");
+
+  /* BN_ERR_AXIS */
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, out_of_range, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_AXIS,
+               "backward: axis 2 of rank 2");
+  CHECK_STATUS(bn_backward_sums(&dy, &x, twice, 2, NULL, mean, var, 1e-3, count, sum_dy, sum_dy_xhat), BN_ERR_AXIS,
+               "backward_sums: axis given twice");
+  CHECK_STATUS(bn_backward_apply(&dy, &x, &dy, axes, 0, NULL, mean, var, NULL, 1e-3, count, sum_dy, sum_dy_xhat),
+               BN_ERR_AXIS, "backward_apply: no axis");
+  CHECK_STATUS(bn_moments_partial(&x, out_of_range, 1, NULL, NULL, partial), BN_ERR_AXIS,
+               "moments_partial: axis 2 of rank 2");
+
+  /* BN_ERR_VALUE */
+  CHECK_STATUS(bn_backward(&dy, &x, &dy, axes, 1, NULL, mean, var, NULL, -1.0, 1, NULL, NULL), BN_ERR_VALUE,
+               "backward: epsilon < 0");
+  CHECK_STATUS(bn_backward_sums(&dy, &x, axes, 1, NULL, mean, var, NAN, count, sum_dy, sum_dy_xhat), BN_ERR_VALUE,
+               "backward_sums: epsilon NaN");
+  CHECK_STATUS(
+      bn_backward_apply(&dy, &x, &dy, axes, 1, NULL, mean, var, NULL, INFINITY, count, sum_dy, sum_dy_xhat),
+      BN_ERR_VALUE, "backward_apply: epsilon inf");
+
+  /* BN_ERR_OVERFLOW */
+  int64_t lowest[2] = {12, INT64_MIN};
+  bad = dy;
+  bad.strides = lowest;
+  CHECK_STATUS(bn_backward(&dy, &x, &bad, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_OVERFLOW,
+               "backward: INT64_MIN stride of dx");
+
+  /* BN_ERR_ALLOC: 2^44 channels of scratch, as in test_errors. */
+#ifndef __SANITIZE_ADDRESS__
+  int64_t many_channels[2] = {0, (int64_t)1 << 44};
+  bad = x;
+  bad.shape = many_channels;
+  CHECK_STATUS(bn_backward(&bad, &bad, &bad, axes, 1, NULL, mean, var, NULL, 1e-3, 1, NULL, NULL), BN_ERR_ALLOC,
+               "backward scratch");
+  CHECK_STATUS(bn_backward_sums(&bad, &bad, axes, 1, NULL, mean, var, 1e-3, count, sum_dy, sum_dy_xhat),
+               BN_ERR_ALLOC, "backward_sums scratch");
+  CHECK_STATUS(bn_moments_partial(&bad, axes, 1, NULL, NULL, partial), BN_ERR_ALLOC, "moments_partial scratch");
+#endif
+}
+
 /* ---- threads, SIMD names, version, thread-local errors ----------------------------- */
 
 static void *fail_in_other_thread(void *message_out) {
@@ -684,6 +1228,21 @@ static void test_settings(void) {
         bn_version());
   CHECK(strlen(bn_build_info()) > 0, "build info");
 
+  /* Cache sizes: detected, overridden, restored per level by a value <= 0. */
+  int64_t l2 = 0, l3 = 0, detected_l2 = 0, detected_l3 = 0;
+  bn_get_cache_bytes(&detected_l2, &detected_l3);
+  CHECK(detected_l2 > 0 && detected_l3 > 0, "detected caches %" PRId64 " %" PRId64, detected_l2, detected_l3);
+  CHECK(bn_set_cache_bytes(4096, 65536) == BN_OK, "set caches");
+  bn_get_cache_bytes(&l2, &l3);
+  CHECK(l2 == 4096 && l3 == 65536, "caches %" PRId64 " %" PRId64, l2, l3);
+  CHECK(bn_set_cache_bytes(0, 1 << 20) == BN_OK, "restore L2");
+  bn_get_cache_bytes(&l2, &l3);
+  CHECK(l2 == detected_l2 && l3 == 1 << 20, "L2 restored, L3 set: %" PRId64 " %" PRId64, l2, l3);
+  CHECK(bn_set_cache_bytes(-1, -1) == BN_OK, "restore both");
+  bn_get_cache_bytes(&l2, NULL); /* either output may be NULL */
+  bn_get_cache_bytes(NULL, &l3);
+  CHECK(l2 == detected_l2 && l3 == detected_l3, "restored: %" PRId64 " %" PRId64, l2, l3);
+
   /* bn_last_error is per thread: another thread's failure leaves ours alone. */
   int32_t axes[1] = {5};
   float data[1] = {0};
@@ -704,8 +1263,10 @@ static void test_settings(void) {
 int main(void) {
   test_formats();
   test_hand_values();
+  test_hand_backward();
   test_layouts();
   test_errors();
+  test_errors_backward();
   test_settings();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;

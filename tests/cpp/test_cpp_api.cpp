@@ -1,6 +1,7 @@
 // C++17 tests of bn_core.hpp: views and their strides (hand-derived), results
-// against double-precision loops written here, BatchNorm's moving statistics
-// (hand-derived), and every error as a bn_core::error with its status.
+// against double-precision loops written here (forward, backward, the
+// distributed phases on ranks of the batch), BatchNorm's moving statistics and
+// backward (hand-derived), and every error as a bn_core::error with its status.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -85,41 +86,88 @@ void test_views() {
   CHECK(reversed.c_tensor().strides[0] == -4 && reversed.data() == f + 3, "untyped, negative stride");
 }
 
-// NCHW float (N=3, C=2, H=2, W=5) and a (N, 1, H, W) mask: the C++ calls
-// against a two-pass float64 loop.
-void test_against_loop() {
-  constexpr int N = 3, C = 2, H = 2, W = 5, HW = H * W;
-  float x[N * C * HW], y[N * C * HW];
+// An NCHW float batch (N=3, C=2, H=2, W=5) around 50, a (N, 1, H, W) mask and
+// their float64 loops, shared by the tests against loops.
+constexpr int N = 3, C = 2, H = 2, W = 5, HW = H * W, kElements = N * C * HW;
+
+struct loop_batch {
+  float x[kElements];
   uint8_t mask[N * HW];
+};
+
+float next_uniform(unsigned &seed) {  // in [0, 1)
+  seed = seed * 1664525u + 1013904223u;
+  return static_cast<float>((seed >> 8) / double(1u << 24));
+}
+
+loop_batch make_batch() {
+  loop_batch b;
   unsigned seed = 7;
-  for (float &v : x) {
-    seed = seed * 1664525u + 1013904223u;
-    v = static_cast<float>(50.0 + (seed >> 8) / double(1u << 24));
+  for (float &v : b.x) v = 50.0f + next_uniform(seed);
+  for (int i = 0; i < N * HW; ++i) b.mask[i] = i % 4 != 0;
+  return b;
+}
+
+std::optional<const_tensor_view> mask_view(const loop_batch &b, bool masked) {
+  if (!masked) return std::nullopt;
+  return const_tensor_view(b.mask, {N, 1, H, W});
+}
+
+// Element k = (n C + c) HW + i of the batch is used (mask 1, or no mask).
+bool used(const loop_batch &b, bool masked, int k) { return !masked || b.mask[k / (C * HW) * HW + k % HW]; }
+int channel_at(int k) { return k / HW % C; }
+
+// Two-pass float64 moments over the used positions.
+bn_core::statistics loop_moments(const loop_batch &b, bool masked) {
+  bn_core::statistics s{std::vector<double>(C), std::vector<double>(C), std::vector<double>(C)};
+  for (int k = 0; k < kElements; ++k)
+    if (used(b, masked, k)) {
+      s.mean[channel_at(k)] += b.x[k];
+      s.count[channel_at(k)] += 1;
+    }
+  for (int c = 0; c < C; ++c) s.mean[c] /= s.count[c];
+  for (int k = 0; k < kElements; ++k)
+    if (used(b, masked, k)) {
+      const double d = b.x[k] - s.mean[channel_at(k)];
+      s.variance[channel_at(k)] += d * d / s.count[channel_at(k)];
+    }
+  return s;
+}
+
+// The backward by bn_core.h's formulas in float64: dx, and Σdy, Σdy·x̂ over every position.
+struct loop_gradient {
+  std::vector<double> dx, sum_dy, sum_dy_xhat;
+};
+
+loop_gradient loop_backward(const loop_batch &b, const float *dy, bool masked, bool training,
+                            const bn_core::statistics &s, const std::vector<double> &gamma, double epsilon) {
+  loop_gradient g{std::vector<double>(kElements), std::vector<double>(C), std::vector<double>(C)};
+  auto inv_std = [&](int c) { return 1 / std::sqrt(s.variance[c] + epsilon); };
+  auto xhat = [&](int k) { return (b.x[k] - s.mean[channel_at(k)]) * inv_std(channel_at(k)); };
+  for (int k = 0; k < kElements; ++k) {
+    g.sum_dy[channel_at(k)] += dy[k];
+    g.sum_dy_xhat[channel_at(k)] += dy[k] * xhat(k);
   }
-  for (int i = 0; i < N * HW; ++i) mask[i] = i % 4 != 0;
+  for (int k = 0; k < kElements; ++k) {
+    const int c = channel_at(k);
+    const double through_stats =
+        training && used(b, masked, k) ? (g.sum_dy[c] + xhat(k) * g.sum_dy_xhat[c]) / s.count[c] : 0.0;
+    g.dx[k] = gamma[c] * inv_std(c) * (dy[k] - through_stats);
+  }
+  return g;
+}
+
+// The C++ calls against the loops.
+void test_against_loop() {
+  const loop_batch b = make_batch();
+  const float *x = b.x;
+  float y[kElements];
   const std::vector<double> gamma = {2.0, 0.5}, beta = {0.25, -1.0};
 
   for (const bool masked : {false, true}) {
-    double mean[C] = {}, var[C] = {}, count[C] = {};
-    for (int pass = 0; pass < 2; ++pass)
-      for (int n = 0; n < N; ++n)
-        for (int c = 0; c < C; ++c)
-          for (int i = 0; i < HW; ++i) {
-            if (masked && !mask[n * HW + i]) continue;
-            const double v = x[(n * C + c) * HW + i];
-            if (pass == 0) {
-              mean[c] += v;
-              count[c] += 1;
-            } else {
-              var[c] += (v - mean[c] / count[c]) * (v - mean[c] / count[c]);
-            }
-          }
-    for (int c = 0; c < C; ++c) {
-      mean[c] /= count[c];
-      var[c] /= count[c];
-    }
-    const std::optional<const_tensor_view> m =
-        masked ? std::optional<const_tensor_view>(const_tensor_view(mask, {N, 1, H, W})) : std::nullopt;
+    const bn_core::statistics loop = loop_moments(b, masked);
+    const std::vector<double> &mean = loop.mean, &var = loop.variance, &count = loop.count;
+    const std::optional<const_tensor_view> m = mask_view(b, masked);
     const bn_core::statistics s = bn_core::moments(bn_core::nchw(x, N, C, H, W), {1}, m);
     const bn_core::statistics t =
         bn_core::train_forward(bn_core::nchw(x, N, C, H, W), bn_core::nchw(y, N, C, H, W), {1}, gamma, beta, 1e-3, m);
@@ -159,6 +207,111 @@ void test_against_loop() {
   const bn_core::statistics none = bn_core::moments(tensor_view(empty, {4, 0}), {1});
   CHECK(none.mean.empty() && none.variance.empty() && none.count.empty(), "0 channels");
   bn_core::normalize(tensor_view(empty, {4, 0}), tensor_view(empty, {4, 0}), {1}, {}, {});
+  const std::vector<double> no_partial = bn_core::moments_partial(tensor_view(empty, {4, 0}), {1});
+  CHECK(no_partial.empty() && bn_core::moments_finalize(no_partial).mean.empty(), "0 channels, distributed");
+}
+
+// Largest |got - expected| over the batch, in units of gamma / sqrt(variance + epsilon)
+// of the element's channel: the size of dx's terms for |dy| <= 1.
+template <class T>
+double worst_dx_error(const T *got, const std::vector<double> &expected, const bn_core::statistics &s,
+                      const std::vector<double> &gamma, double epsilon) {
+  double worst = 0;
+  for (int k = 0; k < kElements; ++k) {
+    const int c = channel_at(k);
+    const double scale = gamma[c] / std::sqrt(s.variance[c] + epsilon);
+    worst = std::max(worst, std::fabs(got[k] - expected[k]) / scale);
+  }
+  return worst;
+}
+
+// Largest difference between sums, relative to kElements / C terms of size <= 2.
+double worst_sum_error(const std::vector<double> &got, const std::vector<double> &expected) {
+  double worst = got.size() == expected.size() ? 0 : 1e300;
+  for (size_t c = 0; c < got.size() && c < expected.size(); ++c)
+    worst = std::max(worst, std::fabs(got[c] - expected[c]) / (2.0 * kElements / C));
+  return worst;
+}
+
+void add_to(std::vector<double> &total, const std::vector<double> &part) {
+  total.resize(part.size());
+  for (size_t i = 0; i < part.size(); ++i) total[i] += part[i];
+}
+
+// backward(), the distributed phases on three shards of the batch (one empty)
+// and BatchNorm::backward() against loop_backward().
+void test_backward_against_loop() {
+  const loop_batch b = make_batch();
+  float dy[kElements], dx[kElements], y[kElements];
+  unsigned seed = 11;
+  for (float &v : dy) v = 2 * next_uniform(seed) - 0.8f;  // Σdy is not 0
+  const std::vector<double> gamma = {2.0, 0.5};
+  const double epsilon = 1e-3;
+  // float32 data: sums and dx within a few float32 roundings of their terms.
+  const double tol = 1e-5;
+  const const_tensor_view x_all = bn_core::nchw(b.x, N, C, H, W), dy_all = bn_core::nchw(dy, N, C, H, W);
+  const tensor_view dx_all = bn_core::nchw(dx, N, C, H, W);
+
+  for (const bool masked : {false, true}) {
+    const std::optional<const_tensor_view> m = mask_view(b, masked);
+    const bn_core::statistics stats = loop_moments(b, masked);
+    for (const bool training : {true, false}) {
+      const loop_gradient loop = loop_backward(b, dy, masked, training, stats, gamma, epsilon);
+      const bn_core::gradient_sums sums =
+          bn_core::backward(dy_all, x_all, dx_all, {1}, stats.mean, stats.variance, gamma, epsilon, training, m);
+      CHECK(worst_dx_error(dx, loop.dx, stats, gamma, epsilon) < tol, "backward dx (masked %d, training %d)", masked,
+            training);
+      CHECK(worst_sum_error(sums.sum_dy, loop.sum_dy) < tol &&
+                worst_sum_error(sums.sum_dy_xhat, loop.sum_dy_xhat) < tol && sums.count.empty(),
+            "backward sums (masked %d, training %d)", masked, training);
+    }
+    const loop_gradient loop = loop_backward(b, dy, masked, true, stats, gamma, epsilon);
+
+    // Samples [0, 1), [1, 1) and [1, 3) as three ranks: phase 1 summed, phase 2 per rank.
+    const int first[3] = {0, 1, 1}, count[3] = {1, 0, 2};
+    auto rank_view = [&](auto *data, int r) { return bn_core::nchw(data + first[r] * C * HW, count[r], C, H, W); };
+    auto rank_mask = [&](int r) {
+      return masked ? std::optional<const_tensor_view>(const_tensor_view(b.mask + first[r] * HW, {count[r], 1, H, W}))
+                    : std::nullopt;
+    };
+    const std::vector<double> shift = {50.5, 50.25};  // a moving mean near the data
+    std::vector<double> partial;
+    bn_core::gradient_sums totals;
+    for (int r = 0; r < 3; ++r) {
+      add_to(partial, bn_core::moments_partial(rank_view(b.x, r), {1}, shift, rank_mask(r)));
+      const bn_core::gradient_sums rank_sums =
+          bn_core::backward_sums(rank_view(dy, r), rank_view(b.x, r), {1}, stats.mean, stats.variance, epsilon,
+                                 rank_mask(r));
+      add_to(totals.count, rank_sums.count);
+      add_to(totals.sum_dy, rank_sums.sum_dy);
+      add_to(totals.sum_dy_xhat, rank_sums.sum_dy_xhat);
+    }
+    const bn_core::statistics global = bn_core::moments_finalize(partial, shift);
+    for (int c = 0; c < C; ++c)
+      CHECK(std::fabs(global.mean[c] - stats.mean[c]) < 2e-6 * std::sqrt(stats.variance[c]) &&
+                std::fabs(global.variance[c] - stats.variance[c]) < 2e-6 * stats.variance[c] &&
+                global.count[c] == stats.count[c],
+            "moments_partial/finalize channel %d (masked %d): %.12g %.12g %g", c, masked, global.mean[c],
+            global.variance[c], global.count[c]);
+    CHECK(totals.count == stats.count && worst_sum_error(totals.sum_dy, loop.sum_dy) < tol &&
+              worst_sum_error(totals.sum_dy_xhat, loop.sum_dy_xhat) < tol,
+          "backward_sums added over ranks (masked %d)", masked);
+    std::fill(dx, dx + kElements, 0.0f);
+    for (int r = 0; r < 3; ++r)
+      bn_core::backward_apply(rank_view(dy, r), rank_view(b.x, r), rank_view(dx, r), {1}, stats.mean, stats.variance,
+                              totals, gamma, epsilon, rank_mask(r));
+    CHECK(worst_dx_error(dx, loop.dx, stats, gamma, epsilon) < tol, "backward_apply dx (masked %d)", masked);
+
+    // The layer: a training step, then its backward in place into a copy of dy.
+    bn_core::BatchNorm layer(C, {1}, 0.9, epsilon);
+    layer.gamma = gamma;
+    layer.forward(x_all, bn_core::nchw(y, N, C, H, W), true, m);
+    std::copy(dy, dy + kElements, dx);
+    layer.backward(dx_all, dx_all);
+    CHECK(worst_dx_error(dx, loop.dx, stats, gamma, epsilon) < tol, "BatchNorm::backward dx (masked %d)", masked);
+    CHECK(worst_sum_error(layer.dbeta, loop.sum_dy) < tol && worst_sum_error(layer.dgamma, loop.sum_dy_xhat) < tol,
+          "BatchNorm::backward dgamma, dbeta (masked %d)", masked);
+  }
 }
 
 // Channel 0 holds {1, 2, 3, 4} (mean 2.5, variance 1.25), channel 1 {-1, -1, 1, 1}
@@ -202,6 +355,40 @@ void test_batch_norm() {
   CHECK(std::fabs(y[6] - 2 / std::sqrt(2.0 / 3)) < 1e-6, "masked position normalized too: %g", y[6]);
 }
 
+// Epsilon 0.3125 and gamma {2, 1}. Channel 0 {1, 2, 3, 4}: mean 2.5, variance 1.25,
+// s = 1/sqrt(1.5625) = 0.8, x̂ {-1.2, -0.4, 0.4, 1.2}; dy {0, 0, 0, 1}: Σdy 1, Σdy·x̂ 1.2,
+// dx = 1.6 (dy - (1 + 1.2 x̂)/4) = {0.176, -0.208, -0.592, 0.624}. Channel 1
+// {-0.5, 0.5, -0.5, 0.5}: mean 0, variance 0.25, s = 4/3, x̂ = ±2/3; dy {1, 0, 0, 0}:
+// Σdy 1, Σdy·x̂ -2/3, dx = 4/3 (dy - (1 - 2/3 x̂)/4) = {23/27, -5/27, -13/27, -5/27}.
+void test_batch_norm_backward() {
+  const float x[8] = {1, -0.5f, 2, 0.5f, 3, -0.5f, 4, 0.5f};
+  const float dy[8] = {0, 1, 0, 0, 0, 0, 1, 0};
+  float y[8], dx[8];
+  bn_core::BatchNorm bn(2, {-1}, 0.9, 0.3125);
+  bn.gamma = {2.0, 1.0};
+  check_throws("backward before forward", BN_ERR_VALUE, "needs a forward()",
+               [&] { bn.backward(const_tensor_view(dy, {4, 2}), tensor_view(dx, {4, 2})); });
+
+  bn.forward(const_tensor_view(x, {4, 2}), tensor_view(y, {4, 2}), true);
+  bn.backward(const_tensor_view(dy, {4, 2}), tensor_view(dx, {4, 2}));
+  const double training_dx[8] = {0.176, 23.0 / 27, -0.208, -5.0 / 27, -0.592, -13.0 / 27, 0.624, -5.0 / 27};
+  for (int i = 0; i < 8; ++i) CHECK(std::fabs(dx[i] - training_dx[i]) < 1e-6, "training dx[%d] %g", i, dx[i]);
+  CHECK(std::fabs(bn.dgamma[0] - 1.2) < 1e-6 && std::fabs(bn.dgamma[1] + 2.0 / 3) < 1e-6 && bn.dbeta[0] == 1 &&
+            bn.dbeta[1] == 1,
+        "training dgamma %g %g, dbeta %g %g", bn.dgamma[0], bn.dgamma[1], bn.dbeta[0], bn.dbeta[1]);
+
+  // After an inference forward, the moving statistics (mean {0.25, 0}, variance
+  // {0.9 + 0.125, 0.9 + 0.025}) are fixed: dx = gamma dy / sqrt(variance + epsilon).
+  bn.forward(const_tensor_view(x, {4, 2}), tensor_view(y, {4, 2}), false);
+  bn.backward(const_tensor_view(dy, {4, 2}), tensor_view(dx, {4, 2}));
+  const double s0 = 1 / std::sqrt(1.025 + 0.3125), s1 = 1 / std::sqrt(0.925 + 0.3125);
+  CHECK(std::fabs(dx[6] - 2 * s0) < 1e-6 && std::fabs(dx[1] - s1) < 1e-6 && dx[0] == 0 && dx[7] == 0,
+        "inference dx %g %g", dx[6], dx[1]);
+  CHECK(std::fabs(bn.dgamma[0] - (4 - 0.25) * s0) < 1e-6 && std::fabs(bn.dgamma[1] - -0.5 * s1) < 1e-6 &&
+            bn.dbeta[0] == 1 && bn.dbeta[1] == 1,
+        "inference dgamma %g %g", bn.dgamma[0], bn.dgamma[1]);
+}
+
 void test_errors() {
   float f[6] = {};
   const tensor_view x(f, {2, 3});
@@ -239,6 +426,24 @@ void test_errors() {
   check_throws("byte span", BN_ERR_OVERFLOW, "overflow", [&] {
     bn_core::moments(tensor_view(f, {2, 3}, {std::numeric_limits<int64_t>::max(), 4}), {1});
   });
+  const std::vector<double> zeros = {0, 0, 0}, ones = {1, 1, 1};
+  check_throws("backward dy dtype", BN_ERR_DTYPE, "dy", [&] {
+    double d[6];
+    bn_core::backward(tensor_view(d, {2, 3}), x, x, {1}, zeros, ones);
+  });
+  check_throws("backward bad axis", BN_ERR_AXIS, "axis 5", [&] { bn_core::backward(x, x, x, {5}, {0}, {1}); });
+  check_throws("backward variance size", BN_ERR_SHAPE, "variance has 1 values",
+               [&] { bn_core::backward(x, x, x, {1}, zeros, {1}); });
+  check_throws("moments_partial bad axis", BN_ERR_AXIS, "axis 5", [&] { bn_core::moments_partial(x, {5}); });
+  check_throws("moments_partial shift size", BN_ERR_SHAPE, "shift has 2 values",
+               [&] { bn_core::moments_partial(x, {1}, {0, 0}); });
+  check_throws("moments_finalize partial size", BN_ERR_SHAPE, "partial has 4 values",
+               [&] { bn_core::moments_finalize({1, 2, 3, 4}); });
+  check_throws("backward_sums epsilon", BN_ERR_VALUE, "epsilon",
+               [&] { bn_core::backward_sums(x, x, {1}, zeros, ones, -1); });
+  check_throws("backward_apply count size", BN_ERR_SHAPE, "count has 2 values", [&] {
+    bn_core::backward_apply(x, x, x, {1}, zeros, ones, bn_core::gradient_sums{zeros, zeros, {1, 1}});
+  });
   check_throws("SIMD name", BN_ERR_VALUE, "sse9", [] { bn_core::set_isa("sse9"); });
   check_throws("negative channels", BN_ERR_VALUE, "channels is -1", [] { bn_core::BatchNorm(-1); });
 
@@ -261,6 +466,13 @@ void test_settings() {
   bn_core::set_isa("");
   CHECK(bn_core::get_isa() == bn_core::cpu_best_isa(), "best");
   CHECK(!bn_core::version().empty() && !bn_core::build_info().empty(), "version, build info");
+  const bn_core::cache_sizes detected = bn_core::get_cache_bytes();
+  bn_core::set_cache_bytes(4096, 65536);
+  const bn_core::cache_sizes small = bn_core::get_cache_bytes();
+  CHECK(small.l2 == 4096 && small.l3 == 65536, "cache sizes set");
+  bn_core::set_cache_bytes(0, -1);
+  const bn_core::cache_sizes restored = bn_core::get_cache_bytes();
+  CHECK(detected.l2 > 0 && restored.l2 == detected.l2 && restored.l3 == detected.l3, "cache sizes restored");
 }
 
 }  // namespace
@@ -268,7 +480,9 @@ void test_settings() {
 int main() {
   test_views();
   test_against_loop();
+  test_backward_against_loop();
   test_batch_norm();
+  test_batch_norm_backward();
   test_errors();
   test_settings();
   std::printf("%d passed, %d failed\n", checks - failures, failures);

@@ -166,7 +166,15 @@ view_of<T> nchw(T *data, int64_t n, int64_t c, int64_t h, int64_t w) {
 struct statistics {
   std::vector<double> mean;
   std::vector<double> variance;  // biased (population)
-  std::vector<double> count;     // used positions per channel (moments() only)
+  std::vector<double> count;     // used positions per channel (moments() and moments_finalize() only)
+};
+
+// Per-channel sums of a backward pass over every position: Σdy (= dbeta) and
+// Σdy·x̂ (= dgamma); count (used positions) from backward_sums() only.
+struct gradient_sums {
+  std::vector<double> sum_dy;
+  std::vector<double> sum_dy_xhat;
+  std::vector<double> count;
 };
 
 namespace detail {
@@ -217,6 +225,11 @@ inline double *channel_output(std::vector<double> &values, int64_t channels, dou
   return channels == 0 ? &spare : values.data();
 }
 
+// The C description of an optional mask (pass `m ? &*m : nullptr`).
+inline std::optional<bn_tensor> mask_tensor(const std::optional<const_tensor_view> &mask) {
+  return mask ? std::optional<bn_tensor>(mask->c_tensor()) : std::nullopt;
+}
+
 // The axis list for the C call: never NULL, so an empty list is reported as such.
 inline const int32_t *axes_data(const axis_list &axes) {
   static const int32_t no_axis = 0;
@@ -234,7 +247,7 @@ inline int32_t axes_size(const axis_list &axes) {
 inline statistics moments(const const_tensor_view &x, const axis_list &axes,
                           const std::optional<const_tensor_view> &mask = std::nullopt) {
   const bn_tensor xt = x.c_tensor();
-  const std::optional<bn_tensor> mt = mask ? std::optional<bn_tensor>(mask->c_tensor()) : std::nullopt;
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
   const int64_t channels = detail::channel_count(xt, axes);
   statistics s;
   double spare;
@@ -268,7 +281,7 @@ inline statistics train_forward(const const_tensor_view &x, const tensor_view &y
                                 double epsilon = 1e-3,
                                 const std::optional<const_tensor_view> &mask = std::nullopt) {
   const bn_tensor xt = x.c_tensor(), yt = y.c_tensor();
-  const std::optional<bn_tensor> mt = mask ? std::optional<bn_tensor>(mask->c_tensor()) : std::nullopt;
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
   const int64_t channels = detail::channel_count(xt, axes);
   const double *g = detail::channel_input(gamma, channels, "gamma", true);
   const double *b = detail::channel_input(beta, channels, "beta", true);
@@ -281,12 +294,113 @@ inline statistics train_forward(const const_tensor_view &x, const tensor_view &y
   return s;
 }
 
+// Backward of y = x̂·gamma + beta, x̂ = (x - mean) / sqrt(variance + epsilon), into
+// dx (which may be dy's memory). training: through the batch statistics, which
+// must be the (masked) moments of x the forward used; else with them fixed.
+// Empty gamma: 1. Returns Σdy and Σdy·x̂ (count is left empty).
+inline gradient_sums backward(const const_tensor_view &dy, const const_tensor_view &x, const tensor_view &dx,
+                              const axis_list &axes, const std::vector<double> &mean,
+                              const std::vector<double> &variance, const std::vector<double> &gamma = {},
+                              double epsilon = 1e-3, bool training = true,
+                              const std::optional<const_tensor_view> &mask = std::nullopt) {
+  const bn_tensor dyt = dy.c_tensor(), xt = x.c_tensor(), dxt = dx.c_tensor();
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
+  const int64_t channels = detail::channel_count(xt, axes);
+  const double *m = detail::channel_input(mean, channels, "mean", false);
+  const double *v = detail::channel_input(variance, channels, "variance", false);
+  const double *g = detail::channel_input(gamma, channels, "gamma", true);
+  gradient_sums sums;
+  double spare;
+  double *sum_dy = detail::channel_output(sums.sum_dy, channels, spare);
+  double *sum_dy_xhat = detail::channel_output(sums.sum_dy_xhat, channels, spare);
+  detail::check(bn_backward(&dyt, &xt, &dxt, detail::axes_data(axes), detail::axes_size(axes), mt ? &*mt : nullptr,
+                            m, v, g, epsilon, training ? 1 : 0, sum_dy, sum_dy_xhat));
+  return sums;
+}
+
+// Distributed training (see bn_core.h): the caller sums what phase 1 returns
+// over the ranks (e.g. an MPI allreduce) and hands the totals to phase 2.
+//
+// Forward, phase 1: 3·C values (counts, n·(mean - K), M2 + n·(mean - K)²) for
+// a shift K every rank shares (e.g. the moving mean; empty: 0).
+inline std::vector<double> moments_partial(const const_tensor_view &x, const axis_list &axes,
+                                           const std::vector<double> &shift = {},
+                                           const std::optional<const_tensor_view> &mask = std::nullopt) {
+  const bn_tensor xt = x.c_tensor();
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
+  const int64_t channels = detail::channel_count(xt, axes);
+  if (channels > std::numeric_limits<int64_t>::max() / 3)
+    throw error(BN_ERR_OVERFLOW, std::to_string(channels) + " channels: 3 values each overflow int64");
+  std::vector<double> partial;
+  double spare;
+  // Never NULL: bn_moments_partial checks it before x, whose error is the real one.
+  double *out = detail::channel_output(partial, channels < 0 ? 0 : 3 * channels, spare);
+  detail::check(bn_moments_partial(&xt, detail::axes_data(axes), detail::axes_size(axes), mt ? &*mt : nullptr,
+                                   detail::channel_input(shift, channels, "shift", true), out));
+  return partial;
+}
+
+// Forward, phase 2: mean, variance and count from the partials summed over ranks.
+inline statistics moments_finalize(const std::vector<double> &partial, const std::vector<double> &shift = {}) {
+  if (partial.size() % 3 != 0)
+    throw error(BN_ERR_SHAPE, "partial has " + std::to_string(partial.size()) + " values; expected 3 per channel");
+  const int64_t channels = static_cast<int64_t>(partial.size() / 3);
+  statistics s;
+  double spare = 0.0;
+  double *mean = detail::channel_output(s.mean, channels, spare);
+  double *variance = detail::channel_output(s.variance, channels, spare);
+  detail::check(bn_moments_finalize(channels, partial.empty() ? &spare : partial.data(),
+                                    detail::channel_input(shift, channels, "shift", true), mean, variance));
+  s.count.assign(partial.begin(), partial.begin() + channels);
+  return s;
+}
+
+// Backward, phase 1: this rank's count, Σdy and Σdy·x̂ for the global statistics.
+inline gradient_sums backward_sums(const const_tensor_view &dy, const const_tensor_view &x, const axis_list &axes,
+                                   const std::vector<double> &mean, const std::vector<double> &variance,
+                                   double epsilon = 1e-3,
+                                   const std::optional<const_tensor_view> &mask = std::nullopt) {
+  const bn_tensor dyt = dy.c_tensor(), xt = x.c_tensor();
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
+  const int64_t channels = detail::channel_count(xt, axes);
+  const double *m = detail::channel_input(mean, channels, "mean", false);
+  const double *v = detail::channel_input(variance, channels, "variance", false);
+  gradient_sums sums;
+  double spare;
+  double *count = detail::channel_output(sums.count, channels, spare);
+  double *sum_dy = detail::channel_output(sums.sum_dy, channels, spare);
+  double *sum_dy_xhat = detail::channel_output(sums.sum_dy_xhat, channels, spare);
+  detail::check(bn_backward_sums(&dyt, &xt, detail::axes_data(axes), detail::axes_size(axes), mt ? &*mt : nullptr,
+                                 m, v, epsilon, count, sum_dy, sum_dy_xhat));
+  return sums;
+}
+
+// Backward, phase 2: dx as backward() in training, from phase 1's sums added
+// over ranks (all three vectors).
+inline void backward_apply(const const_tensor_view &dy, const const_tensor_view &x, const tensor_view &dx,
+                           const axis_list &axes, const std::vector<double> &mean,
+                           const std::vector<double> &variance, const gradient_sums &totals,
+                           const std::vector<double> &gamma = {}, double epsilon = 1e-3,
+                           const std::optional<const_tensor_view> &mask = std::nullopt) {
+  const bn_tensor dyt = dy.c_tensor(), xt = x.c_tensor(), dxt = dx.c_tensor();
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
+  const int64_t channels = detail::channel_count(xt, axes);
+  detail::check(bn_backward_apply(&dyt, &xt, &dxt, detail::axes_data(axes), detail::axes_size(axes),
+                                  mt ? &*mt : nullptr, detail::channel_input(mean, channels, "mean", false),
+                                  detail::channel_input(variance, channels, "variance", false),
+                                  detail::channel_input(gamma, channels, "gamma", true), epsilon,
+                                  detail::channel_input(totals.count, channels, "count", false),
+                                  detail::channel_input(totals.sum_dy, channels, "sum_dy", false),
+                                  detail::channel_input(totals.sum_dy_xhat, channels, "sum_dy_xhat", false)));
+}
+
 // Keras-style layer state for applications that do not manage buffers:
 // gamma = 1, beta = 0, moving mean 0 and moving variance 1 to start with.
 // forward() in training normalizes with the batch statistics and updates
 //   moving = moving * momentum + batch * (1 - momentum);
 // in inference it normalizes with the moving statistics (and ignores a mask,
 // which only selects the positions counted in batch statistics).
+// backward() differentiates the last forward(): dx, and dgamma and dbeta.
 class BatchNorm {
  public:
   explicit BatchNorm(int64_t channels, axis_list axes = {-1}, double momentum = 0.99, double epsilon = 1e-3)
@@ -303,6 +417,7 @@ class BatchNorm {
                const std::optional<const_tensor_view> &mask = std::nullopt) {
     if (!training) {
       normalize(x, y, axes, moving_mean, moving_variance, gamma, beta, epsilon);
+      last_forward_ = forward_record{x, std::nullopt, moving_mean, moving_variance, false};
       return;
     }
     // Checked before y is written, so a failed step changes nothing.
@@ -311,18 +426,57 @@ class BatchNorm {
       detail::check_channels(moving_mean, channels, "moving_mean");
       detail::check_channels(moving_variance, channels, "moving_variance");
     }
-    const statistics batch = train_forward(x, y, axes, gamma, beta, epsilon, mask);
+    statistics batch = train_forward(x, y, axes, gamma, beta, epsilon, mask);
     for (size_t c = 0; c < batch.mean.size(); ++c) {
       moving_mean[c] = moving_mean[c] * momentum + batch.mean[c] * (1.0 - momentum);
       moving_variance[c] = moving_variance[c] * momentum + batch.variance[c] * (1.0 - momentum);
     }
+    last_forward_ = forward_record{x, mask, std::move(batch.mean), std::move(batch.variance), true};
+  }
+
+  // dx from dy for the last forward(): through the batch statistics it used
+  // after a training one, with the moving statistics it used fixed after an
+  // inference one; gamma, axes and epsilon as they are now. dgamma = Σdy·x̂ and
+  // dbeta = Σdy over every position. The layer keeps views, not copies: that
+  // forward's x (and mask) must still hold its data. dx may be dy's memory.
+  void backward(const const_tensor_view &dy, const tensor_view &dx) {
+    if (!last_forward_) throw error(BN_ERR_VALUE, "backward() needs a forward() first");
+    const forward_record &f = *last_forward_;
+    gradient_sums sums =
+        bn_core::backward(dy, f.x, dx, axes, f.mean, f.variance, gamma, epsilon, f.training, f.mask);
+    dgamma = std::move(sums.sum_dy_xhat);
+    dbeta = std::move(sums.sum_dy);
   }
 
   axis_list axes;
   double momentum;
   double epsilon;
   std::vector<double> gamma, beta, moving_mean, moving_variance;
+  std::vector<double> dgamma, dbeta;  // from the last backward()
+
+ private:
+  // What backward() needs of the last forward().
+  struct forward_record {
+    const_tensor_view x;
+    std::optional<const_tensor_view> mask;
+    std::vector<double> mean, variance;
+    bool training;
+  };
+  std::optional<forward_record> last_forward_;
 };
+
+// Cache sizes in bytes the training forward blocks for (per-core L2, shared
+// L3); a value <= 0 restores the detected size.
+struct cache_sizes {
+  int64_t l2;
+  int64_t l3;
+};
+inline void set_cache_bytes(int64_t l2, int64_t l3) { detail::check(bn_set_cache_bytes(l2, l3)); }
+inline cache_sizes get_cache_bytes() {
+  cache_sizes sizes{};
+  bn_get_cache_bytes(&sizes.l2, &sizes.l3);
+  return sizes;
+}
 
 // Threads of later calls; n <= 0 restores the default (OpenMP's).
 inline void set_num_threads(int32_t n) { detail::check(bn_set_num_threads(n)); }
