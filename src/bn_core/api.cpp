@@ -842,7 +842,7 @@ bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *
   int64_t channels = 0;
   if (bn_status st = channel_count(x, axes, n_axes, channels)) return st;
   try {
-    scratch.assign(static_cast<size_t>(3 * channels), 0.0);
+    scratch.assign(static_cast<size_t>(3 * channels + 1), 0.0);  // + 1: never a null data()
   } catch (const std::bad_alloc &) {
     return out_of_memory();
   }
@@ -873,9 +873,9 @@ bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_te
 
 bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
                              const bn_tensor *mask, const double *shift, double *partial) {
-  if (!partial) return fail(BN_ERR_NULL, "partial is NULL");
   int64_t channels = 0;
   if (bn_status st = channel_count(x, axes, n_axes, channels)) return st;
+  if (!partial) return fail(BN_ERR_NULL, "partial is NULL");
   double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
   // s1/s2 hold mean and variance until they are turned into shifted sums.
   if (bn_status st = bn_moments(x, axes, n_axes, mask, s1, s2, count)) return st;
