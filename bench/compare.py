@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (1,2)")
     p.add_argument("--cases", default=None,
                    help="comma-separated case names such as 32x56x56x64, or 'all' / 'quick'")
-    p.add_argument("--modes", default=",".join(MODES), help="infer,train")
+    p.add_argument("--modes", default=",".join(MODES), help="infer,train,backward")
     p.add_argument("--skip", default="",
                    help="libraries not to run: torch,onnxruntime,tensorflow,keras,numpy,limit")
     p.add_argument("--import-timeout", type=float, default=120.0,

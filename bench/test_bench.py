@@ -1,10 +1,10 @@
 """pytest-benchmark suite for cbn: ``pytest bench/ --benchmark-only``.
 
 cbn alone (the peers are in ``compare.py``): inference in place, into ``out=`` and
-into a fresh array, training forward into ``out=``, for a few shapes and layouts at
-1 thread and at every core; the per-call overhead on a tiny input; and the
-compiled ``a·x + b`` sweep (the memory-bound limit) on the same arrays. Each test
-checks its result once for sanity; none asserts on timings.
+into a fresh array, training forward and backward into ``out=``, for a few shapes and
+layouts at 1 thread and at every core; the per-call overhead on a tiny input; and the
+compiled ``a·x + b`` and ``a·x + b·y`` sweeps (the memory-bound limits) on the same
+arrays. Each test checks its result once for sanity; none asserts on timings.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _kw(data: CaseData) -> dict:
 
 def _describe(benchmark, data: CaseData, mode: str) -> None:
     benchmark.group = f"{data.case.name} {data.case.layout} {mode}"
-    benchmark.extra_info["traffic_bytes"] = data.case.traffic_bytes
+    benchmark.extra_info["traffic_bytes"] = data.case.traffic_bytes(mode)
 
 
 def _assert_identity(y: np.ndarray, x: np.ndarray) -> None:
@@ -95,6 +95,45 @@ def test_train_out(benchmark, data, threads):
     _assert_normalized(y, data)
 
 
+def _assert_backward(dx: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray,
+                     data: CaseData) -> None:
+    """``dbeta = Σ dy`` and ``dgamma = Σ dy·x̂`` per channel, summed here in float64; and
+    the training dx in every channel sums to 0 and to ``γ/σ · Σ dy·x̂ · ε/(var + ε)``
+    against x̂ (0 but for ε, which keeps ``Σ x̂²`` below n). The sums' scale is √n."""
+    axes, shape = data.case.reduce_axes, data.case.param_shape
+    mean, variance = (s.reshape(shape) for s in data.batch_statistics)
+    x_hat = (data.x - mean) / np.sqrt(variance + EPSILON)
+    sum_dy_x_hat = (data.dy * x_hat).sum(axis=axes)
+    np.testing.assert_allclose(dbeta, data.dy.sum(axis=axes, dtype=np.float64), atol=1e-3)
+    np.testing.assert_allclose(dgamma, sum_dy_x_hat, atol=1e-3)
+    np.testing.assert_allclose(dx.sum(axis=axes, dtype=np.float64), 0.0, atol=1e-2)
+    variance = variance.reshape(-1)
+    expected = data.gamma / np.sqrt(variance + EPSILON) * sum_dy_x_hat * EPSILON / (
+        variance + EPSILON)
+    np.testing.assert_allclose((dx * x_hat).sum(axis=axes), expected, atol=1e-3)
+
+
+def test_backward_out(benchmark, data, threads):
+    _describe(benchmark, data, "backward")
+    mean, variance = data.batch_statistics
+    kw = _kw(data)
+    del kw["beta"]
+    dx, dgamma, dbeta = benchmark(cbn.ops.batch_norm_backward, data.dy, data.x, mean, variance,
+                                  out=data.out, **kw)
+    assert dx is data.out
+    _assert_backward(dx, dgamma, dbeta, data)
+
+
+def test_layer_backward(benchmark, data, threads):
+    _describe(benchmark, data, "backward")
+    layer = cbn.BatchNormalization(axis=data.case.channel_axis, epsilon=EPSILON)
+    layer.build(data.case.shape)
+    layer.set_weights([data.gamma, data.beta, data.mean, data.variance])
+    layer(data.x, training=True)
+    dx = benchmark(layer.backward, data.dy)
+    _assert_backward(dx, *layer.gradients, data)
+
+
 def test_limit_sweep_out(benchmark, data, threads, sweep):
     _describe(benchmark, data, "infer")
     benchmark(sweep.bind(data.x, data.out, threads))
@@ -105,6 +144,14 @@ def test_limit_sweep_streaming(benchmark, data, threads, sweep):
     _describe(benchmark, data, "infer")
     benchmark(sweep.bind(data.x, data.out, threads, streaming=True))
     _assert_identity(data.out, data.x)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "streaming"])
+def test_limit_sweep_two_inputs(benchmark, data, threads, sweep, streaming):
+    _describe(benchmark, data, "backward")
+    data.out.fill(np.nan)
+    benchmark(sweep.bind_two_inputs(data.x, data.dy, data.out, threads, streaming=streaming))
+    _assert_identity(data.out, data.x)  # z = 1·x + 0·dy
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 EPSILON = 1e-3
-MODES = ("infer", "train")
+MODES = ("infer", "train", "backward")
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ class Case:
     def nbytes(self) -> int:
         return 4 * math.prod(self.shape)
 
-    @property
-    def traffic_bytes(self) -> int:
-        """Bytes a perfect kernel moves: the input read once and the output written once."""
-        return 2 * self.nbytes
+    def traffic_bytes(self, mode: str) -> int:
+        """Bytes a perfect kernel moves: the input read once and the output written once;
+        backward reads two tensors (x and dy) and writes one (dx)."""
+        return (3 if mode == "backward" else 2) * self.nbytes
 
 
 # NHWC cases and their NCHW twins; 2-D (N, C) cases; C = 1 and C = 3 (image inputs);
@@ -112,6 +113,21 @@ class CaseData:
     def params(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "variance": self.variance,
                 "gamma": self.gamma, "beta": self.beta}
+
+    # Backward rows only: made on first use, so other runs do not pay for them.
+
+    @cached_property
+    def dy(self) -> np.ndarray:
+        """The gradient of the output that backward rows propagate."""
+        return np.random.default_rng(1).standard_normal(self.case.shape, dtype=np.float32)
+
+    @cached_property
+    def batch_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and variance of ``x`` (float64, by NumPy): what the training
+        forward hands to the backward pass."""
+        axes = self.case.reduce_axes
+        return (self.x.mean(axis=axes, dtype=np.float64),
+                self.x.var(axis=axes, dtype=np.float64))
 
 
 def make_data(case: Case, seed: int = 0) -> CaseData:

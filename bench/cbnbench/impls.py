@@ -47,32 +47,41 @@ COLUMNS: tuple[Column, ...] = (
     Column("lim-ip", "limit", "in-place",
            "memory-bound limit: compiled `y = a*x + b` sweep over the tensor, in place"),
     Column("lim-out", "limit", "out=",
-           "the same sweep into a preallocated buffer (infer and train rows)"),
+           "the same sweep into a preallocated buffer (infer and train rows); backward rows: "
+           "the two-input sweep `z = a*x + b*y` (x and dy into the buffer), the traffic of dx"),
     Column("lim-nt", "limit", "out=",
            "the out-of-place sweep with non-temporal (streaming) stores, which do not read "
            "the output's cache lines first: the real ceiling out of place above cache sizes"),
     Column("cbn-ip", "cbn", "in-place", "`cbn.ops.batch_normalization(x, ..., out=x)`"),
     Column("cbn-out", "cbn", "out=",
-           "`cbn.ops.batch_normalization` (infer) / `cbn.ops.batch_norm_train` (train) "
-           "with a preallocated `out=`"),
+           "`cbn.ops.batch_normalization` (infer) / `cbn.ops.batch_norm_train` (train) / "
+           "`cbn.ops.batch_norm_backward(dy, x, mean, var, training=True)` (backward: dx, "
+           "dgamma, dbeta) with a preallocated `out=`"),
     Column("cbn-new", "cbn", "fresh", "the same calls without `out=` (a new array each call)"),
     Column("cbn-layer", "cbn", "fresh",
-           "`cbn.BatchNormalization` layer call, `training=False` / `True`"),
+           "`cbn.BatchNormalization` layer call, `training=False` / `True`; backward: "
+           "`layer.backward(dy)` after a training call (dx, and dgamma, dbeta in "
+           "`layer.gradients`)"),
     Column("torch", "torch", "fresh",
            "`torch.nn.functional.batch_norm`, `training=False` / `True` (no running stats); "
+           "backward: `torch.autograd.grad` of a training call's output with respect to input, "
+           "weight and bias (fresh gradients), on a graph recorded once and retained; "
            "NCHW/NC rows: contiguous tensor, NHWC rows: channels_last view; no copies",
            baseline="cbn-new"),
     Column("ort", "onnxruntime", "out=",
            "ONNX Runtime, one-node BatchNormalization model, IO binding into a preallocated "
            "output; inference only; channels-first only (no NHWC rows)", baseline="cbn-out"),
     Column("tf", "tensorflow", "fresh",
-           "`tf.nn.batch_normalization` (train: after `tf.nn.moments`), eager",
+           "`tf.nn.batch_normalization` (train: after `tf.nn.moments`), eager; "
+           "not on backward rows",
            baseline="cbn-new"),
     Column("keras", "keras", "fresh",
-           "`keras.layers.BatchNormalization` layer call (TensorFlow backend), eager",
+           "`keras.layers.BatchNormalization` layer call (TensorFlow backend), eager; "
+           "not on backward rows",
            baseline="cbn-layer"),
     Column("numpy", "numpy", "fresh",
-           "NumPy reference: `x*a + b` (train: `x.mean`, `x.var` first); always 1 thread",
+           "NumPy reference: `x*a + b` (train: `x.mean`, `x.var` first); always 1 thread; "
+           "not on backward rows",
            baseline="cbn-new"),
 )
 COLUMN = {c.key: c for c in COLUMNS}
@@ -125,6 +134,15 @@ class CbnLibrary(Library):
         ops, x, out, layer = self.cbn.ops, data.x, data.out, self._layer(data)
         kw = {"gamma": data.gamma, "beta": data.beta, "axis": data.case.channel_axis,
               "epsilon": EPSILON}
+        if mode == "backward":
+            dy, (mean, variance) = data.dy, data.batch_statistics
+            del kw["beta"]
+            layer(x, training=True)  # the call layer.backward differentiates
+            return {
+                "cbn-out": lambda: ops.batch_norm_backward(dy, x, mean, variance, out=out, **kw),
+                "cbn-new": lambda: ops.batch_norm_backward(dy, x, mean, variance, **kw),
+                "cbn-layer": lambda: layer.backward(dy),
+            }
         if mode == "infer":
             m, v = data.mean, data.variance
             return {
@@ -168,9 +186,10 @@ class TorchLibrary(Library):
     def set_threads(self, n: int) -> None:
         self.torch.set_num_threads(n)
 
-    def _input(self, data: CaseData):
-        """A view of ``x`` with channels at dim 1: NHWC becomes a channels_last tensor."""
-        t = self.torch.from_numpy(data.x)
+    def _input(self, data: CaseData, array: np.ndarray | None = None):
+        """A view of ``x`` (or ``array``) with channels at dim 1: NHWC becomes a
+        channels_last tensor."""
+        t = self.torch.from_numpy(data.x if array is None else array)
         return t.permute(0, 3, 1, 2) if data.case.layout == "NHWC" else t
 
     def _params(self, data: CaseData) -> dict:
@@ -178,11 +197,26 @@ class TorchLibrary(Library):
 
     def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
         bn, t, p = self.batch_norm, self._input(data), self._params(data)
+        if mode == "backward":
+            return {"torch": self._backward(data, t, p)}
         if mode == "infer":
             return {"torch": lambda: bn(t, p["mean"], p["variance"], p["gamma"], p["beta"],
                                         training=False, eps=EPSILON)}
         return {"torch": lambda: bn(t, None, None, p["gamma"], p["beta"],
                                     training=True, eps=EPSILON)}
+
+    def _backward(self, data: CaseData, t, p: dict) -> Call:
+        """The backward of a training call alone: the graph is recorded once (gradients
+        are off elsewhere in this benchmark) and kept for repeated calls; ``grad``
+        returns fresh gradients, so nothing accumulates between calls."""
+        torch = self.torch
+        with torch.enable_grad():
+            inputs = (t.detach().requires_grad_(), p["gamma"].clone().requires_grad_(),
+                      p["beta"].clone().requires_grad_())
+            y = self.batch_norm(inputs[0], None, None, inputs[1], inputs[2],
+                                training=True, eps=EPSILON)
+        dy = self._input(data, data.dy)
+        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
     def overhead_calls(self, data: CaseData) -> dict[str, Call]:
         t, p = self._input(data), self._params(data)
@@ -322,6 +356,8 @@ class TensorFlowLibrary(Library):
         return self.tf.constant(array)
 
     def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
+        if mode == "backward":
+            return {}
         nn, case, x = self.tf.nn, data.case, self.constant(data.x)
         p = {k: self.constant(v.reshape(case.param_shape)) for k, v in data.params().items()}
         if mode == "infer":
@@ -365,6 +401,8 @@ class KerasLibrary(Library):
         return layer
 
     def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
+        if mode == "backward":
+            return {}
         layer, x, training = self._layer(data), self.tensorflow.constant(data.x), mode == "train"
         return {"keras": lambda: layer(x, training=training)}
 
@@ -382,6 +420,8 @@ class NumpyLibrary(Library):
         return np.__version__
 
     def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
+        if mode == "backward":
+            return {}
         case, x = data.case, data.x
         p = {k: v.reshape(case.param_shape) for k, v in data.params().items()}
 
@@ -418,6 +458,10 @@ class LimitLibrary(Library):
         self.threads = n
 
     def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
+        if mode == "backward":
+            x, dy, out, n = data.x, data.dy, data.out, self.threads
+            return {"lim-out": self.sweep.bind_two_inputs(x, dy, out, n),
+                    "lim-nt": self.sweep.bind_two_inputs(x, dy, out, n, streaming=True)}
         calls = {"lim-out": self.sweep.bind(data.x, data.out, self.threads),
                  "lim-nt": self.sweep.bind(data.x, data.out, self.threads, streaming=True)}
         if mode == "infer":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cases import Case
+from .cases import MODES, Case
 from .impls import COLUMN, COLUMNS, PEERS
 
 MISSING = "—"
@@ -68,7 +68,7 @@ ROW_ID_HEADERS = ["case", "layout", "mode", "thr", "busy"]
 
 def sorted_rows(rows: list[Row], case_order: list[Case]) -> list[Row]:
     index = {c.name: i for i, c in enumerate(case_order)}
-    return sorted(rows, key=lambda r: (index[r.case.name], r.mode, r.threads))
+    return sorted(rows, key=lambda r: (index[r.case.name], MODES.index(r.mode), r.threads))
 
 
 def times_table(rows: list[Row]) -> str:
@@ -88,19 +88,21 @@ def _limit_cells(s: dict[str, float]) -> list[str]:
 
 
 def derived_table(rows: list[Row]) -> str:
-    """cbn's bandwidth, its share of the limit, training cost over inference, and
-    each peer's time over cbn's (the cbn column named in the peer's ``baseline``)."""
+    """cbn's bandwidth, its share of the limit, training cost over inference, backward
+    cost over the two-input sweep, and each peer's time over cbn's (the cbn column
+    named in the peer's ``baseline``)."""
     infer = {(r.case.name, r.threads): r.seconds for r in rows if r.mode == "infer"}
     peers = [c for c in PEERS if any(c.key in r.seconds for r in rows)]
     body = []
     for r in rows:
         s, out = r.seconds, r.seconds.get("cbn-out")
-        gbps = _ratio(r.case.traffic_bytes / 1e9, out, ".1f")
+        gbps = _ratio(r.case.traffic_bytes(r.mode) / 1e9, out, ".1f")
         inference = infer.get((r.case.name, r.threads), {})
         tr_inf = _ratio(out, inference.get("cbn-out"), ".2f") if r.mode == "train" else MISSING
+        bw_lim = _ratio(out, s.get("lim-out"), ".2f") if r.mode == "backward" else MISSING
         speedups = [_ratio(s.get(c.key), s.get(c.baseline), ".2f") for c in peers]
-        body.append(_row_id(r) + [gbps, *_limit_cells(s), tr_inf, *speedups])
-    headers = ROW_ID_HEADERS + ["GB/s", "%lim", "%best", "%lim-ip", "tr/inf"]
+        body.append(_row_id(r) + [gbps, *_limit_cells(s), tr_inf, bw_lim, *speedups])
+    headers = ROW_ID_HEADERS + ["GB/s", "%lim", "%best", "%lim-ip", "tr/inf", "bw/lim"]
     return markdown_table(headers + [f"x{c.key}" for c in peers], body)
 
 
@@ -136,12 +138,14 @@ def legend() -> str:
         "Derived columns:",
         "- `GB/s`: (bytes of the input + bytes of the output) / `cbn-out` time — what a perfect "
         "kernel must move; training counts the same bytes, so it shows how close the fused "
-        "stats+normalize pass gets to one read and one write.",
+        "stats+normalize pass gets to one read and one write; backward counts x, dy and dx.",
         "- `%lim`: `lim-out` / `cbn-out` (≥ 90% is the target for tensors ≥ 4 MB; training rows "
-        "compare against the same out-of-place sweep); `%best`: the faster of `lim-out` and "
-        "`lim-nt` / `cbn-out` (streaming stores win above the cache sizes and lose below); "
-        "`%lim-ip`: `lim-ip` / `cbn-ip`.",
+        "compare against the same out-of-place sweep, backward rows against the two-input "
+        "sweep); `%best`: the faster of `lim-out` and `lim-nt` / `cbn-out` (streaming stores "
+        "win above the cache sizes and lose below); `%lim-ip`: `lim-ip` / `cbn-ip`.",
         "- `tr/inf`: `cbn-out` training time / `cbn-out` inference time, same case and threads.",
+        "- `bw/lim`: backward `cbn-out` time / the two-input sweep's `lim-out` time (target "
+        "≤ 2: the sums need x and dy once, dx needs them again unless they are still cached).",
         "- `x<peer>`: the peer's time / the time of the cbn call doing the same job "
         + "(" + ", ".join(f"`{c.key}` vs `{c.baseline}`" for c in PEERS) + "); "
         "above 1 means cbn is faster.",
