@@ -121,3 +121,30 @@ def assert_unchanged(layer, before):
     assert len(after) == len(before)
     for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def backward(dy, x, gamma=None, axis=-1, mask=None, eps=1e-3, mean=None, variance=None):
+    """R15 for a training call: ``(dx, dgamma, dbeta)`` in float64 by the closed form
+    ``dx = γ·s·(dy − w/N·(Σdy + x̂·Σdy·x̂))`` through the (masked) batch statistics of
+    ``x`` (``s = 1/√(σ² + eps)``, ``w`` the mask, ``N`` the used count; no statistics
+    term where ``N = 0``), ``dgamma = Σdy·x̂`` and ``dbeta = Σdy``, sums over every
+    position, masked ones too. ``mean``/``variance`` (channel shape) are the values the
+    forward normalized with, if not the exact statistics of ``x`` (say, rounded to
+    float32): x̂ uses them."""
+    x, dy = to64(x), to64(dy)
+    axes = axes_of(axis, x.ndim)
+    red = tuple(a for a in range(x.ndim) if a not in axes)
+    bs = bshape(x.shape, axes)
+    if mean is None or variance is None:
+        mean, variance = moments(x, axis, mask)
+    w = mask_weights(mask, x.shape)
+    n = w.sum(axis=red, keepdims=True)
+    s = 1.0 / np.sqrt(to64(variance).reshape(bs) + eps)
+    g = 1.0 if gamma is None else to64(gamma).reshape(bs)
+    xhat = (x - to64(mean).reshape(bs)) * s
+    sum_dy = dy.sum(axis=red, keepdims=True)
+    sum_dy_xhat = (dy * xhat).sum(axis=red, keepdims=True)
+    through_stats = w / np.maximum(n, 1.0) * (sum_dy + xhat * sum_dy_xhat)
+    dx = g * s * (dy - through_stats)
+    cs = channel_shape(x.shape, axes)
+    return dx, sum_dy_xhat.reshape(cs), sum_dy.reshape(cs)

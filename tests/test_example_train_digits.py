@@ -4,7 +4,10 @@ forward is the affine map of the moving statistics, batch by batch or image by i
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +60,24 @@ def test_evaluation_uses_the_moving_statistics(example):
     one_by_one = np.concatenate([net.forward(x_test[i : i + 1], training=False)
                                  for i in range(len(x_test))])
     np.testing.assert_allclose(one_by_one, batch_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_distributed_run_matches_one_process(tmp_path):
+    """Issue 5: `mpiexec -n 2 ... --distributed` (each rank a slice of every batch,
+    synchronized statistics, gradients summed) ends with the moving statistics and the
+    accuracy of the one-process run."""
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [str(EXAMPLE), "--epochs", "3", "--quiet", "--stats-out"]
+    subprocess.run([sys.executable, *common, str(tmp_path / "one.npz")], check=True, env=env,
+                   timeout=120, capture_output=True)
+    run = subprocess.run([str(mpiexec), "-n", "2", sys.executable, *common,
+                          str(tmp_path / "two.npz"), "--distributed"],
+                         env=env, timeout=120, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "on 2 ranks" in run.stdout
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for name in ("moving_mean", "moving_variance"):
+        scale = np.abs(one[name]).max()
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5 * scale)
+    assert float(two["accuracy"]) == float(one["accuracy"])

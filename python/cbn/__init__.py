@@ -1,15 +1,15 @@
 """cbn: fast, exact batch normalization for CPUs.
 
 A C++ core (OpenMP, SIMD chosen at import) behind a Keras-compatible
-:class:`BatchNormalization` layer on NumPy arrays and the functional
-:mod:`cbn.ops` API.
+:class:`BatchNormalization` layer on NumPy arrays, the functional :mod:`cbn.ops`
+API and :mod:`cbn.distributed` (synchronized statistics across ranks).
 """
 
 from __future__ import annotations
 
 import os
 
-from . import _core, ops
+from . import _core, distributed, ops
 from ._validate import is_integer
 from .layer import BatchNormalization
 
@@ -17,8 +17,11 @@ __version__ = _core.version()
 __all__ = [
     "BatchNormalization",
     "ops",
+    "distributed",
     "set_num_threads",
     "get_num_threads",
+    "set_cache_sizes",
+    "get_cache_sizes",
     "show_config",
     "__version__",
 ]
@@ -51,15 +54,35 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+def set_cache_sizes(l2: int | None = None, l3: int | None = None) -> None:
+    """Override the cache sizes (bytes; per-core L2, shared L3) the training forward
+    blocks for; ``None`` restores the size read from the system. Tensors larger
+    than half the L3 are normalized in chunks of channels, each right after its
+    statistics while it is still cached."""
+    sizes = []
+    for name, value in (("l2", l2), ("l3", l3)):
+        if value is not None and not (is_integer(value) and value > 0):
+            raise ValueError(f"{name} must be a positive int (bytes) or None; received {value!r}")
+        sizes.append(0 if value is None else int(value))
+    _core.set_cache_bytes(*sizes)
+
+
+def get_cache_sizes() -> tuple[int, int]:
+    """(per-core L2, shared L3) in bytes, as the training forward uses them."""
+    return _core.get_cache_bytes()
+
+
 def show_config(print_out: bool = True) -> dict[str, str | int]:
     """The build and runtime configuration: version, compiler, OpenMP, SIMD level
-    in use (and the best available), threads. Printed unless ``print_out=False``."""
+    in use (and the best available), threads, cache sizes. Printed unless ``print_out=False``."""
     config: dict[str, str | int] = {
         "version": __version__,
         "build": _core.build_info(),
         "simd": _core.isa(),
         "simd_best": _core.best_isa(),
         "threads": get_num_threads(),
+        "cache_l2": get_cache_sizes()[0],
+        "cache_l3": get_cache_sizes()[1],
     }
     if print_out:
         for key, value in config.items():

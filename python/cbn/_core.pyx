@@ -61,6 +61,8 @@ cdef extern from "bn_core/bn_core.h" nogil:
                                 double epsilon, const double *count, const double *sum_dy,
                                 const double *sum_dy_xhat)
     bn_status bn_set_num_threads(int32_t n)
+    bn_status bn_set_cache_bytes(int64_t l2, int64_t l3)
+    void bn_get_cache_bytes(int64_t *l2, int64_t *l3)
     int32_t bn_get_num_threads()
     bn_isa bn_get_isa()
     bn_isa bn_best_isa()
@@ -329,6 +331,115 @@ def backward_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, ma
 
 def set_num_threads(int n):
     check(bn_set_num_threads(n))
+
+
+# ---- the small common call, without the general validation ----------------------
+
+cdef enum:
+    FAST_MAX_CHANNELS = 64
+
+cdef extern from "numpy/arrayobject.h":
+    # A new array of a's shape and dtype with a's memory order (np.empty_like).
+    object PyArray_NewLikeArray(cnp.ndarray a, cnp.NPY_ORDER order, void *descr, int subok)
+
+
+cdef bint fast_param(object p, Py_ssize_t c, double *out, double default):
+    """Copy a per-channel parameter into out as float64: None (default), or a 1-D
+    float32/float64 ndarray of c values. False when p is anything else."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t i, stride
+    cdef char *data
+    if p is None:
+        for i in range(c):
+            out[i] = default
+        return True
+    if type(p) is not np.ndarray:
+        return False
+    a = <cnp.ndarray>p
+    if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != c:
+        return False
+    data = <char *>cnp.PyArray_DATA(a)
+    stride = cnp.PyArray_STRIDES(a)[0]
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64:
+        for i in range(c):
+            out[i] = (<double *>(data + i * stride))[0]
+    elif cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        for i in range(c):
+            out[i] = (<float *>(data + i * stride))[0]
+    else:
+        return False
+    return True
+
+
+def normalize_fast(object x, object mean, object variance, object gamma, object beta,
+                   object axis, object epsilon, bint keep_params=False):
+    """``cbn.ops.batch_normalization`` for its common small call — a float32 or float64
+    ndarray, an int axis, 1-D float32/float64 parameters of at most 64 channels, a
+    float epsilon >= 0, no ``out`` — or None when the call is anything else (the
+    caller then takes the general path, which validates and explains). With
+    keep_params, returns (y, the float64 parameters used as a (4, C) array)."""
+    if type(x) is not np.ndarray or type(axis) is not int or type(epsilon) is not float:
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    cdef int rank = cnp.PyArray_NDIM(a)
+    if (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64) or rank < 1 \
+            or rank > BN_MAX_RANK:
+        return None
+    cdef int ax = axis
+    if ax < 0:
+        ax += rank
+    cdef double eps = epsilon
+    if ax < 0 or ax >= rank or not (0.0 <= eps < float("inf")):
+        return None
+    cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
+    cdef double params[4 * FAST_MAX_CHANNELS]
+    if c > FAST_MAX_CHANNELS or mean is None or variance is None:
+        return None
+    if not (fast_param(mean, c, params, 0.0)
+            and fast_param(variance, c, params + c, 0.0)
+            and fast_param(gamma, c, params + 2 * c, 1.0)
+            and fast_param(beta, c, params + 3 * c, 0.0)):
+        return None
+    cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1)
+    cdef tensor_desc xd, yd
+    cdef int32_t axes[1]
+    axes[0] = ax
+    for i in range(rank):
+        xd.shape[i] = cnp.PyArray_DIMS(a)[i]
+        xd.strides[i] = cnp.PyArray_STRIDES(a)[i]
+        yd.strides[i] = cnp.PyArray_STRIDES(y)[i]
+    xd.t.data = cnp.PyArray_DATA(a)
+    xd.t.dtype = BN_FLOAT32 if type_num == cnp.NPY_FLOAT32 else BN_FLOAT64
+    xd.t.rank = rank
+    xd.t.shape = xd.shape
+    xd.t.strides = xd.strides
+    yd.t = xd.t
+    yd.t.data = cnp.PyArray_DATA(y)
+    yd.t.strides = yd.strides
+    cdef bn_status st
+    if cnp.PyArray_SIZE(a) < 32768:  # the core runs such calls on this thread anyway
+        st = bn_normalize(&xd.t, &yd.t, axes, 1, params, params + c, params + 2 * c,
+                          params + 3 * c, eps)
+    else:
+        with nogil:
+            st = bn_normalize(&xd.t, &yd.t, axes, 1, params, params + c, params + 2 * c,
+                              params + 3 * c, eps)
+    check(st)
+    if keep_params:
+        return y, np.asarray(<double[:4 * c]>params).reshape(4, c).copy()
+    return y
+
+
+def set_cache_bytes(int64_t l2, int64_t l3):
+    check(bn_set_cache_bytes(l2, l3))
+
+
+def get_cache_bytes():
+    """(per-core L2, shared L3) in bytes, as the training forward uses them."""
+    cdef int64_t l2 = 0, l3 = 0
+    bn_get_cache_bytes(&l2, &l3)
+    return l2, l3
 
 
 def get_num_threads():

@@ -9,6 +9,7 @@ the output exact for data whose mean is large relative to its spread (R4.2).
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ from ._validate import (
     is_integer,
     normalize_axes,
 )
+from .distributed import Allreduce, resolve_allreduce, sum_across_ranks
 
 __all__ = ["BatchNormalization"]
 
@@ -128,19 +130,6 @@ def _training_affine(
     return gamma * r * adjust_scale, gamma * (d * adjust_scale + adjust_bias) + beta
 
 
-def _ghost_averages(
-    mean: np.ndarray, variance: np.ndarray, ghosts: int, channels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """R12: per channel, the averages over the ghost batches of their means and of their
-    variances (given per (ghost, channel)). An empty batch has no ghost batch; like a
-    channel without a used position (R8.3) its statistics are then 0."""
-
-    def average(values: np.ndarray) -> np.ndarray:
-        return values.reshape(ghosts, channels).sum(axis=0) / max(ghosts, 1)
-
-    return average(mean), average(variance)
-
-
 class _KernelView(NamedTuple):
     """The arrays and kept axes a training call hands to the core.
 
@@ -162,20 +151,22 @@ class _ForwardRecord(NamedTuple):
     view, the statistics it normalized with (per kept index: per (ghost, channel)),
     whether they were the batch's (training) or constants (inference), the batch's
     per-channel statistics (ghost averages, R12; the moving updates' input) and the
-    per-channel γ and constants r, d, a_scale, a_bias of R11 and R13. All float64.
+    per-channel γ and constants r, d, a_scale, a_bias of R11 and R13. All float64;
+    None for γ (scale=False) and for the constants of an inference call (1, 0, 1, 0).
     The view holds the call's input by reference."""
 
     view: _KernelView
     through_stats: bool
+    allreduce: Allreduce | None  # synchronized statistics: the backward's collective too
     mean: np.ndarray
     variance: np.ndarray
     batch_mean: np.ndarray
     batch_variance: np.ndarray
-    gamma: np.ndarray
-    r: np.ndarray
-    d: np.ndarray
-    adjust_scale: np.ndarray
-    adjust_bias: np.ndarray
+    gamma: np.ndarray | None
+    r: np.ndarray | None
+    d: np.ndarray | None
+    adjust_scale: np.ndarray | None
+    adjust_bias: np.ndarray | None
 
 
 def _is_built_tf_keras2_ghost_config(config: Mapping[str, Any]) -> bool:
@@ -519,7 +510,7 @@ class BatchNormalization:
     @property
     def _channels(self) -> int:
         """C, the number of channels of the built layer (R2.2)."""
-        return int(np.prod(self._channel_shape))
+        return math.prod(self._channel_shape)
 
     def _check_input_shape(self, shape: Sequence[int | None]) -> None:
         """R2.3: the built rank and the sizes of the normalized axes."""
@@ -546,6 +537,10 @@ class BatchNormalization:
         the input's rank that broadcasts to it (R8). Every argument is validated
         before anything changes, and a call that raises changes nothing (R5.2).
         """
+        if not (training and self._trainable) and mask is None:
+            y = self._small_inference(inputs)
+            if y is not None:
+                return y
         x = self._autocast(inputs)
         if self.built:
             self._check_input_shape(x.shape)
@@ -554,12 +549,32 @@ class BatchNormalization:
             self.build(x.shape)
         y = np.empty_like(x)
         if training and self._trainable:
-            self._check_training_supported()
             record = self._forward_training(x, y, mask_array)
             self._commit_moving_update(record.batch_mean, record.batch_variance)
         else:
             record = self._forward_inference(x, y)
         self._last_call = record
+        return y
+
+    def _small_inference(self, inputs: Any) -> np.ndarray | None:
+        """The common small inference call in one core call, or None when the call is
+        anything else (the general path then validates and explains)."""
+        w = self._weights
+        if not (self.built and type(inputs) is np.ndarray and len(self._axes) == 1
+                and inputs.ndim == self._input_rank
+                and inputs.dtype == self._policy.compute_dtype and inputs.size < 32768):
+            return None
+        # Under the lock the weights cannot change halfway (R5.1's commits take it).
+        with self._lock:
+            fast = _core.normalize_fast(inputs, w["moving_mean"], w["moving_variance"],
+                                        w.get("gamma"), w.get("beta"), self._axes[0],
+                                        self.epsilon, True)
+        if fast is None:
+            return None
+        y, (mean, variance, gamma, _) = fast
+        view = _KernelView(inputs, y, None, self._axes, 1, None)
+        self._last_call = _ForwardRecord(view, False, None, mean, variance, mean, variance,
+                                         gamma if "gamma" in w else None, None, None, None, None)
         return y
 
     def backward(self, dy: ArrayLike) -> np.ndarray:
@@ -595,17 +610,32 @@ class BatchNormalization:
             grad_k, dx_k = (_ghost_view(a, view.virtual_batch_size) for a in (grad, dx))
         else:
             grad_k, dx_k = grad, dx
-        gamma_r, gamma_one = record.r * record.adjust_scale, record.d * record.adjust_scale
-        sum_dy, sum_dy_xhat = _core.backward(
-            grad_k, view.x, dx_k, view.axes, view.mask, record.mean, record.variance,
-            np.tile(record.gamma * gamma_r, view.ghosts), self.epsilon, record.through_stats,
+        ones, zeros = np.ones(self._channels), np.zeros(self._channels)
+        r, d, adjust_scale, adjust_bias = (
+            default if value is None else value
+            for value, default in ((record.r, ones), (record.d, zeros),
+                                   (record.adjust_scale, ones), (record.adjust_bias, zeros))
         )
+        gamma = ones if record.gamma is None else record.gamma
+        gamma_r, gamma_one = r * adjust_scale, d * adjust_scale
+        dx_scale = np.tile(gamma * gamma_r, view.ghosts)
+        core_args = (view.axes, view.mask, record.mean, record.variance)
+        if record.allreduce is None:
+            sum_dy, sum_dy_xhat = _core.backward(
+                grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, record.through_stats
+            )
+        else:
+            # R14.3: one collective of (count, Σdy, Σdy·x̂); dγ and dβ stay this rank's.
+            local = _core.backward_sums(grad_k, view.x, *core_args, self.epsilon)
+            total = sum_across_ranks(record.allreduce, local.copy())
+            _core.backward_apply(grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, total)
+            sum_dy, sum_dy_xhat = np.split(local, 3)[1:]
         # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
         per_channel = (-1, self._channels)
         sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
         sum_dy_xhat = sum_dy_xhat.reshape(per_channel).sum(axis=0)
         per_weight = {
-            "gamma": gamma_r * sum_dy_xhat + (gamma_one + record.adjust_bias) * sum_dy,
+            "gamma": gamma_r * sum_dy_xhat + (gamma_one + adjust_bias) * sum_dy,
             "beta": sum_dy,
         }
         dtype = self._policy.variable_dtype
@@ -614,16 +644,6 @@ class BatchNormalization:
             for name, _ in self._trainable_items()
         ]
         return dx
-
-    def _check_training_supported(self) -> None:
-        """Synchronized statistics (R14) are accepted, validated and serialized, and
-        inference ignores them; their training computation is not implemented yet, so
-        it refuses plainly rather than silently computing local batch normalization."""
-        if self.synchronized:
-            raise NotImplementedError(
-                "training with synchronized=True is not implemented yet in cbn "
-                f"{_core.version()}; inference with it works"
-            )
 
     def _autocast(self, inputs: ArrayLike) -> np.ndarray:
         """R7.1/R7.2: integers and bool read as float32, then everything cast to
@@ -640,11 +660,9 @@ class BatchNormalization:
         p = self._snapshot(("moving_mean", "moving_variance", "gamma", "beta"))
         mean, variance = p["moving_mean"], p["moving_variance"]
         _core.normalize(x, y, self._axes, mean, variance, p["gamma"], p["beta"], self.epsilon)
-        ones, zeros = np.ones(self._channels), np.zeros(self._channels)
-        gamma = ones if p["gamma"] is None else p["gamma"]
         view = _KernelView(x, y, None, self._axes, 1, None)
-        return _ForwardRecord(view, False, mean, variance, mean, variance, gamma, ones, zeros,
-                              ones, zeros)
+        return _ForwardRecord(view, False, None, mean, variance, mean, variance, p["gamma"], None,
+                              None, None, None)
 
     def _forward_training(
         self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
@@ -654,36 +672,62 @@ class BatchNormalization:
         Every check that can fail (ghost batch divisibility, the adjustment's values)
         runs before the core writes ``y``; nothing is committed here.
         """
+        # R14.1: a missing callback is an error before anything runs.
+        allreduce = resolve_allreduce(self.allreduce) if self.synchronized else None
         view = self._kernel_view(x, y, mask)
         adjust_scale, adjust_bias = self._adjustment_values(x.shape)
-        p = self._snapshot(("gamma", "beta", "renorm_mean", "renorm_stddev"))
-        channels = self._channels
-        gamma = np.ones(channels) if p["gamma"] is None else p["gamma"]
-        beta = np.zeros(channels) if p["beta"] is None else p["beta"]
-        if self.renorm:
-            # r and d depend on the batch statistics: moments first, then one
-            # normalize pass with the composed scale/shift.
+        p = self._snapshot(
+            ("gamma", "beta", "renorm_mean", "renorm_stddev", "moving_mean"))
+        # Statistics before the normalize pass when the affine depends on them
+        # (renorm) or they come from all ranks (R14); else one fused core call.
+        statistics_first = self.renorm or allreduce is not None
+        if allreduce is not None:
+            # One collective of the shifted sums around the moving mean (distributed.md).
+            shift_k = p["moving_mean"]
+            partial = _core.moments_partial(view.x, view.axes, view.mask, shift_k)
+            mean, variance = _core.moments_finalize(sum_across_ranks(allreduce, partial), shift_k)
+        elif statistics_first:
             mean, variance, _ = _core.moments(view.x, view.axes, view.mask)
-            batch_mean, batch_variance = _ghost_averages(mean, variance, view.ghosts, channels)
-            r, d = self._renorm_correction(batch_mean, batch_variance, p)
-        else:
-            r, d = np.ones(channels), np.zeros(channels)
-        # Every ghost batch gets the same per-channel affine.
-        scale, shift = (
-            np.tile(value, view.ghosts)
-            for value in _training_affine(gamma, beta, r, d, adjust_scale, adjust_bias)
-        )
+        if statistics_first:
+            batch_mean, batch_variance = self._ghost_averages(mean, variance, view.ghosts)
+        r = d = None
         if self.renorm:
+            r, d = self._renorm_correction(batch_mean, batch_variance, p)
+        if r is None and adjust_scale is None:
+            scale, shift = p["gamma"], p["beta"]  # plain batch normalization
+        else:
+            ones, zeros = np.ones(self._channels), np.zeros(self._channels)
+            scale, shift = _training_affine(*(
+                default if value is None else value
+                for value, default in ((p["gamma"], ones), (p["beta"], zeros), (r, ones),
+                                       (d, zeros), (adjust_scale, ones), (adjust_bias, zeros))
+            ))
+        if view.ghosts != 1:  # every ghost batch gets the same per-channel affine
+            scale, shift = (None if v is None else np.tile(v, view.ghosts) for v in (scale, shift))
+        if statistics_first:
             _core.normalize(view.x, view.y, view.axes, mean, variance, scale, shift, self.epsilon)
         else:
             mean, variance = _core.train_forward(
                 view.x, view.y, view.axes, view.mask, scale, shift, self.epsilon
             )
-            batch_mean, batch_variance = _ghost_averages(mean, variance, view.ghosts, channels)
+            batch_mean, batch_variance = self._ghost_averages(mean, variance, view.ghosts)
         return _ForwardRecord(
-            view, True, mean, variance, batch_mean, batch_variance, gamma, r, d, adjust_scale,
-            adjust_bias,
+            view, True, allreduce, mean, variance, batch_mean, batch_variance, p["gamma"], r, d,
+            adjust_scale, adjust_bias,
         )
+
+    def _ghost_averages(
+        self, mean: np.ndarray, variance: np.ndarray, ghosts: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """R12: per channel, the averages over the ghost batches of their means and of
+        their variances (given per (ghost, channel)). An empty batch has no ghost batch;
+        like a channel without a used position (R8.3) its statistics are then 0."""
+        if ghosts == 1:
+            return mean, variance
+        def average(values: np.ndarray) -> np.ndarray:
+            return values.reshape(ghosts, self._channels).sum(axis=0) / max(ghosts, 1)
+
+        return average(mean), average(variance)
 
     def _kernel_view(
         self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
@@ -707,12 +751,14 @@ class BatchNormalization:
             size,
         )
 
-    def _adjustment_values(self, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _adjustment_values(
+        self, input_shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """R13: ``adjustment(input_shape)`` as per-channel float64 ``(a_scale, a_bias)``;
-        ``(1, 0)`` without an adjustment. Each returned value is a scalar or one value
+        ``(None, None)`` without an adjustment. Each returned value is a scalar or one value
         per channel (the channel shape, optionally with extra size-1 dims)."""
         if self.adjustment is None:
-            return np.ones(self._channels), np.zeros(self._channels)
+            return None, None
         pair = self.adjustment(tuple(input_shape))
         if isinstance(pair, (tuple, list)) and len(pair) == 2:
             return (

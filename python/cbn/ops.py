@@ -21,6 +21,7 @@ from ._validate import (
     kernel_dtype,
     normalize_axes,
 )
+from .distributed import Allreduce, check_allreduce, sum_across_ranks
 
 __all__ = ["moments", "batch_normalization", "batch_norm_train", "batch_norm_backward"]
 
@@ -76,6 +77,10 @@ def batch_normalization(
     extra size-1 dims). ``out=x`` normalizes in place. Returns the output array
     (the input's dtype; integers and bool give float32).
     """
+    if out is None:
+        y = _core.normalize_fast(x, mean, variance, gamma, beta, axis, epsilon)
+        if y is not None:
+            return y
     arr = _input(x)
     axes = normalize_axes(axis, arr.ndim)
     cshape = channel_shape(arr.shape, axes)
@@ -98,9 +103,21 @@ def batch_norm_train(
     epsilon: float = 1e-3,
     mask=None,
     out: np.ndarray | None = None,
+    allreduce: Allreduce | None = None,
+    shift=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training forward: batch statistics (masked as :func:`moments`), then every
     position normalized with them, in one pass over the data.
+
+    With ``allreduce`` (a :mod:`cbn.distributed` callback) the statistics are those
+    of the union of all ranks' used positions: this rank's partial moments are summed
+    across ranks in exactly one call of ``allreduce``, then every rank normalizes its
+    own ``x`` with the global statistics (a second pass: no output can be written
+    before the collective). ``shift`` (channel shape, default 0) is a
+    per-channel value every rank shares, close to the mean (a layer passes its moving
+    mean): the merge is exact to 1e-6 while ``|mean - shift| <= 1e3 * std``. Without
+    ``allreduce`` the statistics are local and ``shift`` is not needed (it is
+    validated and otherwise unused). If ``allreduce`` raises, ``out`` is untouched.
 
     Returns ``(y, mean, variance)``.
     """
@@ -110,9 +127,16 @@ def batch_norm_train(
     eps = check_epsilon(epsilon)
     g = as_param(gamma, cshape, "gamma")
     b = as_param(beta, cshape, "beta")
+    k = as_param(shift, cshape, "shift")
     m = canonical_mask(mask, arr.shape)
+    check_allreduce(allreduce)
     y = _output(arr, out)
-    mean, var = _core.train_forward(arr, y, axes, m, g, b, eps)
+    if allreduce is None:
+        mean, var = _core.train_forward(arr, y, axes, m, g, b, eps)
+    else:
+        partial = _core.moments_partial(arr, axes, m, k)
+        mean, var = _core.moments_finalize(sum_across_ranks(allreduce, partial), k)
+        _core.normalize(arr, y, axes, mean, var, g, b, eps)
     dt = _stats_dtype(arr)
     return y, mean.astype(dt).reshape(cshape), var.astype(dt).reshape(cshape)
 
@@ -129,6 +153,7 @@ def batch_norm_backward(
     mask=None,
     training: bool = True,
     out: np.ndarray | None = None,
+    allreduce: Allreduce | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta``.
 
@@ -139,6 +164,14 @@ def batch_norm_backward(
     depend on, the statistics of the used ones). With ``training=False`` they are
     held fixed (an inference call). ``out`` receives ``dx`` and may be ``dy`` or
     ``x`` itself (in place).
+
+    With ``allreduce`` and ``training=True``, ``mean`` and ``variance`` are the
+    global statistics a synchronized :func:`batch_norm_train` returned, and ``dx``
+    goes through them: this rank's used counts, ``Σdy`` and ``Σdy·x̂`` are summed
+    across ranks in exactly one call of ``allreduce``. ``dgamma`` and ``dbeta`` stay
+    this rank's own (summing parameter gradients is the optimizer's job, as for every
+    other weight). With ``training=False`` nothing is communicated. If ``allreduce``
+    raises, ``out`` is untouched.
 
     Returns ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, ``dgamma =
     Σ dy·x̂`` and ``dbeta = Σ dy`` over every position, in the channel shape.
@@ -158,11 +191,21 @@ def batch_norm_backward(
         raise TypeError("mean and variance are required arrays; received None")
     g = as_param(gamma, cshape, "gamma")
     m = canonical_mask(mask, arr.shape)
+    check_allreduce(allreduce)
     if out is None:
         dx = np.empty_like(arr)
     else:
         dx = check_out(out, grad, arr.dtype)
         check_out(dx, arr, arr.dtype)
-    sum_dy, sum_dy_xhat = _core.backward(grad, arr, dx, axes, m, mu, var, g, eps, bool(training))
+    if allreduce is None or not training:
+        sum_dy, sum_dy_xhat = _core.backward(grad, arr, dx, axes, m, mu, var, g, eps,
+                                             bool(training))
+    else:
+        sums = _core.backward_sums(grad, arr, axes, m, mu, var, eps)
+        c = sums.shape[0] // 3
+        # Kept before the collective, which may sum in place: dγ, dβ are this rank's.
+        sum_dy, sum_dy_xhat = sums[c:2 * c].copy(), sums[2 * c:].copy()
+        _core.backward_apply(grad, arr, dx, axes, m, mu, var, g, eps,
+                             sum_across_ranks(allreduce, sums))
     dt = _stats_dtype(arr)
     return dx, sum_dy_xhat.astype(dt).reshape(cshape), sum_dy.astype(dt).reshape(cshape)

@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <new>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -35,6 +38,16 @@ std::atomic<int32_t> isa_choice{-1};      // -1: not chosen yet
 // Below this many elements a call runs on the calling thread: waking the pool
 // costs microseconds, more than the work.
 constexpr int64_t kParallelGrain = 32768;
+
+// An enum argument's value read as the int32 a C caller passed: loading an
+// out-of-range value through the enum type is undefined behaviour in C++.
+template <class Enum>
+int32_t enum_value(const Enum &e) {
+  static_assert(sizeof(Enum) == sizeof(int32_t), "C enums are int-sized here");
+  int32_t v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
 
 bn_status fail(bn_status status, const std::string &message) {
   last_error = message;
@@ -86,17 +99,20 @@ bn_status check_tensor(const bn_tensor *t, const char *name, bool is_mask) {
     return fail(BN_ERR_RANK, who + " has rank " + std::to_string(t->rank) + "; expected 1 to " +
                                  std::to_string(BN_MAX_RANK));
   if (!t->shape || !t->strides) return fail(BN_ERR_NULL, who + " has a NULL shape or strides");
-  const int dt = static_cast<int>(t->dtype);
-  if (dt < BN_FLOAT32 || dt > BN_UINT8 || is_mask != (t->dtype == BN_UINT8))
+  const int32_t dt = enum_value(t->dtype);
+  if (dt < BN_FLOAT32 || dt > BN_UINT8 || is_mask != (dt == BN_UINT8))
     return fail(BN_ERR_DTYPE, who + " has dtype " + (dt >= 0 && dt <= BN_UINT8 ? dtype_name(t->dtype) : std::to_string(dt)) +
                                   (is_mask ? "; expected uint8" : "; expected float32, float64, float16 or bfloat16"));
-  int64_t count = 1, span = 0;
+  // Sizes multiply without overflow even when one is 0 (a channel count is a
+  // product of some of them).
+  int64_t count = 1, nonzero_count = 1, span = 0;
   bool overflow = false;
   for (int32_t i = 0; i < t->rank; ++i) {
     const int64_t n = t->shape[i];
     if (n < 0)
       return fail(BN_ERR_SHAPE, who + " has negative size " + std::to_string(n) + " at axis " + std::to_string(i));
     overflow |= __builtin_mul_overflow(count, n, &count);
+    overflow |= __builtin_mul_overflow(nonzero_count, n ? n : 1, &nonzero_count);
     const int64_t stride = t->strides[i];
     if (n > 1) {
       int64_t reach;
@@ -191,6 +207,7 @@ void fold_short_rows(plan &p, int64_t es) {
     return;
   int64_t len = c * kFoldLanes / gcd(c, kFoldLanes);
   while (len < kFoldMinElements) len *= 2;
+  if (row.n * c < 4 * len) return;  // too few rows to repay the replicated parameters
   p.inner = loop_dim{row.n * c, es, p.y ? es : 0, in.m_stride, 1, p.dy ? es : 0};
   p.lines /= row.n;
   --p.n_outer;
@@ -271,17 +288,99 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
 
 // Threads for this call, and lines cut into segments when there are too few
 // lines to share out (e.g. one huge channel, or one row of many channels).
+// Lines cut into segments when there are too few to share out among threads.
+void cut_segments(plan &p, int32_t threads) {
+  p.segments = 1;
+  if (threads > 1 && p.lines < 4 * threads) {
+    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
+    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
+  }
+}
+
 int32_t schedule(plan &p) {
   if (p.empty) return 1;
   const int64_t elements = p.lines * p.inner.n;
   const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
   const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
-  if (threads > 1 && p.lines < 4 * threads) {
-    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
-    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
-  }
+  cut_segments(p, threads);
   return threads;
 }
+
+// ---- cache blocking for the training forward ------------------------------------
+
+// Per-core L2 and shared L3 in bytes: read once from sysfs (sysconf as the
+// fallback; it reports a VM's L3 wrongly here), overridable.
+std::atomic<int64_t> l2_override{0}, l3_override{0};
+
+int64_t sysfs_cache_bytes(int index) {
+  const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+  FILE *f = std::fopen(path.c_str(), "r");
+  if (!f) return 0;
+  long long value = 0;
+  char unit = 0;
+  const int read = std::fscanf(f, "%lld%c", &value, &unit);
+  std::fclose(f);
+  if (read < 1 || value <= 0) return 0;
+  return value * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+}
+
+int64_t detected_cache_bytes(int level) {
+  static const int64_t l2 = [] {
+    int64_t v = sysfs_cache_bytes(2);
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? v : int64_t(1) << 20;
+  }();
+  static const int64_t l3 = [] {
+    int64_t v = sysfs_cache_bytes(3);
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (v <= 0) v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return v > 0 ? v : int64_t(8) << 20;
+  }();
+  return level == 2 ? l2 : l3;
+}
+
+int64_t cache_bytes(int level) {
+  const int64_t o = (level == 2 ? l2_override : l3_override).load(std::memory_order_relaxed);
+  return o > 0 ? o : detected_cache_bytes(level);
+}
+
+// Channels per chunk of a training forward, or 0 to run it in one piece. A
+// tensor larger than half the L3 would come back from memory for the second
+// read (normalize after statistics). Cut into chunks of whole channels, each
+// handled by one thread — statistics, then normalize while the chunk is still
+// in that core's L2 — x is read from memory once. Only for channels-first
+// layouts: a channels-last chunk is a narrow strided column of every row.
+int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
+  if (n_axes != 1) return 0;
+  const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
+  const int64_t channels = x.shape[axis], es = element_size(x.dtype);
+  if (std::abs(x.strides[axis]) == es) return 0;
+  int64_t elements = 1;
+  for (int32_t i = 0; i < x.rank; ++i) elements *= x.shape[i];
+  const int64_t bytes = elements * es, l3 = cache_bytes(3);
+  if (channels < 2 * threads || bytes <= l3 / 2) return 0;
+  const int64_t per_channel = bytes / channels;
+  if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached
+  const int64_t chunk = std::max<int64_t>(1, cache_bytes(2) / 2 / per_channel);
+  return std::min(chunk, channels / (2 * threads));  // enough chunks to share out
+}
+
+// x (and y, mask) restricted to channels [first, first + count) of `axis`.
+struct tensor_slice {
+  int64_t shape[BN_MAX_RANK];
+  bn_tensor t;
+
+  tensor_slice(const bn_tensor &whole, int32_t axis, int64_t first, int64_t count) : t(whole) {
+    std::copy(whole.shape, whole.shape + whole.rank, shape);
+    t.shape = shape;
+    if (whole.shape[axis] == 1) return;  // a mask broadcast over the channels
+    shape[axis] = count;
+    t.data = static_cast<char *>(whole.data) + first * whole.strides[axis];
+  }
+};
 
 void item_range(const plan &p, int32_t t, int32_t team, int64_t &begin, int64_t &end) {
   const int64_t items = p.lines * p.segments;
@@ -307,17 +406,24 @@ void run_team(int32_t threads, F &&body) {
 // Per-thread moments state, zeroed, laid out for the kernels.
 class moments_state {
  public:
+  // Room for `threads` partials of plans up to p's size; laid out for p.
   bool allocate(const plan &p, int32_t threads) {
-    channels_ = p.channels;
-    block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
-    per_thread_ = 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+    threads_ = threads;
     try {
-      buffer_.assign(static_cast<size_t>(per_thread_ * threads), 0.0);
-      shifts_missing_.assign(static_cast<size_t>(threads), channels_);
+      buffer_.resize(static_cast<size_t>(layout(p) * threads));
+      shifts_missing_.resize(static_cast<size_t>(threads));
     } catch (const std::bad_alloc &) {
       return false;
     }
+    reset(p);
     return true;
+  }
+
+  // Zeroed partials laid out for p (no larger than the allocated plan).
+  void reset(const plan &p) {
+    per_thread_ = layout(p);
+    std::fill(buffer_.begin(), buffer_.begin() + per_thread_ * threads_, 0.0);
+    std::fill(shifts_missing_.begin(), shifts_missing_.end(), channels_);
   }
 
   moments_scratch thread(int32_t t) {
@@ -345,6 +451,13 @@ class moments_state {
   }
 
  private:
+  int64_t layout(const plan &p) {
+    channels_ = p.channels;
+    block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
+    return 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+  }
+
+  int32_t threads_ = 0;
   int64_t channels_ = 0, block_ = 0, per_thread_ = 0;
   std::vector<double> buffer_;
   std::vector<int64_t> shifts_missing_;
@@ -359,14 +472,20 @@ class channel_params {
   bool allocate(const plan &p, int32_t arrays) {
     wide_ = p.dtype == BN_FLOAT64;
     arrays_ = arrays;
-    channels_ = p.channels;
-    length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
+    fit(p);
+    stride_ = length_;
     try {
-      buffer_.assign(static_cast<size_t>(arrays_ * length_), 0.0);
+      buffer_.assign(static_cast<size_t>(arrays_ * stride_), 0.0);
     } catch (const std::bad_alloc &) {
       return false;
     }
     return true;
+  }
+
+  // Lays the arrays out for p (no larger than the allocated plan).
+  void fit(const plan &p) {
+    channels_ = p.channels;
+    length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
   }
 
   // values(c, out) writes arrays 2.. of channel c as float64.
@@ -378,7 +497,7 @@ class channel_params {
 
   const void *array(int32_t i) const {
     const size_t unit = wide_ ? sizeof(double) : sizeof(float);
-    return reinterpret_cast<const char *>(buffer_.data()) + unit * static_cast<size_t>(i * length_);
+    return reinterpret_cast<const char *>(buffer_.data()) + unit * static_cast<size_t>(i * stride_);
   }
 
   int64_t length() const { return length_; }
@@ -395,15 +514,15 @@ class channel_params {
       v[0] = hi;
       v[1] = mean[c] - static_cast<double>(hi);
       values(c, v);
-      for (int32_t i = 0; i < arrays_; ++i) a[i * length_ + c] = static_cast<acc>(v[i]);
+      for (int32_t i = 0; i < arrays_; ++i) a[i * stride_ + c] = static_cast<acc>(v[i]);
     }
     for (int32_t i = 0; i < arrays_; ++i)
-      for (int64_t k = channels_; k < length_; ++k) a[i * length_ + k] = a[i * length_ + k % channels_];
+      for (int64_t k = channels_; k < length_; ++k) a[i * stride_ + k] = a[i * stride_ + k - channels_];
   }
 
   bool wide_ = false;
   int32_t arrays_ = 0;
-  int64_t channels_ = 0, length_ = 0;
+  int64_t channels_ = 0, length_ = 0, stride_ = 0;  // stride_: the allocated length
   std::vector<double> buffer_;
 };
 
@@ -411,6 +530,7 @@ class channel_params {
 class affine_state {
  public:
   bool allocate(const plan &p) { return params_.allocate(p, 4); }
+  void fit(const plan &p) { params_.fit(p); }
 
   void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
             double eps) {
@@ -633,31 +753,82 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     if (bn_status st = check_like_x(*x, mask, "mask", true)) return st;
   if (!mean || !variance) return fail(BN_ERR_NULL, "mean or variance output is NULL");
   if (bn_status st = check_epsilon(epsilon)) return st;
-  plan p;
-  make_plan(*x, y, mask, nullptr, is_channel, p);
-  const int32_t threads = schedule(p);
-  moments_state state;
-  affine_state affine;
-  if (!state.allocate(p, threads) || !affine.allocate(p)) return out_of_memory();
-  if (p.empty) {
-    state.finish(0, mean, variance, nullptr);
+  plan whole;
+  make_plan(*x, y, mask, nullptr, is_channel, whole);
+  const int32_t threads = schedule(whole);
+  // Cache-sized chunks of the channels, each with its first channel index.
+  std::vector<plan> pieces;
+  std::vector<int64_t> first_channel;
+  const int64_t chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
+  try {
+    if (chunk > 0) {
+      const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
+      for (int64_t c0 = 0; c0 < x->shape[axis]; c0 += chunk) {
+        const int64_t count = std::min(chunk, x->shape[axis] - c0);
+        const tensor_slice xs(*x, axis, c0, count), ys(*y, axis, c0, count);
+        const tensor_slice ms(mask ? *mask : *x, axis, c0, count);
+        pieces.emplace_back();
+        make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, pieces.back());
+        first_channel.push_back(c0);
+      }
+    }
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
+  const kernel_table &k = kernels();
+  if (chunk == 0) {
+    moments_state state;
+    affine_state affine;
+    if (!state.allocate(whole, threads) || !affine.allocate(whole)) return out_of_memory();
+    if (whole.empty) {
+      state.finish(0, mean, variance, nullptr);
+      return BN_OK;
+    }
+    const affine_params params = affine.params();
+    // One team: statistics, merge, then each thread normalizes the range it
+    // just read (still warm in its cache).
+    run_team(threads, [&](int32_t t, int32_t team) {
+      int64_t b, e;
+      item_range(whole, t, team, b, e);
+      k.moments(whole, b, e, state.thread(t));
+      BN_OMP(omp barrier)
+      BN_OMP(omp single)
+      {
+        state.finish(team, mean, variance, nullptr);
+        affine.fill(mean, variance, gamma, beta, epsilon);
+      }
+      k.normalize(whole, b, e, params);
+    });
     return BN_OK;
   }
-  const affine_params params = affine.params();
-  const kernel_table &k = kernels();
-  // One team: statistics, merge, then each thread normalizes the range it just
-  // read (still warm in its cache).
-  run_team(threads, [&](int32_t t, int32_t team) {
-    int64_t b, e;
-    item_range(p, t, team, b, e);
-    k.moments(p, b, e, state.thread(t));
-    BN_OMP(omp barrier)
-    BN_OMP(omp single)
-    {
-      state.finish(team, mean, variance, nullptr);
-      affine.fill(mean, variance, gamma, beta, epsilon);
+  // Chunks: one team, each thread takes whole chunks (no barrier), so the result
+  // does not depend on the thread count at all.
+  std::vector<moments_state> states;
+  std::vector<affine_state> affines;
+  try {
+    states.resize(static_cast<size_t>(threads));
+    affines.resize(static_cast<size_t>(threads));
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
+  for (int32_t t = 0; t < threads; ++t)
+    if (!states[t].allocate(pieces[0], 1) || !affines[t].allocate(pieces[0])) return out_of_memory();
+  std::atomic<size_t> next_piece{0};
+  run_team(threads, [&](int32_t t, int32_t) {
+    moments_state &state = states[t];
+    affine_state &affine = affines[t];
+    const affine_params params = affine.params();
+    for (size_t i; (i = next_piece.fetch_add(1, std::memory_order_relaxed)) < pieces.size();) {
+      const plan &piece = pieces[i];
+      const int64_t c0 = first_channel[i], items = piece.lines * piece.segments;
+      state.reset(piece);
+      k.moments(piece, 0, items, state.thread(0));
+      state.finish(1, mean + c0, variance + c0, nullptr);
+      affine.fit(piece);
+      affine.fill(mean + c0, variance + c0, gamma ? gamma + c0 : nullptr,
+                  beta ? beta + c0 : nullptr, epsilon);
+      k.normalize(piece, 0, items, params);
     }
-    k.normalize(p, b, e, params);
   });
   return BN_OK;
 }
@@ -671,7 +842,7 @@ bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *
   int64_t channels = 0;
   if (bn_status st = channel_count(x, axes, n_axes, channels)) return st;
   try {
-    scratch.assign(static_cast<size_t>(3 * channels), 0.0);
+    scratch.assign(static_cast<size_t>(3 * channels + 1), 0.0);  // + 1: never a null data()
   } catch (const std::bad_alloc &) {
     return out_of_memory();
   }
@@ -702,9 +873,9 @@ bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_te
 
 bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
                              const bn_tensor *mask, const double *shift, double *partial) {
-  if (!partial) return fail(BN_ERR_NULL, "partial is NULL");
   int64_t channels = 0;
   if (bn_status st = channel_count(x, axes, n_axes, channels)) return st;
+  if (!partial) return fail(BN_ERR_NULL, "partial is NULL");
   double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
   // s1/s2 hold mean and variance until they are turned into shifted sums.
   if (bn_status st = bn_moments(x, axes, n_axes, mask, s1, s2, count)) return st;
@@ -729,6 +900,17 @@ bn_status bn_moments_finalize(int64_t channels, const double *partial, const dou
   return BN_OK;
 }
 
+bn_status bn_set_cache_bytes(int64_t l2, int64_t l3) {
+  l2_override.store(l2 > 0 ? l2 : 0, std::memory_order_relaxed);
+  l3_override.store(l3 > 0 ? l3 : 0, std::memory_order_relaxed);
+  return BN_OK;
+}
+
+void bn_get_cache_bytes(int64_t *l2, int64_t *l3) {
+  if (l2) *l2 = cache_bytes(2);
+  if (l3) *l3 = cache_bytes(3);
+}
+
 bn_status bn_set_num_threads(int32_t n) {
   thread_override.store(n > 0 ? n : 0, std::memory_order_relaxed);
   return BN_OK;
@@ -744,7 +926,7 @@ bn_isa bn_get_isa(void) {
 bn_isa bn_best_isa(void) { return best_isa(); }
 
 const char *bn_isa_name(bn_isa isa) {
-  switch (isa) {
+  switch (enum_value(isa)) {
     case BN_ISA_SCALAR: return "scalar";
     case BN_ISA_AVX2: return "avx2";
     case BN_ISA_AVX512: return "avx512";
@@ -753,8 +935,9 @@ const char *bn_isa_name(bn_isa isa) {
 }
 
 bn_status bn_set_isa(bn_isa isa) {
-  if (isa != BN_ISA_SCALAR && isa != BN_ISA_AVX2 && isa != BN_ISA_AVX512)
-    return fail(BN_ERR_VALUE, "unknown SIMD level " + std::to_string(static_cast<int>(isa)));
+  const int32_t value = enum_value(isa);
+  if (value != BN_ISA_SCALAR && value != BN_ISA_AVX2 && value != BN_ISA_AVX512)
+    return fail(BN_ERR_VALUE, "unknown SIMD level " + std::to_string(value));
   if (!isa_supported(isa)) {
     std::string have;
     for (bn_isa i : {BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512})

@@ -89,13 +89,22 @@ template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 
 // ---- walking the lines of a plan -----------------------------------------------
 
-// Odometer over the outer dims: byte offsets of the current line's first
-// element in x, y, the mask and dy, and its channel index.
-struct line_cursor {
-  int64_t idx[BN_MAX_RANK];
+// Byte offsets of a line's first element in x, y, the mask and dy, and its
+// channel index.
+struct line_offsets {
   int64_t x_off, y_off, m_off, p_off, d_off;
 
-  line_cursor(const plan &p, int64_t line) : x_off(0), y_off(0), m_off(0), p_off(p.p_base), d_off(0) {
+  void advance(const loop_dim &dim, int64_t k) {
+    x_off += k * dim.x_stride; y_off += k * dim.y_stride; m_off += k * dim.m_stride;
+    p_off += k * dim.p_stride; d_off += k * dim.d_stride;
+  }
+};
+
+// Odometer over the outer dims.
+struct line_cursor : line_offsets {
+  int64_t idx[BN_MAX_RANK];
+
+  line_cursor(const plan &p, int64_t line) : line_offsets{0, 0, 0, p.p_base, 0} {
     for (int32_t d = p.n_outer - 1; d >= 0; --d) {
       const loop_dim &dim = p.outer[d];
       idx[d] = line % dim.n;
@@ -122,22 +131,35 @@ struct line_cursor {
       advance(dim, -dim.n);
     }
   }
-
- private:
-  void advance(const loop_dim &dim, int64_t k) {
-    x_off += k * dim.x_stride; y_off += k * dim.y_stride; m_off += k * dim.m_stride;
-    p_off += k * dim.p_stride; d_off += k * dim.d_stride;
-  }
 };
 
 // A work item is one segment of one line: [begin, begin + len) of the inner run.
 struct segment { int64_t begin, len; };
 
-// Calls f(cursor, segment) for the items [item_begin, item_end) in memory order.
+// Calls f(offsets, segment) for the items [item_begin, item_end) in memory
+// order. Whole lines are walked in runs along the innermost outer dim, a fixed
+// stride apart: stepping the odometer per line cost more than a short line's
+// work (a 64-channel row).
 template <class F>
 void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
   if (item_begin >= item_end) return;
   const int64_t n = p.inner.n, segments = p.segments;
+  if (segments == 1) {
+    line_cursor cur(p, item_begin);
+    if (p.n_outer == 0) {
+      f(static_cast<const line_offsets &>(cur), segment{0, n});
+      return;
+    }
+    const loop_dim &rows = p.outer[p.n_outer - 1];
+    for (int64_t line = item_begin; line < item_end;) {
+      const int64_t run = min_of(rows.n - cur.idx[p.n_outer - 1], item_end - line);
+      line_offsets at = cur;
+      for (int64_t r = 0; r < run; ++r, at.advance(rows, 1)) f(static_cast<const line_offsets &>(at), segment{0, n});
+      cur.skip(p, run);
+      line += run;
+    }
+    return;
+  }
   // Folded runs are cut at super-row boundaries so element i stays channel i % period.
   const int64_t align = p.period ? p.fold_len : 1;
   const int64_t seg_len = ((n + segments - 1) / segments + align - 1) / align * align;
@@ -146,7 +168,7 @@ void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
   for (int64_t k = item_begin; k < item_end; ++k) {
     const int64_t begin = min_of(seg * seg_len, n);
     const int64_t len = min_of(seg_len, n - begin);
-    if (len) f(cur, segment{begin, len});
+    if (len) f(static_cast<const line_offsets &>(cur), segment{begin, len});
     if (++seg == segments) {
       seg = 0;
       cur.next(p);
@@ -447,38 +469,11 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   }
 }
 
-// Whole rows (one segment per line) along a reduced innermost outer dim: runs
-// of rows at a fixed stride go to the block kernel without stepping the
-// cursor row by row (that bookkeeping cost more than a 64-channel row's sums).
-template <class E>
-void rows_moments_by_runs(const plan &p, int64_t line_begin, int64_t line_end,
-                          const moments_scratch &s) {
-  const loop_dim &rows = p.outer[p.n_outer - 1];
-  const char *rows_x[kRowBlock];
-  const uint8_t *rows_m[kRowBlock];
-  line_cursor cur(p, line_begin);
-  for (int64_t line = line_begin; line < line_end;) {
-    const int64_t run = min_of(rows.n - cur.idx[p.n_outer - 1], line_end - line);
-    for (int64_t r0 = 0; r0 < run; r0 += kRowBlock) {
-      const int64_t n_rows = min_of(kRowBlock, run - r0);
-      for (int64_t r = 0; r < n_rows; ++r) {
-        rows_x[r] = p.x + cur.x_off + (r0 + r) * rows.x_stride;
-        rows_m[r] = p.mask ? p.mask + cur.m_off + (r0 + r) * rows.m_stride : nullptr;
-      }
-      for (int64_t j0 = 0; j0 < p.inner.n; j0 += kChannelChunk)
-        rows_block_moments<E>(p, rows_x, rows_m, n_rows, cur.p_off, j0,
-                              min_of(kChannelChunk, p.inner.n - j0), s);
-    }
-    cur.skip(p, run);
-    line += run;
-  }
-}
-
 template <class E>
 void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
   const uint8_t *mask = p.mask;
   if (!p.inner_is_channel) {
-    for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+    for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
       const char *x = p.x + cur.x_off + seg.begin * p.inner.x_stride;
       if (!mask) {
         plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
@@ -491,10 +486,6 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
         plane_moments<E, true>(x, p.inner.x_stride, m, p.inner.m_stride, seg.len, cur.p_off, s);
       }
     });
-    return;
-  }
-  if (!p.period && p.segments == 1 && p.n_outer > 0 && p.outer[p.n_outer - 1].p_stride == 0) {
-    rows_moments_by_runs<E>(p, item_begin, item_end, s);
     return;
   }
   // rows x C: gather up to kRowBlock consecutive rows sharing channels and length
@@ -517,7 +508,7 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
     ++n_rows;
   };
   const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
-  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+  for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     const uint8_t *m = mask ? mask + cur.m_off + seg.begin * ms : nullptr;
     if (!p.period) {
@@ -538,10 +529,10 @@ template <class E, bool Contig>
 void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_t len,
                        const affine_params &a) {
   using acc = typename E::acc;
-  const acc *mean_hi = static_cast<const acc *>(a.mean_hi);
-  const acc *mean_lo = static_cast<const acc *>(a.mean_lo);
-  const acc *scale = static_cast<const acc *>(a.scale);
-  const acc *bias = static_cast<const acc *>(a.bias);
+  const acc *__restrict mean_hi = static_cast<const acc *>(a.mean_hi);
+  const acc *__restrict mean_lo = static_cast<const acc *>(a.mean_lo);
+  const acc *__restrict scale = static_cast<const acc *>(a.scale);
+  const acc *__restrict bias = static_cast<const acc *>(a.bias);
   const int64_t xs = Contig ? E::size : p.inner.x_stride;
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   if (!p.inner_is_channel) {
@@ -561,7 +552,7 @@ template <class E>
 void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
   const int64_t xs = p.inner.x_stride, ys = p.inner.y_stride, ps = p.inner.p_stride;
   const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1);
-  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+  for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
     if (p.period) {  // parameters are replicated over one super row
@@ -587,7 +578,7 @@ struct grad_segment {
   int64_t len;
 };
 
-inline grad_segment grad_segment_at(const plan &p, const line_cursor &cur, segment seg) {
+inline grad_segment grad_segment_at(const plan &p, const line_offsets &cur, segment seg) {
   const loop_dim &in = p.inner;
   return grad_segment{p.x + cur.x_off + seg.begin * in.x_stride,
                       p.dy + cur.d_off + seg.begin * in.d_stride,
@@ -601,7 +592,7 @@ inline grad_segment grad_segment_at(const plan &p, const line_cursor &cur, segme
 template <class F>
 void for_each_grad_segment(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
   const loop_dim &in = p.inner;
-  for_each_item(p, item_begin, item_end, [&](const line_cursor &cur, segment seg) {
+  for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     grad_segment g = grad_segment_at(p, cur, seg);
     if (!p.period) {
       f(g);
@@ -650,25 +641,28 @@ template <class E, bool Contig, bool Masked>
 void grad_sums_segment(const plan &p, const grad_segment &g, const backward_params &b,
                        const backward_scratch &s) {
   using acc = typename E::acc;
-  const acc *mean_hi = static_cast<const acc *>(b.mean_hi);
-  const acc *mean_lo = static_cast<const acc *>(b.mean_lo);
-  const acc *invstd = static_cast<const acc *>(b.invstd);
+  const acc *__restrict mean_hi = static_cast<const acc *>(b.mean_hi);
+  const acc *__restrict mean_lo = static_cast<const acc *>(b.mean_lo);
+  const acc *__restrict invstd = static_cast<const acc *>(b.invstd);
   const int64_t xs = Contig ? E::size : p.inner.x_stride;
   const int64_t ds = Contig ? E::size : p.inner.d_stride;
   const int64_t ms = p.inner.m_stride;
-  auto used = [&](int64_t i) { return Masked ? double(g.m[i * ms] != 0) : 1.0; };
+  const char *x = g.x, *dy = g.dy;
+  const uint8_t *m = g.m;
+  const int64_t len = g.len;
+  auto used = [&](int64_t i) { return Masked ? double(m[i * ms] != 0) : 1.0; };
   if (!p.inner_is_channel) {
     const int64_t c = g.c0;
     if (Contig && !Masked) {
-      plane_grad_sums_contiguous<E>(g.x, g.dy, g.len, mean_hi[c], mean_lo[c], invstd[c],
+      plane_grad_sums_contiguous<E>(x, dy, len, mean_hi[c], mean_lo[c], invstd[c],
                                     s.sum_dy[c], s.sum_dy_xhat[c]);
       return;
     }
     double a = 0, h = 0, n = 0;
-    for (int64_t i = 0; i < g.len; ++i) {
-      const double d = E::load(g.dy + i * ds);
+    for (int64_t i = 0; i < len; ++i) {
+      const double d = E::load(dy + i * ds);
       a += d;
-      h += d * static_cast<double>(((E::load(g.x + i * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c]);
+      h += d * static_cast<double>(((E::load(x + i * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c]);
       if (Masked) n += used(i);
     }
     s.sum_dy[c] += a;
@@ -677,45 +671,45 @@ void grad_sums_segment(const plan &p, const grad_segment &g, const backward_para
     return;
   }
   const int64_t ps = Contig ? 1 : p.inner.p_stride;
-  for (int64_t j = 0; j < g.len; ++j) {
+  double *__restrict sum_dy = s.sum_dy, *__restrict sum_dy_xhat = s.sum_dy_xhat;
+  double *__restrict count = s.count;
+  for (int64_t j = 0; j < len; ++j) {
     const int64_t c = g.c0 + j * ps;
-    const acc d = E::load(g.dy + j * ds);
-    const acc h = ((E::load(g.x + j * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c];
-    s.sum_dy[c] += static_cast<double>(d);
-    s.sum_dy_xhat[c] += static_cast<double>(d) * static_cast<double>(h);
-    if (Masked) s.count[c] += used(j);
+    const acc d = E::load(dy + j * ds);
+    const acc h = ((E::load(x + j * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c];
+    sum_dy[c] += static_cast<double>(d);
+    sum_dy_xhat[c] += static_cast<double>(d) * static_cast<double>(h);
+    if (Masked) count[c] += used(j);
   }
 }
 
 template <class E, bool Contig, bool Masked>
 void grad_apply_segment(const plan &p, const grad_segment &g, const backward_params &b) {
   using acc = typename E::acc;
-  const acc *mean_hi = static_cast<const acc *>(b.mean_hi);
-  const acc *mean_lo = static_cast<const acc *>(b.mean_lo);
-  const acc *dy_scale = static_cast<const acc *>(b.dy_scale);
-  const acc *xc_scale = static_cast<const acc *>(b.xc_scale);
-  const acc *shift = static_cast<const acc *>(b.shift);
+  const acc *__restrict mean_hi = static_cast<const acc *>(b.mean_hi);
+  const acc *__restrict mean_lo = static_cast<const acc *>(b.mean_lo);
+  const acc *__restrict dy_scale = static_cast<const acc *>(b.dy_scale);
+  const acc *__restrict xc_scale = static_cast<const acc *>(b.xc_scale);
+  const acc *__restrict shift = static_cast<const acc *>(b.shift);
   const int64_t xs = Contig ? E::size : p.inner.x_stride;
   const int64_t ds = Contig ? E::size : p.inner.d_stride;
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   const int64_t ms = p.inner.m_stride;
-  // Locals, not g's fields: a store through char *dx may alias g, which would make
-  // the compiler reload the pointers and the length every element (no vectorizing).
+  // Locals, not g's fields: a store through dx could otherwise alias g.
   const char *x = g.x, *dy = g.dy;
-  const uint8_t *m = g.m;
   char *dx = g.dx;
-  const int64_t len = g.len;
+  const uint8_t *m = g.m;
+  const int64_t len = g.len, c0 = g.c0;
   auto used = [&](int64_t i) { return Masked ? acc(m[i * ms] != 0) : acc(1); };
   if (!p.inner_is_channel) {
-    const int64_t c = g.c0;
-    const acc mh = mean_hi[c], ml = mean_lo[c], a = dy_scale[c], xc = xc_scale[c], sh = shift[c];
+    const acc mh = mean_hi[c0], ml = mean_lo[c0], a = dy_scale[c0], xc = xc_scale[c0], sh = shift[c0];
     for (int64_t i = 0; i < len; ++i) {
       const acc centred = (E::load(x + i * xs) - mh) - ml;
       E::store(dx + i * ys, a * E::load(dy + i * ds) + used(i) * (xc * centred + sh));
     }
     return;
   }
-  const int64_t ps = Contig ? 1 : p.inner.p_stride, c0 = g.c0;
+  const int64_t ps = Contig ? 1 : p.inner.p_stride;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t c = c0 + j * ps;
     const acc centred = (E::load(x + j * xs) - mean_hi[c]) - mean_lo[c];

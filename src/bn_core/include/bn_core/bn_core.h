@@ -96,7 +96,8 @@ BN_API bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const 
  * - training == 0: fixed statistics, dx = gamma / sqrt(variance + epsilon) * dy.
  * sum_dy and sum_dy_xhat (C values each, may be NULL) receive Σdy (= dbeta) and
  * Σdy·x̂ (= dgamma) over every position. dy and dx have x's dtype and shape;
- * dx may be dy (in place) but must not partially overlap it or x. */
+ * dx may be dy or x itself (same layout, in place) but must not partially
+ * overlap either. */
 BN_API bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
                              const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
                              const double *mean, const double *variance, const double *gamma,
@@ -109,7 +110,9 @@ BN_API bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_t
  * Forward, phase 1: this rank's 3*C-value buffer, laid out as C counts n,
  * then C values n*(mean - K), then C values M2 + n*(mean - K)^2, with the
  * rank-local masked moments (as bn_moments) and a shift K every rank shares
- * (C values, e.g. the moving mean; NULL means 0). */
+ * (C values; NULL means 0). The merge is exact to about 1e-16 * (|mean - K| /
+ * std)^2 relative, so K should be near the mean: the moving mean is the usual
+ * choice (K = 0 on data with mean/std = 1e4 loses 1e-8 of the variance). */
 BN_API bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
                                     const bn_tensor *mask, const double *shift, double *partial);
 /* Forward, phase 2: mean and biased variance (C values each) from the buffer
@@ -134,6 +137,13 @@ BN_API bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, cons
  * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). */
 BN_API bn_status bn_set_num_threads(int32_t n);
 BN_API int32_t bn_get_num_threads(void);
+
+/* Cache sizes the training forward blocks for: per-core L2 and shared L3 in
+ * bytes, read from the system at first use. A tensor larger than half the L3
+ * is processed in chunks of channels, each normalized right after its
+ * statistics while still cached. A value <= 0 restores the detected size. */
+BN_API bn_status bn_set_cache_bytes(int64_t l2, int64_t l3);
+BN_API void bn_get_cache_bytes(int64_t *l2, int64_t *l3);
 
 /* SIMD level: the best the CPU supports unless overridden. */
 BN_API bn_isa bn_get_isa(void);
