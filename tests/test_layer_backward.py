@@ -22,6 +22,21 @@ def numeric_grad(loss, x, h=1e-6):
     return g
 
 
+def check_against_finite_differences(layer, forward, x, r, gamma):
+    """layer.backward(r) and its dγ, dβ against central differences of L = Σ r·forward(x, γ)
+    (a float64 NumPy forward written in the test); channels last."""
+    dx = layer.backward(r)
+    np.testing.assert_allclose(dx, numeric_grad(lambda v: (r * forward(v)).sum(), x),
+                               rtol=1e-6, atol=1e-8)
+    dgamma, dbeta = layer.gradients
+    for c in range(gamma.size):
+        e = np.zeros(gamma.size)
+        e[c] = 1e-6
+        fd = ((r * forward(x, gamma + e)).sum() - (r * forward(x, gamma - e)).sum()) / 2e-6
+        assert dgamma[c] == pytest.approx(fd, rel=1e-6)
+    np.testing.assert_allclose(dbeta, r.reshape(-1, gamma.size).sum(0), rtol=1e-12)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_against_torch_batchnorm2d(training, layout):
@@ -79,16 +94,7 @@ def test_masked_training_finite_differences():
     layer.build(x.shape)
     layer.set_weights([gamma, beta, np.zeros(3), np.ones(3)])
     layer(x, training=True, mask=mask)
-    dx = layer.backward(r)
-    np.testing.assert_allclose(dx, numeric_grad(lambda v: (r * forward(v)).sum(), x),
-                               rtol=1e-6, atol=1e-8)
-    dgamma, dbeta = layer.gradients
-    for c in range(3):
-        e = np.zeros(3)
-        e[c] = 1e-6
-        fd = ((r * forward(x, gamma + e)).sum() - (r * forward(x, gamma - e)).sum()) / 2e-6
-        assert dgamma[c] == pytest.approx(fd, rel=1e-6)
-    np.testing.assert_allclose(dbeta, r.sum((0, 1)), rtol=1e-12)
+    check_against_finite_differences(layer, forward, x, r, gamma)
 
 
 def test_renorm_holds_r_and_d_constant():
@@ -233,16 +239,7 @@ def test_ghost_batches_finite_differences():
     layer.gamma[...] = gamma
     layer.beta[...] = beta
     layer(x, training=True)
-    dx = layer.backward(r)
-    np.testing.assert_allclose(dx, numeric_grad(lambda v: (r * forward(v)).sum(), x),
-                               rtol=1e-6, atol=1e-8)
-    dgamma, dbeta = layer.gradients
-    for c in range(3):
-        e = np.zeros(3)
-        e[c] = 1e-6
-        fd = ((r * forward(x, gamma + e)).sum() - (r * forward(x, gamma - e)).sum()) / 2e-6
-        assert dgamma[c] == pytest.approx(fd, rel=1e-6)
-    np.testing.assert_allclose(dbeta, r.sum((0, 1)), rtol=1e-12)
+    check_against_finite_differences(layer, forward, x, r, gamma)
 
 
 def test_adjustment_with_renorm_is_constant():
