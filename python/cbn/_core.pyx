@@ -90,7 +90,14 @@ cdef struct tensor_desc:
 
 
 cdef int describe(tensor_desc *d, cnp.ndarray a, bint is_mask) except -1:
-    code = _DTYPE_CODES.get(a.dtype)
+    # The common dtypes by number; bfloat16 (a registered user dtype) through the table.
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if type_num == cnp.NPY_FLOAT32:
+        code = BN_FLOAT32
+    elif type_num == cnp.NPY_FLOAT64:
+        code = BN_FLOAT64
+    else:
+        code = _DTYPE_CODES.get(a.dtype)
     if code is None or (code == BN_UINT8) != is_mask:
         raise TypeError(f"unsupported dtype {a.dtype} for {'a mask' if is_mask else 'data'}")
     cdef int rank = cnp.PyArray_NDIM(a)
@@ -234,15 +241,23 @@ cdef double *out_ptr(cnp.ndarray a):
     return <double *>cnp.PyArray_DATA(a)
 
 
+cdef int describe_grad(tensor_desc *dyd, tensor_desc *xd, tensor_desc *dxd, cnp.ndarray dy,
+                       cnp.ndarray x, object dx) except -1:
+    """The backward operands: dy and x, and the output dx unless it is None."""
+    describe(dyd, dy, False)
+    describe(xd, x, False)
+    if dx is not None:
+        describe(dxd, dx, False)
+        check_output(dx)
+    return 0
+
+
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, mean, variance,
              gamma, double epsilon, bint training):
     """dx (written into dx, which may be dy) and per-channel (Σdy, Σdy·x̂) as float64."""
     cdef tensor_desc dyd, xd, dxd, md
     cdef _Axes ax = _Axes(axes)
-    describe(&dyd, dy, False)
-    describe(&xd, x, False)
-    describe(&dxd, dx, False)
-    check_output(dx)
+    describe_grad(&dyd, &xd, &dxd, dy, x, dx)
     cdef bn_tensor *mp = optional_mask(&md, mask)
     cdef Py_ssize_t c = channel_count(x, axes)
     cdef const double *mean_p = param_ptr(mean, c, "mean")
@@ -291,8 +306,7 @@ def backward_sums(cnp.ndarray dy, cnp.ndarray x, tuple axes, mask, mean, varianc
     """This rank's 3·C float64 buffer: used counts, Σdy, Σdy·x̂."""
     cdef tensor_desc dyd, xd, md
     cdef _Axes ax = _Axes(axes)
-    describe(&dyd, dy, False)
-    describe(&xd, x, False)
+    describe_grad(&dyd, &xd, NULL, dy, x, None)
     cdef bn_tensor *mp = optional_mask(&md, mask)
     cdef Py_ssize_t c = channel_count(x, axes)
     cdef const double *mean_p = param_ptr(mean, c, "mean")
@@ -312,10 +326,7 @@ def backward_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, ma
     """dx through statistics whose backward_sums buffer (summed over ranks) is sums."""
     cdef tensor_desc dyd, xd, dxd, md
     cdef _Axes ax = _Axes(axes)
-    describe(&dyd, dy, False)
-    describe(&xd, x, False)
-    describe(&dxd, dx, False)
-    check_output(dx)
+    describe_grad(&dyd, &xd, &dxd, dy, x, dx)
     cdef bn_tensor *mp = optional_mask(&md, mask)
     cdef Py_ssize_t c = channel_count(x, axes)
     cdef const double *mean_p = param_ptr(mean, c, "mean")
@@ -403,20 +414,10 @@ def normalize_fast(object x, object mean, object variance, object gamma, object 
         return None
     cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1)
     cdef tensor_desc xd, yd
+    describe(&xd, a, False)
+    describe(&yd, y, False)
     cdef int32_t axes[1]
     axes[0] = ax
-    for i in range(rank):
-        xd.shape[i] = cnp.PyArray_DIMS(a)[i]
-        xd.strides[i] = cnp.PyArray_STRIDES(a)[i]
-        yd.strides[i] = cnp.PyArray_STRIDES(y)[i]
-    xd.t.data = cnp.PyArray_DATA(a)
-    xd.t.dtype = BN_FLOAT32 if type_num == cnp.NPY_FLOAT32 else BN_FLOAT64
-    xd.t.rank = rank
-    xd.t.shape = xd.shape
-    xd.t.strides = xd.strides
-    yd.t = xd.t
-    yd.t.data = cnp.PyArray_DATA(y)
-    yd.t.strides = yd.strides
     cdef bn_status st
     if cnp.PyArray_SIZE(a) < 32768:  # the core runs such calls on this thread anyway
         st = bn_normalize(&xd.t, &yd.t, axes, 1, params, params + c, params + 2 * c,
