@@ -148,3 +148,14 @@ def backward(dy, x, gamma=None, axis=-1, mask=None, eps=1e-3, mean=None, varianc
     dx = g * s * (dy - through_stats)
     cs = channel_shape(x.shape, axes)
     return dx, sum_dy_xhat.reshape(cs), sum_dy.reshape(cs)
+
+
+def numeric_grad(loss, x, h=1e-6):
+    """Central differences of the scalar ``loss(x)`` with respect to every entry of x."""
+    g = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        g[i] = (loss(xp) - loss(xm)) / (2 * h)
+    return g

@@ -8,18 +8,9 @@ import pickle
 import cbn
 import numpy as np
 import pytest
+from reference import numeric_grad
 
 EPS = 1e-3
-
-
-def numeric_grad(loss, x, h=1e-6):
-    g = np.empty_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = (loss(xp) - loss(xm)) / (2 * h)
-    return g
 
 
 def check_against_finite_differences(layer, forward, x, r, gamma):
