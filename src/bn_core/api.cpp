@@ -657,9 +657,10 @@ struct backward_call {
     if (!state.allocate(p, sums ? threads : 0)) return out_of_memory();
     if (sums && p.empty) state.finish(0, p, count, sum_dy, sum_dy_xhat);
     if (p.empty) return BN_OK;
-    const bool through_stats = training;
+    // Fixed statistics: no term through them (fill_dx without totals).
+    const double *totals = training ? count : nullptr;
     if (sums) state.fill_xhat(mean, variance, epsilon);
-    else state.fill_dx(mean, variance, gamma, epsilon, through_stats ? count : nullptr, sum_dy, sum_dy_xhat);
+    else state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
     const backward_params params = state.params();
     const kernel_table &k = kernels();
     run_team(threads, [&](int32_t t, int32_t team) {
@@ -672,8 +673,7 @@ struct backward_call {
         {
           state.finish(team, p, count, sum_dy, sum_dy_xhat);
           if (apply)
-            state.fill_dx(mean, variance, gamma, epsilon, through_stats ? count : nullptr, sum_dy,
-                          sum_dy_xhat);
+            state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
         }
       }
       if (apply) k.backward_apply(p, b, e, params);
