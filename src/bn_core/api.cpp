@@ -429,11 +429,11 @@ class moments_state {
   moments_scratch thread(int32_t t) {
     double *base = buffer_.data() + per_thread_ * t;
     const int64_t C = channels_, L = block_;
-    return moments_scratch{base, base + C, base + 2 * C, base + 3 * C,
-                           reinterpret_cast<uint8_t *>(base + 4 * C + 6 * L),
-                           &shifts_missing_[static_cast<size_t>(t)], base + 4 * C, base + 4 * C + L,
-                           base + 4 * C + 2 * L, base + 4 * C + 3 * L,
-                           base + 4 * C + 4 * L, base + 4 * C + 5 * L};
+    double *block = base + 6 * C;
+    return moments_scratch{base, base + C, base + 2 * C, base + 3 * C, base + 4 * C, base + 5 * C,
+                           reinterpret_cast<uint8_t *>(block + 6 * L),
+                           &shifts_missing_[static_cast<size_t>(t)], block, block + L,
+                           block + 2 * L, block + 3 * L, block + 4 * L, block + 5 * L};
   }
 
   // Merges the team's partials in thread order (deterministic for a given team).
@@ -454,7 +454,7 @@ class moments_state {
   int64_t layout(const plan &p) {
     channels_ = p.channels;
     block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
-    return 4 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+    return 6 * channels_ + 6 * block_ + (channels_ + 7) / 8;
   }
 
   int32_t threads_ = 0;

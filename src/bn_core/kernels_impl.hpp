@@ -37,6 +37,7 @@ struct f32_elem {
   static acc load(const char *p) { float v; std::memcpy(&v, p, 4); return v; }
   static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, 4); }
+  static void store_vec(char *p, vec v) { std::memcpy(p, &v, sizeof v); }
 };
 
 struct f64_elem {
@@ -46,6 +47,7 @@ struct f64_elem {
   static acc load(const char *p) { double v; std::memcpy(&v, p, 8); return v; }
   static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, 8); }
+  static void store_vec(char *p, vec v) { std::memcpy(p, &v, sizeof v); }
 };
 
 struct f16_elem {
@@ -59,6 +61,10 @@ struct f16_elem {
   }
   // The conversion rounds to nearest even.
   static void store(char *p, acc v) { _Float16 h = static_cast<_Float16>(v); std::memcpy(p, &h, 2); }
+  static void store_vec(char *p, vec v) {
+    const half_vec h = __builtin_convertvector(v, half_vec);
+    std::memcpy(p, &h, sizeof h);
+  }
 };
 
 struct bf16_elem {
@@ -82,6 +88,14 @@ struct bf16_elem {
     const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const uint16_t b = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
     std::memcpy(p, &b, 2);
+  }
+  static void store_vec(char *p, vec v) {  // store(), lane by lane
+    u32_vec u;
+    std::memcpy(&u, &v, sizeof u);
+    const u32_vec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32_vec bits = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;
+    const u16_half_vec b = __builtin_convertvector(bits, u16_half_vec);
+    std::memcpy(p, &b, sizeof b);
   }
 };
 
@@ -136,25 +150,27 @@ struct line_cursor : line_offsets {
 // A work item is one segment of one line: [begin, begin + len) of the inner run.
 struct segment { int64_t begin, len; };
 
-// Calls f(offsets, segment) for the items [item_begin, item_end) in memory
-// order. Whole lines are walked in runs along the innermost outer dim, a fixed
-// stride apart: stepping the odometer per line cost more than a short line's
-// work (a 64-channel row).
+// Calls f(first, segment, n_lines) for the items [item_begin, item_end) in
+// memory order: n_lines whole lines (segment = all of each), the first at
+// `first`, each one step of the innermost outer dim (run_step(p)) after the
+// last — or one segment of one line (n_lines = 1) when lines are cut.
+// Stepping the odometer per line cost more than a short line's work (a
+// 64-channel row), and handing kernels whole runs lets them keep per-channel
+// values in registers across rows.
 template <class F>
-void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
+void for_each_run(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
   if (item_begin >= item_end) return;
   const int64_t n = p.inner.n, segments = p.segments;
   if (segments == 1) {
     line_cursor cur(p, item_begin);
     if (p.n_outer == 0) {
-      f(static_cast<const line_offsets &>(cur), segment{0, n});
+      f(static_cast<const line_offsets &>(cur), segment{0, n}, int64_t{1});
       return;
     }
     const loop_dim &rows = p.outer[p.n_outer - 1];
     for (int64_t line = item_begin; line < item_end;) {
       const int64_t run = min_of(rows.n - cur.idx[p.n_outer - 1], item_end - line);
-      line_offsets at = cur;
-      for (int64_t r = 0; r < run; ++r, at.advance(rows, 1)) f(static_cast<const line_offsets &>(at), segment{0, n});
+      f(static_cast<const line_offsets &>(cur), segment{0, n}, run);
       cur.skip(p, run);
       line += run;
     }
@@ -168,12 +184,28 @@ void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
   for (int64_t k = item_begin; k < item_end; ++k) {
     const int64_t begin = min_of(seg * seg_len, n);
     const int64_t len = min_of(seg_len, n - begin);
-    if (len) f(static_cast<const line_offsets &>(cur), segment{begin, len});
+    if (len) f(static_cast<const line_offsets &>(cur), segment{begin, len}, int64_t{1});
     if (++seg == segments) {
       seg = 0;
       cur.next(p);
     }
   }
+}
+
+// The step between the lines of a run.
+inline const loop_dim &run_step(const plan &p) { return p.outer[p.n_outer - 1]; }
+
+// Calls f(offsets, segment) per line segment, in memory order.
+template <class F>
+void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
+  for_each_run(p, item_begin, item_end, [&](const line_offsets &first, segment seg, int64_t n_lines) {
+    line_offsets at = first;
+    for (int64_t r = 0;;) {
+      f(static_cast<const line_offsets &>(at), seg);
+      if (++r == n_lines) return;
+      at.advance(run_step(p), 1);
+    }
+  });
 }
 
 // ---- moments: planes x L (the inner run is one channel) -------------------------
@@ -362,6 +394,28 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len,
                                    s1 + j, s2 + j, nullptr);
 }
 
+// Chan's merge of the shifted sums Σ(x−K), Σ(x−K)² of n_b rows into contiguous
+// channels, each of which saw every row. Branch-free so the compiler
+// vectorizes it; n == 0 needs no case because a channel's mean is 0 until its
+// first merge. The shift follows the mean so later blocks stay well centred.
+template <class T, class K>
+void merge_rows_sums(const T *s1, const T *s2, const K *k, double n_b, int64_t len,
+                     double *__restrict count, double *__restrict mean, double *__restrict m2,
+                     double *__restrict shift) {
+  const double inv_n_b = 1.0 / n_b;
+  for (int64_t j = 0; j < len; ++j) {
+    const double a = s1[j], b = s2[j];
+    const double mean_b = static_cast<double>(k[j]) + a * inv_n_b;
+    const double m2_b = b - a * a * inv_n_b;
+    const double total = count[j] + n_b;
+    const double delta = mean_b - mean[j];
+    mean[j] += delta * (n_b / total);
+    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * delta * (count[j] * n_b / total);
+    count[j] = total;
+    shift[j] = mean[j];
+  }
+}
+
 // One block of rows over channels [j0, j0 + len) of their segment.
 template <class E>
 void rows_block_moments(const plan &p, const char *const *rows_begin,
@@ -437,24 +491,9 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
     }
   }
   if (!per_element_mask && !p.period && ps == 1) {
-    // Every channel saw the same rows: a branch-free merge over contiguous
-    // channels that the compiler vectorizes. Chan's merge needs no n == 0 case
-    // here because a channel's mean is 0 until its first merge.
-    if (rows_used == 0) return;
-    const double n_b = rows_used, inv_n_b = 1.0 / rows_used;
-    double *count = s.count + c_first, *mean = s.mean + c_first, *m2 = s.m2 + c_first;
-    double *shift = s.shift + c_first;
-    for (int64_t j = 0; j < len; ++j) {
-      const double a = s1[j], b = s2[j];
-      const double mean_b = static_cast<double>(k[j]) + a * inv_n_b;
-      const double m2_b = b - a * a * inv_n_b;
-      const double total = count[j] + n_b;
-      const double delta = mean_b - mean[j];
-      mean[j] += delta * (n_b / total);
-      m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * delta * (count[j] * n_b / total);
-      count[j] = total;
-      shift[j] = mean[j];
-    }
+    if (rows_used > 0)
+      merge_rows_sums(s1, s2, k, rows_used, len, s.count + c_first, s.mean + c_first,
+                      s.m2 + c_first, s.shift + c_first);
     return;
   }
   for (int64_t j = 0; j < len; ++j) {
@@ -466,6 +505,63 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
     chan_merge(s.count[c], s.mean[c], s.m2[c], n_b, static_cast<double>(k[j]) + a / n_b,
                m2 > 0 ? m2 : 0.0);
     s.shift[c] = s.mean[c];
+  }
+}
+
+// Unmasked contiguous rows x C over a run of rows, in super blocks: float tile
+// blocks of kRowBlock rows are folded into float64 per-channel sums, and Chan's
+// merge runs once per super block (per 32-row block it cost more than the
+// sums). A super block is bounded in bytes so that its channel chunks are
+// re-read from L2. The run's first block goes through rows_block_moments while
+// shifts are missing (their two-pass start).
+constexpr int64_t kSuperBlockBytes = 256 * 1024;
+constexpr int64_t kSuperBlockMaxRows = 1024;
+
+template <class E>
+void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_rows, int64_t c_first,
+                      int64_t len, const moments_scratch &s) {
+  using acc = typename E::acc;
+  acc *s1 = static_cast<acc *>(s.block_s1);
+  acc *s2 = static_cast<acc *>(s.block_s2);
+  acc *k = static_cast<acc *>(s.block_shift);
+  const char *rows[kRowBlock];
+  const uint8_t *no_mask[kRowBlock] = {};
+  auto block_rows = [&](int64_t r0, int64_t nb, int64_t j0) {
+    for (int64_t r = 0; r < nb; ++r) rows[r] = x + (r0 + r) * x_row + j0 * E::size;
+  };
+  int64_t r0 = 0;
+  if (*s.shifts_missing) {
+    const int64_t nb = min_of(kRowBlock, n_rows);
+    block_rows(0, nb, 0);
+    for (int64_t j0 = 0; j0 < len; j0 += kChannelChunk)
+      rows_block_moments<E>(p, rows, no_mask, nb, c_first, j0, min_of(kChannelChunk, len - j0), s);
+    r0 = nb;
+  }
+  const int64_t by_bytes = kSuperBlockBytes / (len * E::size) / kRowBlock * kRowBlock;
+  const int64_t super_rows = min_of(kSuperBlockMaxRows, by_bytes > kRowBlock ? by_bytes : kRowBlock);
+  for (; r0 < n_rows; r0 += super_rows) {
+    const int64_t r1 = min_of(n_rows, r0 + super_rows);
+    for (int64_t j0 = 0; j0 < len; j0 += kChannelChunk) {
+      const int64_t cl = min_of(kChannelChunk, len - j0), c0 = c_first + j0;
+      double *__restrict sum1 = s.run_s1 + c0, *__restrict sum2 = s.run_s2 + c0;
+      for (int64_t j = 0; j < cl; ++j) {
+        k[j] = static_cast<acc>(s.shift[c0 + j]);
+        sum1[j] = 0;
+        sum2[j] = 0;
+      }
+      for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+        const int64_t nb = min_of(kRowBlock, r1 - b0);
+        block_rows(b0, nb, j0);
+        for (int64_t j = 0; j < cl; ++j) { s1[j] = 0; s2[j] = 0; }
+        rows_tile_accumulate<E>(rows, nb, cl, k, s1, s2);
+        for (int64_t j = 0; j < cl; ++j) {
+          sum1[j] += static_cast<double>(s1[j]);
+          sum2[j] += static_cast<double>(s2[j]);
+        }
+      }
+      merge_rows_sums(sum1, sum2, k, static_cast<double>(r1 - r0), cl, s.count + c0, s.mean + c0,
+                      s.m2 + c0, s.shift + c0);
+    }
   }
 }
 
@@ -488,7 +584,23 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
     });
     return;
   }
-  // rows x C: gather up to kRowBlock consecutive rows sharing channels and length
+  const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
+  if (!mask && !p.period && xs == E::size && p.inner.p_stride == 1) {
+    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
+      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
+      const char *x = p.x + cur.x_off + seg.begin * xs;
+      const int64_t c = cur.p_off + seg.begin;
+      if (step.p_stride == 0) {
+        rows_moments_run<E>(p, x, step.x_stride, n_lines, c, seg.len, s);
+        return;
+      }
+      // Rows of a ghost-batch view have their own channels: one row per run.
+      for (int64_t r = 0; r < n_lines; ++r)
+        rows_moments_run<E>(p, x + r * step.x_stride, 0, 1, c + r * step.p_stride, seg.len, s);
+    });
+    return;
+  }
+  // Other rows x C: gather up to kRowBlock consecutive rows sharing channels and length
   // (for a folded plan, super rows of fold_len elements).
   const char *rows_x[kRowBlock];
   const uint8_t *rows_m[kRowBlock];
@@ -507,7 +619,6 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
     rows_m[n_rows] = m;
     ++n_rows;
   };
-  const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
   for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     const uint8_t *m = mask ? mask + cur.m_off + seg.begin * ms : nullptr;
@@ -548,10 +659,49 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
   }
 }
 
+// Contiguous rows x C over a run of rows, in explicit vectors across channels
+// (the autovectorized segment loop spent ~50 instructions of set-up per row,
+// more than a 64-channel row's work). Rows are walked whole, in memory order:
+// tiles of channels down blocks of rows defeated the prefetcher (1 KB tiles of
+// 512-channel rows ran 3x slower).
+template <class E>
+void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
+                        int64_t len, const affine_params &a, int64_t c0, int64_t p_row) {
+  using acc = typename E::acc;
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes;
+  auto param = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof v); return v; };
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const char *xr = x + r * x_row;
+    char *yr = y + r * y_row;
+    const int64_t c = c0 + r * p_row;  // rows of a ghost-batch view have their own channels
+    const acc *__restrict mean_hi = static_cast<const acc *>(a.mean_hi) + c;
+    const acc *__restrict mean_lo = static_cast<const acc *>(a.mean_lo) + c;
+    const acc *__restrict scale = static_cast<const acc *>(a.scale) + c;
+    const acc *__restrict bias = static_cast<const acc *>(a.bias) + c;
+    int64_t j = 0;
+    for (; j + W <= len; j += W) {
+      const vec centred = (E::load_vec(xr + j * E::size) - param(mean_hi + j)) - param(mean_lo + j);
+      E::store_vec(yr + j * E::size, centred * param(scale + j) + param(bias + j));
+    }
+    for (; j < len; ++j)
+      E::store(yr + j * E::size, ((E::load(xr + j * E::size) - mean_hi[j]) - mean_lo[j]) * scale[j] + bias[j]);
+  }
+}
+
 template <class E>
 void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
   const int64_t xs = p.inner.x_stride, ys = p.inner.y_stride, ps = p.inner.p_stride;
   const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1);
+  if (contig && p.inner_is_channel && !p.period) {
+    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
+      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
+      normalize_rows_run<E>(p.x + cur.x_off + seg.begin * xs, step.x_stride,
+                            p.y + cur.y_off + seg.begin * ys, step.y_stride, n_lines, seg.len, a,
+                            cur.p_off + seg.begin, step.p_stride);
+    });
+    return;
+  }
   for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
