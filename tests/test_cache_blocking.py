@@ -75,3 +75,37 @@ def test_blocked_broadcast_mask(tiny_caches, ref):
     mask = rng.random((16, 1, 12, 1)) > 0.5  # broadcast over the channels
     y, mean, var = cbn.ops.batch_norm_train(x, axis=1, mask=mask)
     ref.assert_stats_close(mean, var, x, 1, mask)
+
+
+# Outputs larger than half the L3 are written with streaming (non-temporal)
+# stores, on an aligned output only: rows fall back to plain stores when a row
+# is misaligned, planes store up to the first aligned element. A one-element
+# offset into the output buffer exercises both.
+STREAM_CASES = [
+    ((8, 12, 12, 64), -1),   # rows x C, whole runs of rows
+    ((8, 12, 12, 17), -1),   # odd C: a scalar tail per row
+    ((6, 5, 37, 3), 1),      # odd plane length: aligned head, vectors, tail
+    ((6, 40, 9, 9), 1),
+]
+
+
+@pytest.mark.parametrize("shape,axis", STREAM_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16,
+                                   np.dtype(ml_dtypes.bfloat16)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_streamed_inference_output_matches_reference(tiny_caches, ref, shape, axis, dtype,
+                                                     offset):
+    rng = np.random.default_rng(abs(hash((shape, offset))) % 2**32)
+    x = rng.normal(20.0, 4.0, shape).astype(dtype)
+    c = shape[axis]
+    mean, var = rng.normal(20.0, 1.0, c), rng.uniform(9.0, 20.0, c)
+    gamma, beta = rng.normal(1.0, 0.2, c), rng.normal(0.0, 0.2, c)
+    buffer = np.full(x.size + 1, np.nan, dtype)
+    out = buffer[offset:offset + x.size].reshape(shape)
+    y = cbn.ops.batch_normalization(x, mean, var, gamma=gamma, beta=beta, axis=axis, out=out)
+    assert y is out
+    ref.assert_normalized(y, x, mean, var, gamma, beta, axis, 1e-3)
+    if offset:  # nothing written outside the output
+        assert np.isnan(buffer[0])
+    else:
+        assert np.isnan(buffer[-1])

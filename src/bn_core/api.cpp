@@ -215,6 +215,8 @@ void fold_short_rows(plan &p, int64_t es) {
   p.fold_len = len;
 }
 
+int64_t cache_bytes(int level);
+
 // Drops size-1 dims, turns negative x strides positive, orders dims by x stride
 // (memory order) and merges dims that walk memory as one. The innermost
 // remaining dim becomes the inner run. dy is given for backward calls only.
@@ -227,6 +229,7 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   p.mask = mask ? static_cast<const uint8_t *>(mask->data) : nullptr;
   p.p_base = 0;
   p.empty = false;
+  p.stream_y = false;
 
   loop_dim dims[BN_MAX_RANK];
   int32_t n = 0;
@@ -284,6 +287,8 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   p.inner_is_channel = p.inner.p_stride != 0;
   p.segments = 1;
   fold_short_rows(p, element_size(x.dtype));
+  if (p.y && p.y != p.x && !p.empty && !dy)
+    p.stream_y = p.lines * p.inner.n * element_size(x.dtype) >= cache_bytes(3) / 2;
 }
 
 // Threads for this call, and lines cut into segments when there are too few
@@ -769,6 +774,7 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
         const tensor_slice ms(mask ? *mask : *x, axis, c0, count);
         pieces.emplace_back();
         make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, pieces.back());
+        pieces.back().stream_y = whole.stream_y;  // decided by the whole output's size
         first_channel.push_back(c0);
       }
     }

@@ -12,6 +12,9 @@
 #endif
 
 #include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "chan_merge.hpp"
 #include "plan.hpp"
@@ -30,6 +33,38 @@ using f64_vec = double __attribute__((vector_size(kVecBytes)));
 using u16_half_vec = uint16_t __attribute__((vector_size(kVecBytes / 2)));
 using u32_vec = uint32_t __attribute__((vector_size(kVecBytes)));
 
+// Stores the vector v at p; with Stream, non-temporal (p must be aligned to
+// sizeof v), where the target has such a store for that width.
+template <bool Stream, class V>
+inline void put(char *p, V v) {
+#if defined(__AVX512F__)
+  if constexpr (Stream && sizeof(V) == 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i *>(p), reinterpret_cast<__m512i &>(v));
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (Stream && sizeof(V) == 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i *>(p), reinterpret_cast<__m256i &>(v));
+    return;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (Stream && sizeof(V) == 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i *>(p), reinterpret_cast<__m128i &>(v));
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Orders this thread's non-temporal stores before whatever follows.
+inline void end_streaming() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 struct f32_elem {
   using acc = float;
   using vec = f32_vec;
@@ -37,7 +72,7 @@ struct f32_elem {
   static acc load(const char *p) { float v; std::memcpy(&v, p, 4); return v; }
   static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, 4); }
-  static void store_vec(char *p, vec v) { std::memcpy(p, &v, sizeof v); }
+  template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
 };
 
 struct f64_elem {
@@ -47,7 +82,7 @@ struct f64_elem {
   static acc load(const char *p) { double v; std::memcpy(&v, p, 8); return v; }
   static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, 8); }
-  static void store_vec(char *p, vec v) { std::memcpy(p, &v, sizeof v); }
+  template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
 };
 
 struct f16_elem {
@@ -61,9 +96,8 @@ struct f16_elem {
   }
   // The conversion rounds to nearest even.
   static void store(char *p, acc v) { _Float16 h = static_cast<_Float16>(v); std::memcpy(p, &h, 2); }
-  static void store_vec(char *p, vec v) {
-    const half_vec h = __builtin_convertvector(v, half_vec);
-    std::memcpy(p, &h, sizeof h);
+  template <bool Stream = false> static void store_vec(char *p, vec v) {
+    put<Stream>(p, __builtin_convertvector(v, half_vec));
   }
 };
 
@@ -89,17 +123,17 @@ struct bf16_elem {
     const uint16_t b = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
     std::memcpy(p, &b, 2);
   }
-  static void store_vec(char *p, vec v) {  // store(), lane by lane
+  template <bool Stream = false> static void store_vec(char *p, vec v) {  // store(), lane by lane
     u32_vec u;
     std::memcpy(&u, &v, sizeof u);
     const u32_vec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const u32_vec bits = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;
-    const u16_half_vec b = __builtin_convertvector(bits, u16_half_vec);
-    std::memcpy(p, &b, sizeof b);
+    put<Stream>(p, __builtin_convertvector(bits, u16_half_vec));
   }
 };
 
 template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
+
 
 // ---- walking the lines of a plan -----------------------------------------------
 
@@ -301,15 +335,16 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
     const char *xb = x + b0 * xs;
     const uint8_t *mb = Masked ? m + b0 * ms : m;
     if (!s.shift_ok[c]) {
-      // Two-pass start: the shift is the mean of the channel's first used block.
-      double sum = 0, cnt = 0;
+      // Two-pass start: the shift is the mean of the channel's first used block
+      // (in 8 chains: one float64 chain cost more than a small tensor's sums).
+      double part[8] = {}, cnt = 0;
       for (int64_t i = 0; i < len; ++i) {
-        if (Masked && mb[i * ms] == 0) continue;
-        sum += E::load(xb + i * xs);
-        cnt += 1;
+        const bool used = !Masked || mb[i * ms] != 0;
+        part[i & 7] += used ? static_cast<double>(E::load(xb + i * xs)) : 0.0;
+        cnt += used ? 1.0 : 0.0;
       }
       if (cnt == 0) continue;
-      s.shift[c] = sum / cnt;
+      s.shift[c] = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) / cnt;
       s.shift_ok[c] = 1;
       --*s.shifts_missing;
     }
@@ -552,6 +587,13 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
       for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
         const int64_t nb = min_of(kRowBlock, r1 - b0);
         block_rows(b0, nb, j0);
+        // The tile walk goes down the block's rows, which the hardware
+        // prefetchers do not follow: fetch the next block's lines ahead.
+        const int64_t next = min_of(kRowBlock, n_rows - b0 - nb);
+        for (int64_t r = 0; r < next; ++r) {
+          const char *row = rows[0] + (nb + r) * x_row;
+          for (int64_t off = 0; off < cl * E::size; off += 64) __builtin_prefetch(row + off, 0, 2);
+        }
         for (int64_t j = 0; j < cl; ++j) { s1[j] = 0; s2[j] = 0; }
         rows_tile_accumulate<E>(rows, nb, cl, k, s1, s2);
         for (int64_t j = 0; j < cl; ++j) {
@@ -648,7 +690,18 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   if (!p.inner_is_channel) {
     const acc mh = mean_hi[c0], ml = mean_lo[c0], sc = scale[c0], b = bias[c0];
-    for (int64_t i = 0; i < len; ++i)
+    int64_t i = 0;
+    if (Contig && p.stream_y) {  // up to an aligned y, then streaming vectors
+      using vec = typename E::vec;
+      constexpr int64_t W = E::lanes, align = W * E::size;
+      for (; i < len && reinterpret_cast<uintptr_t>(y + i * ys) % align; ++i)
+        E::store(y + i * ys, ((E::load(x + i * xs) - mh) - ml) * sc + b);
+      for (; i + W <= len; i += W) {
+        const vec v = ((E::load_vec(x + i * xs) - mh) - ml) * sc + b;
+        E::template store_vec<true>(y + i * ys, v);
+      }
+    }
+    for (; i < len; ++i)
       E::store(y + i * ys, ((E::load(x + i * xs) - mh) - ml) * sc + b);
     return;
   }
@@ -659,12 +712,21 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
   }
 }
 
+// Whether every vector store of a run of rows lands on a vector-aligned address
+// (streaming stores need it): the first row, the row step and the storage
+// vector all aligned.
+template <class E>
+bool vector_aligned(const char *y, int64_t y_row, int64_t elem_bytes) {
+  const int64_t align = E::lanes * elem_bytes;
+  return reinterpret_cast<uintptr_t>(y) % align == 0 && y_row % align == 0;
+}
+
 // Contiguous rows x C over a run of rows, in explicit vectors across channels
 // (the autovectorized segment loop spent ~50 instructions of set-up per row,
 // more than a 64-channel row's work). Rows are walked whole, in memory order:
 // tiles of channels down blocks of rows defeated the prefetcher (1 KB tiles of
 // 512-channel rows ran 3x slower).
-template <class E>
+template <class E, bool Stream>
 void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
                         int64_t len, const affine_params &a, int64_t c0, int64_t p_row) {
   using acc = typename E::acc;
@@ -682,7 +744,7 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
     int64_t j = 0;
     for (; j + W <= len; j += W) {
       const vec centred = (E::load_vec(xr + j * E::size) - param(mean_hi + j)) - param(mean_lo + j);
-      E::store_vec(yr + j * E::size, centred * param(scale + j) + param(bias + j));
+      E::template store_vec<Stream>(yr + j * E::size, centred * param(scale + j) + param(bias + j));
     }
     for (; j < len; ++j)
       E::store(yr + j * E::size, ((E::load(xr + j * E::size) - mean_hi[j]) - mean_lo[j]) * scale[j] + bias[j]);
@@ -696,10 +758,15 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   if (contig && p.inner_is_channel && !p.period) {
     for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
       const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
-      normalize_rows_run<E>(p.x + cur.x_off + seg.begin * xs, step.x_stride,
-                            p.y + cur.y_off + seg.begin * ys, step.y_stride, n_lines, seg.len, a,
-                            cur.p_off + seg.begin, step.p_stride);
+      const char *x = p.x + cur.x_off + seg.begin * xs;
+      char *y = p.y + cur.y_off + seg.begin * ys;
+      const int64_t c = cur.p_off + seg.begin;
+      if (p.stream_y && vector_aligned<E>(y, step.y_stride, ys))
+        normalize_rows_run<E, true>(x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c, step.p_stride);
+      else
+        normalize_rows_run<E, false>(x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c, step.p_stride);
     });
+    if (p.stream_y) end_streaming();
     return;
   }
   for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
@@ -714,6 +781,7 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
     if (contig) normalize_segment<E, true>(p, x, y, c0, seg.len, a);
     else normalize_segment<E, false>(p, x, y, c0, seg.len, a);
   });
+  if (p.stream_y) end_streaming();
 }
 
 // ---- backward --------------------------------------------------------------------
