@@ -291,9 +291,8 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
     p.stream_y = p.lines * p.inner.n * element_size(x.dtype) >= cache_bytes(3) / 2;
 }
 
-// Threads for this call, and lines cut into segments when there are too few
-// lines to share out (e.g. one huge channel, or one row of many channels).
-// Lines cut into segments when there are too few to share out among threads.
+// Lines cut into segments when there are too few to share out among threads
+// (e.g. one huge channel, or one row of many channels).
 void cut_segments(plan &p, int32_t threads) {
   p.segments = 1;
   if (threads > 1 && p.lines < 4 * threads) {
