@@ -215,8 +215,6 @@ void fold_short_rows(plan &p, int64_t es) {
   p.fold_len = len;
 }
 
-int64_t cache_bytes(int level);
-
 // Drops size-1 dims, turns negative x strides positive, orders dims by x stride
 // (memory order) and merges dims that walk memory as one. The innermost
 // remaining dim becomes the inner run. dy is given for backward calls only.
@@ -287,8 +285,16 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   p.inner_is_channel = p.inner.p_stride != 0;
   p.segments = 1;
   fold_short_rows(p, element_size(x.dtype));
-  if (p.y && p.y != p.x && !p.empty && !dy)
-    p.stream_y = p.lines * p.inner.n * element_size(x.dtype) >= cache_bytes(3) / 2;
+}
+
+// Whether to write p's output with streaming stores: out of place and at least
+// min_bytes. Inference streams outputs that cannot stay in the L3 anyway (below
+// that, plain stores measured faster with 2 threads); a training forward
+// streams once x and y together overflow it, so that x stays cached for the
+// normalize.
+bool stream_output(const plan &p, int64_t min_bytes) {
+  return p.y && p.y != p.x && !p.empty &&
+         p.lines * p.inner.n * element_size(p.dtype) >= min_bytes;
 }
 
 // Lines cut into segments when there are too few to share out among threads
@@ -732,6 +738,7 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
   plan p;
   make_plan(*x, y, nullptr, nullptr, is_channel, p);
   if (p.empty) return BN_OK;
+  p.stream_y = stream_output(p, cache_bytes(3));
   const int32_t threads = schedule(p);
   affine_state affine;
   if (!affine.allocate(p)) return out_of_memory();
@@ -759,6 +766,7 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
   if (bn_status st = check_epsilon(epsilon)) return st;
   plan whole;
   make_plan(*x, y, mask, nullptr, is_channel, whole);
+  whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
   const int32_t threads = schedule(whole);
   // Cache-sized chunks of the channels, each with its first channel index.
   std::vector<plan> pieces;

@@ -46,9 +46,10 @@ struct plan {
   // with per-channel parameters replicated to fold_len. 0 when not folded.
   int64_t period;
   int64_t fold_len;
-  // Write y with non-temporal stores: an out-of-place output too large to stay
-  // in the caches, so writing it around them saves the read of its old lines
-  // and keeps x cached for a training forward's normalize.
+  // Write y with non-temporal stores (set by the caller, see stream_output):
+  // an out-of-place output too large for the caches, so writing it around them
+  // saves the read of its old lines and keeps x cached for a training
+  // forward's normalize.
   bool stream_y;
 };
 
