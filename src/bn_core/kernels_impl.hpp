@@ -134,6 +134,12 @@ struct bf16_elem {
 
 template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 
+// The normalization of one value or vector: ((x − mean_hi) − mean_lo)·scale + bias
+// (see affine_params), for scalars and vectors alike.
+template <class V, class P>
+inline V normalized(V x, P mean_hi, P mean_lo, P scale, P bias) {
+  return ((x - mean_hi) - mean_lo) * scale + bias;
+}
 
 // ---- walking the lines of a plan -----------------------------------------------
 
@@ -695,20 +701,18 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
       using vec = typename E::vec;
       constexpr int64_t W = E::lanes, align = W * E::size;
       for (; i < len && reinterpret_cast<uintptr_t>(y + i * ys) % align; ++i)
-        E::store(y + i * ys, ((E::load(x + i * xs) - mh) - ml) * sc + b);
-      for (; i + W <= len; i += W) {
-        const vec v = ((E::load_vec(x + i * xs) - mh) - ml) * sc + b;
-        E::template store_vec<true>(y + i * ys, v);
-      }
+        E::store(y + i * ys, normalized(E::load(x + i * xs), mh, ml, sc, b));
+      for (; i + W <= len; i += W)
+        E::template store_vec<true>(y + i * ys, normalized<vec>(E::load_vec(x + i * xs), mh, ml, sc, b));
     }
     for (; i < len; ++i)
-      E::store(y + i * ys, ((E::load(x + i * xs) - mh) - ml) * sc + b);
+      E::store(y + i * ys, normalized(E::load(x + i * xs), mh, ml, sc, b));
     return;
   }
   const int64_t ps = Contig ? 1 : p.inner.p_stride;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t c = c0 + j * ps;
-    E::store(y + j * ys, ((E::load(x + j * xs) - mean_hi[c]) - mean_lo[c]) * scale[c] + bias[c]);
+    E::store(y + j * ys, normalized(E::load(x + j * xs), mean_hi[c], mean_lo[c], scale[c], bias[c]));
   }
 }
 
@@ -716,8 +720,8 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
 // (streaming stores need it): the first row, the row step and the storage
 // vector all aligned.
 template <class E>
-bool vector_aligned(const char *y, int64_t y_row, int64_t elem_bytes) {
-  const int64_t align = E::lanes * elem_bytes;
+bool vector_aligned(const char *y, int64_t y_row) {
+  const int64_t align = E::lanes * E::size;
   return reinterpret_cast<uintptr_t>(y) % align == 0 && y_row % align == 0;
 }
 
@@ -742,12 +746,12 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
     const acc *__restrict scale = static_cast<const acc *>(a.scale) + c;
     const acc *__restrict bias = static_cast<const acc *>(a.bias) + c;
     int64_t j = 0;
-    for (; j + W <= len; j += W) {
-      const vec centred = (E::load_vec(xr + j * E::size) - param(mean_hi + j)) - param(mean_lo + j);
-      E::template store_vec<Stream>(yr + j * E::size, centred * param(scale + j) + param(bias + j));
-    }
+    for (; j + W <= len; j += W)
+      E::template store_vec<Stream>(yr + j * E::size,
+                                    normalized(E::load_vec(xr + j * E::size), param(mean_hi + j),
+                                               param(mean_lo + j), param(scale + j), param(bias + j)));
     for (; j < len; ++j)
-      E::store(yr + j * E::size, ((E::load(xr + j * E::size) - mean_hi[j]) - mean_lo[j]) * scale[j] + bias[j]);
+      E::store(yr + j * E::size, normalized(E::load(xr + j * E::size), mean_hi[j], mean_lo[j], scale[j], bias[j]));
   }
 }
 
@@ -761,7 +765,7 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
       const char *x = p.x + cur.x_off + seg.begin * xs;
       char *y = p.y + cur.y_off + seg.begin * ys;
       const int64_t c = cur.p_off + seg.begin;
-      if (p.stream_y && vector_aligned<E>(y, step.y_stride, ys))
+      if (p.stream_y && vector_aligned<E>(y, step.y_stride))
         normalize_rows_run<E, true>(x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c, step.p_stride);
       else
         normalize_rows_run<E, false>(x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c, step.p_stride);
