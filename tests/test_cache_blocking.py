@@ -117,3 +117,26 @@ def test_streamed_inference_output_matches_reference(streaming_outputs, ref, sha
         assert np.isnan(buffer[0])
     else:
         assert np.isnan(buffer[-1])
+
+
+# Rows x C normalize: tiles of channels keep their parameters in registers and
+# walk blocks of rows while x is cached, and go row by row once x comes from
+# memory (the cache sizes decide which). Wide odd rows take whole tiles, a part
+# tile and a scalar tail; row counts are not multiples of the block.
+@pytest.mark.parametrize("caches", [None, (1024, 2048)], ids=["cached", "from-memory"])
+@pytest.mark.parametrize("shape", [(19, 255), (3, 7, 130), (2, 11, 520)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rows_tiles_match_reference(ref, caches, shape, in_place):
+    cbn.set_cache_sizes(*(caches or ()))
+    try:
+        rng = np.random.default_rng(sum(shape))
+        x = rng.normal(-4.0, 3.0, shape).astype(np.float32)
+        expected_x = x.copy()
+        c = shape[-1]
+        mean, var = rng.normal(-4.0, 1.0, c), rng.uniform(4.0, 12.0, c)
+        gamma, beta = rng.normal(1.0, 0.3, c), rng.normal(0.0, 0.3, c)
+        y = cbn.ops.batch_normalization(x, mean, var, gamma=gamma, beta=beta, axis=-1,
+                                        out=x if in_place else None)
+    finally:
+        cbn.set_cache_sizes()
+    ref.assert_normalized(y, expected_x, mean, var, gamma, beta, -1, 1e-3)

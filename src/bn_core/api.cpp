@@ -228,6 +228,7 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   p.p_base = 0;
   p.empty = false;
   p.stream_y = false;
+  p.x_from = x_source::memory;
 
   loop_dim dims[BN_MAX_RANK];
   int32_t n = 0;
@@ -287,36 +288,7 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   fold_short_rows(p, element_size(x.dtype));
 }
 
-// Whether to write p's output with streaming stores: out of place and at least
-// min_bytes. Inference streams outputs that cannot stay in the L3 anyway (below
-// that, plain stores measured faster with 2 threads); a training forward
-// streams once x and y together overflow it, so that x stays cached for the
-// normalize.
-bool stream_output(const plan &p, int64_t min_bytes) {
-  return p.y && p.y != p.x && !p.empty &&
-         p.lines * p.inner.n * element_size(p.dtype) >= min_bytes;
-}
-
-// Lines cut into segments when there are too few to share out among threads
-// (e.g. one huge channel, or one row of many channels).
-void cut_segments(plan &p, int32_t threads) {
-  p.segments = 1;
-  if (threads > 1 && p.lines < 4 * threads) {
-    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
-    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
-  }
-}
-
-int32_t schedule(plan &p) {
-  if (p.empty) return 1;
-  const int64_t elements = p.lines * p.inner.n;
-  const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
-  const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
-  cut_segments(p, threads);
-  return threads;
-}
-
-// ---- cache blocking for the training forward ------------------------------------
+// ---- cache sizes ----------------------------------------------------------------
 
 // Per-core L2 and shared L3 in bytes: read once from sysfs (sysconf as the
 // fallback; it reports a VM's L3 wrongly here), overridable.
@@ -356,6 +328,41 @@ int64_t cache_bytes(int level) {
   const int64_t o = (level == 2 ? l2_override : l3_override).load(std::memory_order_relaxed);
   return o > 0 ? o : detected_cache_bytes(level);
 }
+
+// Whether to write p's output with streaming stores: out of place and at least
+// min_bytes. Inference streams outputs that cannot stay in the L3 anyway (below
+// that, plain stores measured faster with 2 threads); a training forward
+// streams once x and y together overflow it, so that x stays cached for the
+// normalize.
+bool stream_output(const plan &p, int64_t min_bytes) {
+  return p.y && p.y != p.x && !p.empty &&
+         p.lines * p.inner.n * element_size(p.dtype) >= min_bytes;
+}
+
+// Lines cut into segments when there are too few to share out among threads
+// (e.g. one huge channel, or one row of many channels).
+void cut_segments(plan &p, int32_t threads) {
+  p.segments = 1;
+  if (threads > 1 && p.lines < 4 * threads) {
+    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
+    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
+  }
+}
+
+int32_t schedule(plan &p) {
+  if (p.empty) return 1;
+  const int64_t elements = p.lines * p.inner.n;
+  const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
+  const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
+  cut_segments(p, threads);
+  const int64_t bytes = elements * element_size(p.dtype);
+  p.x_from = bytes <= threads * cache_bytes(2) ? x_source::l2
+             : bytes <= cache_bytes(3)        ? x_source::l3
+                                              : x_source::memory;
+  return threads;
+}
+
+// ---- cache blocking for the training forward ------------------------------------
 
 // Channels per chunk of a training forward, or 0 to run it in one piece. A
 // tensor larger than half the L3 would come back from memory for the second
@@ -474,9 +481,10 @@ class moments_state {
 };
 
 // Per-channel parameter arrays in the compute type (float for <=32-bit data,
-// double for float64): arrays 0 and 1 are the mean split into hi + lo (which
-// keeps x − mean exact at mean/std = 1e5), the others are formed in float64 and
-// rounded once. A folded plan reads them replicated over one super row.
+// double for float64): array 0 is the mean rounded to that type (hi), the
+// others are formed in float64 from the remainder lo = mean − hi (which keeps
+// x − mean exact at mean/std = 1e5) and rounded once. A folded plan reads them
+// replicated over one super row.
 class channel_params {
  public:
   bool allocate(const plan &p, int32_t arrays) {
@@ -498,7 +506,7 @@ class channel_params {
     length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
   }
 
-  // values(c, out) writes arrays 2.. of channel c as float64.
+  // values(c, lo, out) writes arrays 1.. of channel c as float64.
   template <class F>
   void fill(const double *mean, F &&values) {
     if (wide_) fill_as<double>(mean, values);
@@ -522,8 +530,7 @@ class channel_params {
     for (int64_t c = 0; c < channels_; ++c) {
       const acc hi = static_cast<acc>(mean[c]);
       v[0] = hi;
-      v[1] = mean[c] - static_cast<double>(hi);
-      values(c, v);
+      values(c, mean[c] - static_cast<double>(hi), v);
       for (int32_t i = 0; i < arrays_; ++i) a[i * stride_ + c] = static_cast<acc>(v[i]);
     }
     for (int32_t i = 0; i < arrays_; ++i)
@@ -536,22 +543,25 @@ class channel_params {
   std::vector<double> buffer_;
 };
 
-// y = ((x - mean_hi) - mean_lo) * scale + bias; scale = gamma / sqrt(var + eps).
+// y = (x - mean_hi) * scale + bias; scale = gamma / sqrt(var + eps) and
+// bias = beta - (mean - mean_hi) * scale (see affine_params).
 class affine_state {
  public:
-  bool allocate(const plan &p) { return params_.allocate(p, 4); }
+  bool allocate(const plan &p) { return params_.allocate(p, 3); }
   void fit(const plan &p) { params_.fit(p); }
 
   void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
             double eps) {
-    params_.fill(mean, [&](int64_t c, double *v) {
-      v[2] = (gamma ? gamma[c] : 1.0) / std::sqrt(variance[c] + eps);
-      v[3] = beta ? beta[c] : 0.0;
+    params_.fill(mean, [&](int64_t c, double lo, double *v) {
+      const double scale = (gamma ? gamma[c] : 1.0) / std::sqrt(variance[c] + eps);
+      const double b = beta ? beta[c] : 0.0;
+      v[1] = scale;
+      v[2] = lo == 0 ? b : b - lo * scale;  // lo = 0 (float64 data) keeps beta exact even at scale = inf
     });
   }
 
   affine_params params() const {
-    return affine_params{params_.array(0), params_.array(1), params_.array(2), params_.array(3)};
+    return affine_params{params_.array(0), params_.array(1), params_.array(2)};
   }
 
  private:
@@ -578,7 +588,8 @@ class backward_state {
   }
 
   void fill_xhat(const double *mean, const double *variance, double eps) {
-    params_.fill(mean, [&](int64_t c, double *v) {
+    params_.fill(mean, [&](int64_t c, double lo, double *v) {
+      v[1] = lo;
       v[2] = 1.0 / std::sqrt(variance[c] + eps);
       v[3] = v[4] = v[5] = 0.0;
     });
@@ -587,8 +598,9 @@ class backward_state {
   // count/sum_dy/sum_dy_xhat are the statistics' totals (null: fixed statistics).
   void fill_dx(const double *mean, const double *variance, const double *gamma, double eps,
                const double *count, const double *sum_dy, const double *sum_dy_xhat) {
-    params_.fill(mean, [&](int64_t c, double *v) {
+    params_.fill(mean, [&](int64_t c, double lo, double *v) {
       const double s = 1.0 / std::sqrt(variance[c] + eps), gs = (gamma ? gamma[c] : 1.0) * s;
+      v[1] = lo;
       const bool through_stats = count && count[c] > 0;
       v[2] = s;
       v[3] = gs;
@@ -781,7 +793,8 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
         const tensor_slice ms(mask ? *mask : *x, axis, c0, count);
         pieces.emplace_back();
         make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, pieces.back());
-        pieces.back().stream_y = whole.stream_y;  // decided by the whole output's size
+        pieces.back().stream_y = whole.stream_y;  // decided by the whole tensor's size
+        pieces.back().x_from = whole.x_from;
         first_channel.push_back(c0);
       }
     }

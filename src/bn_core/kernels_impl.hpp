@@ -134,11 +134,11 @@ struct bf16_elem {
 
 template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 
-// The normalization of one value or vector: ((x − mean_hi) − mean_lo)·scale + bias
-// (see affine_params), for scalars and vectors alike.
+// The normalization of one value or vector: (x − mean_hi)·scale + bias (see
+// affine_params), for scalars and vectors alike.
 template <class V, class P>
-inline V normalized(V x, P mean_hi, P mean_lo, P scale, P bias) {
-  return ((x - mean_hi) - mean_lo) * scale + bias;
+inline V normalized(V x, P mean_hi, P scale, P bias) {
+  return (x - mean_hi) * scale + bias;
 }
 
 // ---- walking the lines of a plan -----------------------------------------------
@@ -594,8 +594,9 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
         const int64_t nb = min_of(kRowBlock, r1 - b0);
         block_rows(b0, nb, j0);
         // The tile walk goes down the block's rows, which the hardware
-        // prefetchers do not follow: fetch the next block's lines ahead.
-        const int64_t next = min_of(kRowBlock, n_rows - b0 - nb);
+        // prefetchers do not follow: fetch the next block's lines ahead (from
+        // the L3 too: without it, (32,56,56,64) took twice as long).
+        const int64_t next = p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb);
         for (int64_t r = 0; r < next; ++r) {
           const char *row = rows[0] + (nb + r) * x_row;
           for (int64_t off = 0; off < cl * E::size; off += 64) __builtin_prefetch(row + off, 0, 2);
@@ -689,30 +690,109 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
                        const affine_params &a) {
   using acc = typename E::acc;
   const acc *__restrict mean_hi = static_cast<const acc *>(a.mean_hi);
-  const acc *__restrict mean_lo = static_cast<const acc *>(a.mean_lo);
   const acc *__restrict scale = static_cast<const acc *>(a.scale);
   const acc *__restrict bias = static_cast<const acc *>(a.bias);
   const int64_t xs = Contig ? E::size : p.inner.x_stride;
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   if (!p.inner_is_channel) {
-    const acc mh = mean_hi[c0], ml = mean_lo[c0], sc = scale[c0], b = bias[c0];
+    const acc mh = mean_hi[c0], sc = scale[c0], b = bias[c0];
     int64_t i = 0;
     if (Contig && p.stream_y) {  // up to an aligned y, then streaming vectors
       using vec = typename E::vec;
       constexpr int64_t W = E::lanes, align = W * E::size;
       for (; i < len && reinterpret_cast<uintptr_t>(y + i * ys) % align; ++i)
-        E::store(y + i * ys, normalized(E::load(x + i * xs), mh, ml, sc, b));
+        E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
       for (; i + W <= len; i += W)
-        E::template store_vec<true>(y + i * ys, normalized<vec>(E::load_vec(x + i * xs), mh, ml, sc, b));
+        E::template store_vec<true>(y + i * ys, normalized<vec>(E::load_vec(x + i * xs), mh, sc, b));
     }
     for (; i < len; ++i)
-      E::store(y + i * ys, normalized(E::load(x + i * xs), mh, ml, sc, b));
+      E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
     return;
   }
   const int64_t ps = Contig ? 1 : p.inner.p_stride;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t c = c0 + j * ps;
-    E::store(y + j * ys, normalized(E::load(x + j * xs), mean_hi[c], mean_lo[c], scale[c], bias[c]));
+    E::store(y + j * ys, normalized(E::load(x + j * xs), mean_hi[c], scale[c], bias[c]));
+  }
+}
+
+// Normalize tiles: K vectors of channels whose parameters stay in registers
+// while the tile walks down a block of rows (loaded per row, the parameters
+// were most of the loads, and kept NHWC in place at half the memory-bound
+// speed). 3 parameter vectors per data vector fit the 16 registers of AVX2.
+constexpr int kNormalizeTileVectors = 4;
+// Rows a tile walks before the next tile: a few streams, which the prefetchers
+// follow (tiles down 32-row blocks of 512-channel rows ran 3x slower).
+constexpr int64_t kNormalizeRowBlock = 8;
+
+template <class E, bool Stream, int K>
+void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
+                         const typename E::acc *mean_hi, const typename E::acc *scale,
+                         const typename E::acc *bias) {
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes;
+  auto param = [](const typename E::acc *p) { vec v; std::memcpy(&v, p, sizeof v); return v; };
+  vec mh[K], sc[K], b[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    mh[k] = param(mean_hi + k * W);
+    sc[k] = param(scale + k * W);
+    b[k] = param(bias + k * W);
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const char *xr = x + r * x_row;
+    char *yr = y + r * y_row;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k)
+      E::template store_vec<Stream>(yr + k * W * E::size,
+                                    normalized(E::load_vec(xr + k * W * E::size), mh[k], sc[k], b[k]));
+  }
+}
+
+// The last `vectors` (< kNormalizeTileVectors) whole vectors of a row block.
+template <class E, bool Stream, int K = kNormalizeTileVectors - 1>
+void normalize_rows_part_tile(int64_t vectors, const char *x, int64_t x_row, char *y, int64_t y_row,
+                              int64_t n_rows, const typename E::acc *mean_hi,
+                              const typename E::acc *scale, const typename E::acc *bias) {
+  if constexpr (K > 0) {
+    if (vectors == K)
+      normalize_rows_tile<E, Stream, K>(x, x_row, y, y_row, n_rows, mean_hi, scale, bias);
+    else
+      normalize_rows_part_tile<E, Stream, K - 1>(vectors, x, x_row, y, y_row, n_rows, mean_hi, scale, bias);
+  }
+}
+
+// Contiguous rows x C over a run of n_rows rows of channels [c0, c0 + len), in
+// tiles of explicit vectors across channels (the autovectorized segment loop
+// spent ~50 instructions of set-up per row, more than a 64-channel row's work).
+template <class E, bool Stream>
+void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
+                        int64_t len, const affine_params &a, int64_t c0, bool from_memory) {
+  using acc = typename E::acc;
+  constexpr int64_t W = E::lanes, tile = kNormalizeTileVectors * W;
+  const acc *mean_hi = static_cast<const acc *>(a.mean_hi) + c0;
+  const acc *scale = static_cast<const acc *>(a.scale) + c0;
+  const acc *bias = static_cast<const acc *>(a.bias) + c0;
+  const int64_t vector_end = len / W * W;
+  // One tile covering the row walks the run in memory order: no blocks needed.
+  // From memory, wider rows go one at a time: the bandwidth hides the
+  // parameter loads, and the tile walk defeated the hardware prefetchers
+  // ((64,56,56,256) in place ran 1.35x slower in 8-row blocks).
+  const int64_t block = len <= tile ? n_rows : from_memory ? 1 : kNormalizeRowBlock;
+  for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
+    const int64_t nb = min_of(block, n_rows - r0);
+    const char *xb = x + r0 * x_row;
+    char *yb = y + r0 * y_row;
+    int64_t j = 0;
+    for (; j + tile <= len; j += tile)
+      normalize_rows_tile<E, Stream, kNormalizeTileVectors>(xb + j * E::size, x_row, yb + j * E::size,
+                                                            y_row, nb, mean_hi + j, scale + j, bias + j);
+    normalize_rows_part_tile<E, Stream>((vector_end - j) / W, xb + j * E::size, x_row, yb + j * E::size,
+                                        y_row, nb, mean_hi + j, scale + j, bias + j);
+    for (int64_t r = 0; vector_end < len && r < nb; ++r)
+      for (int64_t k = vector_end; k < len; ++k)
+        E::store(yb + r * y_row + k * E::size,
+                 normalized(E::load(xb + r * x_row + k * E::size), mean_hi[k], scale[k], bias[k]));
   }
 }
 
@@ -725,34 +805,14 @@ bool vector_aligned(const char *y, int64_t y_row) {
   return reinterpret_cast<uintptr_t>(y) % align == 0 && y_row % align == 0;
 }
 
-// Contiguous rows x C over a run of rows, in explicit vectors across channels
-// (the autovectorized segment loop spent ~50 instructions of set-up per row,
-// more than a 64-channel row's work). Rows are walked whole, in memory order:
-// tiles of channels down blocks of rows defeated the prefetcher (1 KB tiles of
-// 512-channel rows ran 3x slower).
-template <class E, bool Stream>
-void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
-                        int64_t len, const affine_params &a, int64_t c0, int64_t p_row) {
-  using acc = typename E::acc;
-  using vec = typename E::vec;
-  constexpr int64_t W = E::lanes;
-  auto param = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof v); return v; };
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const char *xr = x + r * x_row;
-    char *yr = y + r * y_row;
-    const int64_t c = c0 + r * p_row;  // rows of a ghost-batch view have their own channels
-    const acc *__restrict mean_hi = static_cast<const acc *>(a.mean_hi) + c;
-    const acc *__restrict mean_lo = static_cast<const acc *>(a.mean_lo) + c;
-    const acc *__restrict scale = static_cast<const acc *>(a.scale) + c;
-    const acc *__restrict bias = static_cast<const acc *>(a.bias) + c;
-    int64_t j = 0;
-    for (; j + W <= len; j += W)
-      E::template store_vec<Stream>(yr + j * E::size,
-                                    normalized(E::load_vec(xr + j * E::size), param(mean_hi + j),
-                                               param(mean_lo + j), param(scale + j), param(bias + j)));
-    for (; j < len; ++j)
-      E::store(yr + j * E::size, normalized(E::load(xr + j * E::size), mean_hi[j], mean_lo[j], scale[j], bias[j]));
-  }
+template <class E>
+void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
+                    int64_t n_rows, int64_t len, const affine_params &a, int64_t c0) {
+  const bool from_memory = p.x_from == x_source::memory;
+  if (p.stream_y && vector_aligned<E>(y, y_row))
+    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, from_memory);
+  else
+    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, from_memory);
 }
 
 template <class E>
@@ -765,10 +825,14 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
       const char *x = p.x + cur.x_off + seg.begin * xs;
       char *y = p.y + cur.y_off + seg.begin * ys;
       const int64_t c = cur.p_off + seg.begin;
-      if (p.stream_y && vector_aligned<E>(y, step.y_stride))
-        normalize_rows_run<E, true>(x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c, step.p_stride);
-      else
-        normalize_rows_run<E, false>(x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c, step.p_stride);
+      if (step.p_stride == 0) {
+        normalize_rows<E>(p, x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c);
+        return;
+      }
+      // Rows of a ghost-batch view have their own channels: one row per run.
+      for (int64_t r = 0; r < n_lines; ++r)
+        normalize_rows<E>(p, x + r * step.x_stride, 0, y + r * step.y_stride, 0, 1, seg.len, a,
+                          c + r * step.p_stride);
     });
     if (p.stream_y) end_streaming();
     return;
@@ -776,9 +840,10 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
-    if (p.period) {  // parameters are replicated over one super row
-      for (int64_t k = 0; k < seg.len; k += p.fold_len)
-        normalize_segment<E, true>(p, x + k * xs, y + k * ys, 0, min_of(p.fold_len, seg.len - k), a);
+    if (p.period) {  // super rows of fold_len, with the parameters replicated over one
+      const int64_t whole = seg.len / p.fold_len, done = whole * p.fold_len;
+      normalize_rows<E>(p, x, p.fold_len * xs, y, p.fold_len * ys, whole, p.fold_len, a, 0);
+      if (done < seg.len) normalize_rows<E>(p, x + done * xs, 0, y + done * ys, 0, 1, seg.len - done, a, 0);
       return;
     }
     const int64_t c0 = cur.p_off + (p.inner_is_channel ? seg.begin * ps : 0);

@@ -25,6 +25,11 @@ struct loop_dim {
   int64_t d_stride;
 };
 
+// Where x's lines come from (set by the caller from x's size and the cache
+// sizes): the team's L2 caches, the shared L3, or memory. Kernels whose tile
+// walks the hardware prefetchers do not follow prefetch by it.
+enum class x_source : int8_t { l2, l3, memory };
+
 struct plan {
   bn_dtype dtype;
   const char *x;
@@ -51,6 +56,7 @@ struct plan {
   // saves the read of its old lines and keeps x cached for a training
   // forward's normalize.
   bool stream_y;
+  x_source x_from;
 };
 
 // Channels a rows x C block covers at once: bounds the block scratch below.
@@ -76,12 +82,14 @@ struct moments_scratch {
   void *block_shift;
 };
 
-// Normalization as y = ((x - mean_hi) - mean_lo) * scale + bias per channel,
-// stored in the compute type (float for <=32-bit data, double for float64).
-// Splitting the mean keeps the subtraction exact at mean/std = 1e5.
+// Normalization as y = (x − mean_hi)·scale + bias per channel, stored in the
+// compute type (float for <=32-bit data, double for float64). mean_hi is the
+// mean rounded to that type and bias = β − (mean − mean_hi)·scale, formed in
+// float64. x − mean_hi is exact for x within a factor 2 of the mean (Sterbenz),
+// so one subtraction and one fused multiply-add keep the output accurate at
+// mean/std = 1e5 (a third array for the low part cost a register per vector).
 struct affine_params {
   const void *mean_hi;
-  const void *mean_lo;
   const void *scale;
   const void *bias;
 };
