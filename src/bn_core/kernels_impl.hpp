@@ -390,46 +390,60 @@ void row_accumulate(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int
   }
 }
 
-// Unmasked contiguous rows: a tile of channels stays in vector registers over
-// all rows of the block (instead of loading and storing the block sums per row).
-template <class E>
-void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len,
-                          const typename E::acc *shift, typename E::acc *s1,
-                          typename E::acc *s2) {
+// Unmasked contiguous rows: tiles of K vectors of channels whose sums stay in
+// registers over all rows of the block (instead of loading and storing the
+// block sums per row).
+constexpr int kMomentsTileVectors = 4;  // 3 registers per vector fit AVX2's 16
+
+template <class E, int K>
+void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j,
+                    const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
   using acc = typename E::acc;
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
   auto load_acc = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; };
-  auto add_to = [&](acc *p, vec v) {
-    const vec sum = load_acc(p) + v;
-    std::memcpy(p, &sum, sizeof(vec));
-  };
+  vec k[K], a[K], b[K];
+#pragma GCC unroll 8
+  for (int q = 0; q < K; ++q) {
+    k[q] = load_acc(shift + j + q * W);
+    a[q] = vec{};
+    b[q] = vec{};
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < K; ++q) {
+      const vec d = E::load_vec(rows[r] + (j + q * W) * E::size) - k[q];
+      a[q] += d;
+      b[q] += d * d;
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < K; ++q) {
+    const vec sum1 = load_acc(s1 + j + q * W) + a[q], sum2 = load_acc(s2 + j + q * W) + b[q];
+    std::memcpy(s1 + j + q * W, &sum1, sizeof(vec));
+    std::memcpy(s2 + j + q * W, &sum2, sizeof(vec));
+  }
+}
+
+// The last `vectors` (< kMomentsTileVectors) whole vectors from channel j.
+template <class E, int K = kMomentsTileVectors - 1>
+void rows_part_tile_sums(int64_t vectors, const char *const *rows, int64_t n_rows, int64_t j,
+                         const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
+  if constexpr (K > 0) {
+    if (vectors == K) rows_tile_sums<E, K>(rows, n_rows, j, shift, s1, s2);
+    else rows_part_tile_sums<E, K - 1>(vectors, rows, n_rows, j, shift, s1, s2);
+  }
+}
+
+template <class E>
+void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len,
+                          const typename E::acc *shift, typename E::acc *s1,
+                          typename E::acc *s2) {
+  constexpr int64_t W = E::lanes, tile = kMomentsTileVectors * W;
   int64_t j = 0;
-  for (; j + 2 * W <= len; j += 2 * W) {
-    const vec k0 = load_acc(shift + j), k1 = load_acc(shift + j + W);
-    vec a0 = {}, a1 = {}, b0 = {}, b1 = {};
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const vec d0 = E::load_vec(rows[r] + j * E::size) - k0;
-      const vec d1 = E::load_vec(rows[r] + (j + W) * E::size) - k1;
-      a0 += d0;
-      b0 += d0 * d0;
-      a1 += d1;
-      b1 += d1 * d1;
-    }
-    add_to(s1 + j, a0); add_to(s1 + j + W, a1);
-    add_to(s2 + j, b0); add_to(s2 + j + W, b1);
-  }
-  for (; j + W <= len; j += W) {
-    const vec k0 = load_acc(shift + j);
-    vec a0 = {}, b0 = {};
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const vec d0 = E::load_vec(rows[r] + j * E::size) - k0;
-      a0 += d0;
-      b0 += d0 * d0;
-    }
-    add_to(s1 + j, a0);
-    add_to(s2 + j, b0);
-  }
+  for (; j + tile <= len; j += tile) rows_tile_sums<E, kMomentsTileVectors>(rows, n_rows, j, shift, s1, s2);
+  rows_part_tile_sums<E>((len - j) / W, rows, n_rows, j, shift, s1, s2);
+  j = len / W * W;
   for (int64_t r = 0; j < len && r < n_rows; ++r)
     row_accumulate<E, true, false>(rows[r] + j * E::size, E::size, nullptr, 0, len - j, shift + j,
                                    s1 + j, s2 + j, nullptr);
@@ -578,6 +592,7 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
       rows_block_moments<E>(p, rows, no_mask, nb, c_first, j0, min_of(kChannelChunk, len - j0), s);
     r0 = nb;
   }
+  const bool walks_in_order = len <= kMomentsTileVectors * E::lanes;
   const int64_t by_bytes = kSuperBlockBytes / (len * E::size) / kRowBlock * kRowBlock;
   const int64_t super_rows = min_of(kSuperBlockMaxRows, by_bytes > kRowBlock ? by_bytes : kRowBlock);
   for (; r0 < n_rows; r0 += super_rows) {
@@ -593,10 +608,12 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
       for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
         const int64_t nb = min_of(kRowBlock, r1 - b0);
         block_rows(b0, nb, j0);
-        // The tile walk goes down the block's rows, which the hardware
-        // prefetchers do not follow: fetch the next block's lines ahead (from
-        // the L3 too: without it, (32,56,56,64) took twice as long).
-        const int64_t next = p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb);
+        // Tile walks down the block's rows, which the hardware prefetchers do
+        // not follow, fetch the next block's lines ahead (from the L3 too:
+        // without it, (32,56,56,64) took twice as long). One tile across the
+        // row walks memory in order.
+        const int64_t next =
+            walks_in_order || p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb);
         for (int64_t r = 0; r < next; ++r) {
           const char *row = rows[0] + (nb + r) * x_row;
           for (int64_t off = 0; off < cl * E::size; off += 64) __builtin_prefetch(row + off, 0, 2);
