@@ -382,13 +382,59 @@ cdef bint fast_param(object p, Py_ssize_t c, double *out, double default):
     return True
 
 
+cdef bint byte_extent(cnp.ndarray a, char **lo, char **hi):
+    """[lo, hi) spans every byte of a's elements; False when a has none."""
+    cdef char *first = <char *>cnp.PyArray_DATA(a)
+    cdef char *last = first
+    cdef int d
+    cdef Py_ssize_t reach
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] == 0:
+            return False
+        reach = (cnp.PyArray_DIMS(a)[d] - 1) * cnp.PyArray_STRIDES(a)[d]
+        if reach < 0:
+            first += reach
+        else:
+            last += reach
+    lo[0] = first
+    hi[0] = last + cnp.PyArray_ITEMSIZE(a)
+    return True
+
+
+cdef bint fast_out(object out, cnp.ndarray a):
+    """Whether out can take a's output on the fast path: a writeable ndarray of a's
+    dtype and shape that is a's own view (in place) or shares no byte with it."""
+    if type(out) is not np.ndarray:
+        return False
+    cdef cnp.ndarray o = <cnp.ndarray>out
+    cdef int d, rank = cnp.PyArray_NDIM(a)
+    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(a) or cnp.PyArray_NDIM(o) != rank \
+            or not cnp.PyArray_ISWRITEABLE(o):
+        return False
+    cdef bint same_view = cnp.PyArray_DATA(o) == cnp.PyArray_DATA(a)
+    for d in range(rank):
+        if cnp.PyArray_DIMS(o)[d] != cnp.PyArray_DIMS(a)[d]:
+            return False
+        same_view = same_view and cnp.PyArray_STRIDES(o)[d] == cnp.PyArray_STRIDES(a)[d]
+    if same_view:
+        return True
+    cdef char *a_lo
+    cdef char *a_hi
+    cdef char *o_lo
+    cdef char *o_hi
+    if not byte_extent(a, &a_lo, &a_hi) or not byte_extent(o, &o_lo, &o_hi):
+        return True
+    return o_hi <= a_lo or a_hi <= o_lo
+
+
 def normalize_fast(object x, object mean, object variance, object gamma, object beta,
-                   object axis, object epsilon, bint keep_params=False):
-    """``cbn.ops.batch_normalization`` for its common small call — a float32 or float64
-    ndarray, an int axis, 1-D float32/float64 parameters of at most 64 channels, a
-    float epsilon >= 0, no ``out`` — or None when the call is anything else (the
-    caller then takes the general path, which validates and explains). With
-    keep_params, returns (y, the float64 parameters used as a (4, C) array)."""
+                   object axis, object epsilon, object out=None, bint keep_params=False):
+    """``cbn.ops.batch_normalization`` for its common call — a float32 or float64
+    ndarray, an int axis, 1-D float32/float64 parameters, a float epsilon >= 0, no
+    ``out`` or an ``out`` that is ``x``'s view or a separate buffer of its shape and
+    dtype — or None when the call is anything else (the caller then takes the
+    general path, which validates and explains). With keep_params, returns (y, the
+    float64 parameters used as a (4, C) array)."""
     if type(x) is not np.ndarray or type(axis) is not int or type(epsilon) is not float:
         return None
     cdef cnp.ndarray a = <cnp.ndarray>x
@@ -403,16 +449,23 @@ def normalize_fast(object x, object mean, object variance, object gamma, object 
     cdef double eps = epsilon
     if ax < 0 or ax >= rank or not (0.0 <= eps < float("inf")):
         return None
-    cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
-    cdef double params[4 * FAST_MAX_CHANNELS]
-    if c > FAST_MAX_CHANNELS or mean is None or variance is None:
+    if mean is None or variance is None or (out is not None and not fast_out(out, a)):
         return None
+    cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
+    # Up to FAST_MAX_CHANNELS on the stack: a heap array costs more than a tiny call.
+    cdef double small[4 * FAST_MAX_CHANNELS]
+    cdef cnp.ndarray large
+    cdef double *params = small
+    if c > FAST_MAX_CHANNELS:
+        large = np.empty(4 * c)
+        params = <double *>cnp.PyArray_DATA(large)
     if not (fast_param(mean, c, params, 0.0)
             and fast_param(variance, c, params + c, 0.0)
             and fast_param(gamma, c, params + 2 * c, 1.0)
             and fast_param(beta, c, params + 3 * c, 0.0)):
         return None
-    cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1)
+    cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1) if out is None \
+        else <cnp.ndarray>out
     cdef tensor_desc xd, yd
     describe(&xd, a, False)
     describe(&yd, y, False)

@@ -568,7 +568,7 @@ class BatchNormalization:
         with self._lock:
             fast = _core.normalize_fast(inputs, w["moving_mean"], w["moving_variance"],
                                         w.get("gamma"), w.get("beta"), self._axes[0],
-                                        self.epsilon, True)
+                                        self.epsilon, keep_params=True)
         if fast is None:
             return None
         y, (mean, variance, gamma, _) = fast

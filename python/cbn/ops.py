@@ -77,10 +77,9 @@ def batch_normalization(
     extra size-1 dims). ``out=x`` normalizes in place. Returns the output array
     (the input's dtype; integers and bool give float32).
     """
-    if out is None:
-        y = _core.normalize_fast(x, mean, variance, gamma, beta, axis, epsilon)
-        if y is not None:
-            return y
+    y = _core.normalize_fast(x, mean, variance, gamma, beta, axis, epsilon, out)
+    if y is not None:
+        return y
     arr = _input(x)
     axes = normalize_axes(axis, arr.ndim)
     cshape = channel_shape(arr.shape, axes)
