@@ -857,9 +857,16 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
-    if (p.period) {  // super rows of fold_len, with the parameters replicated over one
-      const int64_t whole = seg.len / p.fold_len, done = whole * p.fold_len;
-      normalize_rows<E>(p, x, p.fold_len * xs, y, p.fold_len * ys, whole, p.fold_len, a, 0);
+    if (p.period) {
+      // Parameters are replicated over a super row of fold_len; rows of any
+      // divisor that is a multiple of the period and of the vector width see
+      // the same channels. The longest that one tile spans walks in order.
+      int64_t row = p.fold_len;
+      while (row > kNormalizeTileVectors * E::lanes && row % 2 == 0 && (row / 2) % p.period == 0 &&
+             (row / 2) % E::lanes == 0)
+        row /= 2;
+      const int64_t whole = seg.len / row, done = whole * row;
+      normalize_rows<E>(p, x, row * xs, y, row * ys, whole, row, a, 0);
       if (done < seg.len) normalize_rows<E>(p, x + done * xs, 0, y + done * ys, 0, 1, seg.len - done, a, 0);
       return;
     }
