@@ -229,6 +229,7 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   p.empty = false;
   p.stream_y = false;
   p.x_from = x_source::memory;
+  p.prefetch_ahead = 0;
 
   loop_dim dims[BN_MAX_RANK];
   int32_t n = 0;
@@ -844,8 +845,8 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     moments_state &state = states[t];
     affine_state &affine = affines[t];
     const affine_params params = affine.params();
-    for (size_t i; (i = next_piece.fetch_add(1, std::memory_order_relaxed)) < pieces.size();) {
-      const plan &piece = pieces[i];
+    for (size_t i = next_piece.fetch_add(1, std::memory_order_relaxed); i < pieces.size();) {
+      plan &piece = pieces[i];
       const int64_t c0 = first_channel[i], items = piece.lines * piece.segments;
       state.reset(piece);
       k.moments(piece, 0, items, state.thread(0));
@@ -853,7 +854,12 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
       affine.fit(piece);
       affine.fill(mean + c0, variance + c0, gamma ? gamma + c0 : nullptr,
                   beta ? beta + c0 : nullptr, epsilon);
+      // Claim the next chunk now and fetch it while this one is normalized from
+      // the caches: memory stays busy, and its statistics read it from there.
+      const size_t following = next_piece.fetch_add(1, std::memory_order_relaxed);
+      if (following < pieces.size()) piece.prefetch_ahead = pieces[following].x - piece.x;
       k.normalize(piece, 0, items, params);
+      i = following;
     }
   });
   return BN_OK;

@@ -700,6 +700,25 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
 
 // ---- normalize -------------------------------------------------------------------
 
+// One channel's contiguous run. With Stream, plain stores up to an aligned y,
+// then streaming vectors. ahead > 0: also prefetch x's lines that many bytes on
+// (a training forward's next chunk, fetched while this one runs from the caches).
+template <class E, bool Stream>
+void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, typename E::acc sc,
+                     typename E::acc b, int64_t ahead) {
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes, align = W * E::size;
+  int64_t i = 0;
+  if (Stream)
+    for (; i < len && reinterpret_cast<uintptr_t>(y + i * E::size) % align; ++i)
+      E::store(y + i * E::size, normalized(E::load(x + i * E::size), mh, sc, b));
+  for (; i + W <= len; i += W) {
+    if (ahead) __builtin_prefetch(x + i * E::size + ahead, 0, 2);
+    E::template store_vec<Stream>(y + i * E::size, normalized<vec>(E::load_vec(x + i * E::size), mh, sc, b));
+  }
+  for (; i < len; ++i) E::store(y + i * E::size, normalized(E::load(x + i * E::size), mh, sc, b));
+}
+
 // One line segment. Contig: x and y unit-stride (and, for rows x C, unit
 // channel stride), so the compiler sees plain arrays.
 template <class E, bool Contig>
@@ -713,17 +732,10 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   if (!p.inner_is_channel) {
     const acc mh = mean_hi[c0], sc = scale[c0], b = bias[c0];
-    int64_t i = 0;
-    if (Contig && p.stream_y) {  // up to an aligned y, then streaming vectors
-      using vec = typename E::vec;
-      constexpr int64_t W = E::lanes, align = W * E::size;
-      for (; i < len && reinterpret_cast<uintptr_t>(y + i * ys) % align; ++i)
-        E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
-      for (; i + W <= len; i += W)
-        E::template store_vec<true>(y + i * ys, normalized<vec>(E::load_vec(x + i * xs), mh, sc, b));
-    }
-    for (; i < len; ++i)
-      E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
+    if (Contig && p.stream_y) normalize_plane<E, true>(x, y, len, mh, sc, b, p.prefetch_ahead);
+    else if (Contig) normalize_plane<E, false>(x, y, len, mh, sc, b, p.prefetch_ahead);
+    else
+      for (int64_t i = 0; i < len; ++i) E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
     return;
   }
   const int64_t ps = Contig ? 1 : p.inner.p_stride;

@@ -57,6 +57,9 @@ struct plan {
   // forward's normalize.
   bool stream_y;
   x_source x_from;
+  // Bytes from x to data the plane normalize prefetches alongside (0: none):
+  // the next chunk of a cache-blocked training forward.
+  int64_t prefetch_ahead;
 };
 
 // Channels a rows x C block covers at once: bounds the block scratch below.
