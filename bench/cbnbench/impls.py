@@ -52,7 +52,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("lim-nt", "limit", "out=",
            "the out-of-place sweep with non-temporal (streaming) stores, which do not read "
            "the output's cache lines first: the real ceiling out of place above cache sizes"),
-    Column("cbn-ip", "cbn", "in-place", "`cbn.ops.batch_normalization(x, ..., out=x)`"),
+    Column("cbn-ip", "cbn", "in-place",
+           "`cbn.ops.batch_normalization(x, ..., out=x)` (infer) / "
+           "`cbn.ops.batch_norm_train(x, ..., out=x)` (train)"),
     Column("cbn-out", "cbn", "out=",
            "`cbn.ops.batch_normalization` (infer) / `cbn.ops.batch_norm_train` (train) / "
            "`cbn.ops.batch_norm_backward(dy, x, mean, var, training=True)` (backward: dx, "
@@ -152,6 +154,7 @@ class CbnLibrary(Library):
                 "cbn-layer": lambda: layer(x, training=False),
             }
         return {
+            "cbn-ip": lambda: ops.batch_norm_train(x, out=x, **kw),
             "cbn-out": lambda: ops.batch_norm_train(x, out=out, **kw),
             "cbn-new": lambda: ops.batch_norm_train(x, **kw),
             "cbn-layer": lambda: layer(x, training=True),
