@@ -134,6 +134,32 @@ struct bf16_elem {
 
 template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 
+// ---- tiles of channels ------------------------------------------------------------
+
+// Rows x C kernels walk channels in tiles of K whole vectors whose per-channel
+// values (parameters or partial sums) stay in registers while the tile walks
+// down rows. K is a compile-time width, handed to the tile as a tag.
+template <int K> struct vectors { static constexpr int count = K; };
+
+template <int K, int64_t W, class F>
+void part_tile(int64_t n_vectors, int64_t j, F &tile) {
+  if constexpr (K > 0) {
+    if (n_vectors == K) tile(vectors<K>{}, j);
+    else part_tile<K - 1, W>(n_vectors, j, tile);
+  }
+}
+
+// Calls tile(vectors<K>{}, j) over channels [0, len) in tiles of Max vectors of
+// W lanes, the last one shorter; returns where the whole vectors end (the
+// caller's scalar tail starts there).
+template <int Max, int64_t W, class F>
+int64_t for_each_tile(int64_t len, F &&tile) {
+  int64_t j = 0;
+  for (; j + Max * W <= len; j += Max * W) tile(vectors<Max>{}, j);
+  part_tile<Max - 1, W>((len - j) / W, j, tile);
+  return len / W * W;
+}
+
 // The normalization of one value or vector: (x − mean_hi)·scale + bias (see
 // affine_params), for scalars and vectors alike.
 template <class V, class P>
@@ -425,25 +451,13 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j,
   }
 }
 
-// The last `vectors` (< kMomentsTileVectors) whole vectors from channel j.
-template <class E, int K = kMomentsTileVectors - 1>
-void rows_part_tile_sums(int64_t vectors, const char *const *rows, int64_t n_rows, int64_t j,
-                         const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
-  if constexpr (K > 0) {
-    if (vectors == K) rows_tile_sums<E, K>(rows, n_rows, j, shift, s1, s2);
-    else rows_part_tile_sums<E, K - 1>(vectors, rows, n_rows, j, shift, s1, s2);
-  }
-}
-
 template <class E>
 void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len,
                           const typename E::acc *shift, typename E::acc *s1,
                           typename E::acc *s2) {
-  constexpr int64_t W = E::lanes, tile = kMomentsTileVectors * W;
-  int64_t j = 0;
-  for (; j + tile <= len; j += tile) rows_tile_sums<E, kMomentsTileVectors>(rows, n_rows, j, shift, s1, s2);
-  rows_part_tile_sums<E>((len - j) / W, rows, n_rows, j, shift, s1, s2);
-  j = len / W * W;
+  const int64_t j = for_each_tile<kMomentsTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
+    rows_tile_sums<E, decltype(width)::count>(rows, n_rows, j0, shift, s1, s2);
+  });
   for (int64_t r = 0; j < len && r < n_rows; ++r)
     row_accumulate<E, true, false>(rows[r] + j * E::size, E::size, nullptr, 0, len - j, shift + j,
                                    s1 + j, s2 + j, nullptr);
@@ -778,19 +792,6 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
   }
 }
 
-// The last `vectors` (< kNormalizeTileVectors) whole vectors of a row block.
-template <class E, bool Stream, int K = kNormalizeTileVectors - 1>
-void normalize_rows_part_tile(int64_t vectors, const char *x, int64_t x_row, char *y, int64_t y_row,
-                              int64_t n_rows, const typename E::acc *mean_hi,
-                              const typename E::acc *scale, const typename E::acc *bias) {
-  if constexpr (K > 0) {
-    if (vectors == K)
-      normalize_rows_tile<E, Stream, K>(x, x_row, y, y_row, n_rows, mean_hi, scale, bias);
-    else
-      normalize_rows_part_tile<E, Stream, K - 1>(vectors, x, x_row, y, y_row, n_rows, mean_hi, scale, bias);
-  }
-}
-
 // Contiguous rows x C over a run of n_rows rows of channels [c0, c0 + len), in
 // tiles of explicit vectors across channels (the autovectorized segment loop
 // spent ~50 instructions of set-up per row, more than a 64-channel row's work).
@@ -802,7 +803,6 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
   const acc *mean_hi = static_cast<const acc *>(a.mean_hi) + c0;
   const acc *scale = static_cast<const acc *>(a.scale) + c0;
   const acc *bias = static_cast<const acc *>(a.bias) + c0;
-  const int64_t vector_end = len / W * W;
   // One tile covering the row walks the run in memory order: no blocks needed.
   // From memory, wider rows go one at a time: the bandwidth hides the
   // parameter loads, and the tile walk defeated the hardware prefetchers
@@ -812,12 +812,10 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
     const int64_t nb = min_of(block, n_rows - r0);
     const char *xb = x + r0 * x_row;
     char *yb = y + r0 * y_row;
-    int64_t j = 0;
-    for (; j + tile <= len; j += tile)
-      normalize_rows_tile<E, Stream, kNormalizeTileVectors>(xb + j * E::size, x_row, yb + j * E::size,
-                                                            y_row, nb, mean_hi + j, scale + j, bias + j);
-    normalize_rows_part_tile<E, Stream>((vector_end - j) / W, xb + j * E::size, x_row, yb + j * E::size,
-                                        y_row, nb, mean_hi + j, scale + j, bias + j);
+    const int64_t vector_end = for_each_tile<kNormalizeTileVectors, W>(len, [&](auto width, int64_t j) {
+      normalize_rows_tile<E, Stream, decltype(width)::count>(xb + j * E::size, x_row, yb + j * E::size,
+                                                             y_row, nb, mean_hi + j, scale + j, bias + j);
+    });
     for (int64_t r = 0; vector_end < len && r < nb; ++r)
       for (int64_t k = vector_end; k < len; ++k)
         E::store(yb + r * y_row + k * E::size,
