@@ -1046,10 +1046,90 @@ bool grad_contiguous(const plan &p) {
          (!p.y || in.y_stride == E::size) && (!p.inner_is_channel || in.p_stride == 1);
 }
 
+// Σdy and Σdy·x̂ of unmasked contiguous rows x C: tiles of channels keep float
+// partial sums in registers over blocks of kRowBlock rows, folded into the
+// float64 sums per block (summed per element in float64 through memory, they
+// took 10 instructions per element).
+constexpr int kGradTileVectors = kVecBytes >= 64 ? 4 : 2;  // 5 registers per vector
+
+template <class E, int K>
+void grad_rows_tile_sums(const char *x, const char *dy, int64_t x_row, int64_t d_row, int64_t n_rows,
+                         const typename E::acc *mean_hi, const typename E::acc *mean_lo,
+                         const typename E::acc *invstd, double *sum_dy, double *sum_dy_xhat) {
+  using acc = typename E::acc;
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes;
+  auto param = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof v); return v; };
+  vec mh[K], ml[K], is[K], a[K], h[K];
+#pragma GCC unroll 8
+  for (int q = 0; q < K; ++q) {
+    mh[q] = param(mean_hi + q * W);
+    ml[q] = param(mean_lo + q * W);
+    is[q] = param(invstd + q * W);
+    a[q] = vec{};
+    h[q] = vec{};
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < K; ++q) {
+      const vec d = E::load_vec(dy + r * d_row + q * W * E::size);
+      a[q] += d;
+      h[q] += d * (((E::load_vec(x + r * x_row + q * W * E::size) - mh[q]) - ml[q]) * is[q]);
+    }
+  }
+  for (int q = 0; q < K; ++q)
+    for (int64_t l = 0; l < W; ++l) {
+      sum_dy[q * W + l] += static_cast<double>(a[q][l]);
+      sum_dy_xhat[q * W + l] += static_cast<double>(h[q][l]);
+    }
+}
+
+template <class E>
+void grad_rows_sums(const char *x, const char *dy, int64_t x_row, int64_t d_row, int64_t n_rows,
+                    int64_t len, int64_t c0, const backward_params &b, const backward_scratch &s) {
+  using acc = typename E::acc;
+  const acc *mean_hi = static_cast<const acc *>(b.mean_hi) + c0;
+  const acc *mean_lo = static_cast<const acc *>(b.mean_lo) + c0;
+  const acc *invstd = static_cast<const acc *>(b.invstd) + c0;
+  double *sum_dy = s.sum_dy + c0, *sum_dy_xhat = s.sum_dy_xhat + c0;
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRowBlock) {
+    const int64_t nb = min_of(kRowBlock, n_rows - r0);
+    const char *xb = x + r0 * x_row, *db = dy + r0 * d_row;
+    const int64_t j = for_each_tile<kGradTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
+      grad_rows_tile_sums<E, decltype(width)::count>(xb + j0 * E::size, db + j0 * E::size, x_row, d_row,
+                                                     nb, mean_hi + j0, mean_lo + j0, invstd + j0,
+                                                     sum_dy + j0, sum_dy_xhat + j0);
+    });
+    for (int64_t r = 0; j < len && r < nb; ++r)
+      for (int64_t k = j; k < len; ++k) {
+        const acc d = E::load(db + r * d_row + k * E::size);
+        sum_dy[k] += static_cast<double>(d);
+        sum_dy_xhat[k] += static_cast<double>(d * (((E::load(xb + r * x_row + k * E::size) - mean_hi[k]) -
+                                                   mean_lo[k]) * invstd[k]));
+      }
+  }
+}
+
 template <class E>
 void backward_sums_items(const plan &p, int64_t item_begin, int64_t item_end,
                          const backward_params &b, const backward_scratch &s) {
   const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
+  if (contig && !masked && p.inner_is_channel && !p.period) {
+    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
+      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
+      const char *x = p.x + cur.x_off + seg.begin * E::size, *dy = p.dy + cur.d_off + seg.begin * E::size;
+      const int64_t c = cur.p_off + seg.begin;
+      if (step.p_stride == 0) {
+        grad_rows_sums<E>(x, dy, step.x_stride, step.d_stride, n_lines, seg.len, c, b, s);
+        return;
+      }
+      // Rows of a ghost-batch view have their own channels: one row per run.
+      for (int64_t r = 0; r < n_lines; ++r)
+        grad_rows_sums<E>(x + r * step.x_stride, dy + r * step.d_stride, 0, 0, 1, seg.len,
+                          c + r * step.p_stride, b, s);
+    });
+    return;
+  }
   for_each_grad_segment(p, item_begin, item_end, [&](const grad_segment &g) {
     if (masked) {
       if (contig) grad_sums_segment<E, true, true>(p, g, b, s);
