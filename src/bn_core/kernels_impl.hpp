@@ -768,6 +768,15 @@ constexpr int kNormalizeTileVectors = 4;
 // follow (tiles down 32-row blocks of 512-channel rows ran 3x slower).
 constexpr int64_t kNormalizeRowBlock = 8;
 
+// Rows a tile of `tile` channels walks before the next tile. One tile covering
+// the row walks the run in memory order: no blocks needed. From memory, wider
+// rows go one at a time: the bandwidth hides the parameter loads, and the tile
+// walk defeated the hardware prefetchers ((64,56,56,256) in place ran 1.35x
+// slower in 8-row blocks).
+inline int64_t rows_per_block(int64_t n_rows, int64_t len, int64_t tile, bool from_memory) {
+  return len <= tile ? n_rows : from_memory ? 1 : kNormalizeRowBlock;
+}
+
 template <class E, bool Stream, int K>
 void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
                          const typename E::acc *mean_hi, const typename E::acc *scale,
@@ -799,15 +808,11 @@ template <class E, bool Stream>
 void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
                         int64_t len, const affine_params &a, int64_t c0, bool from_memory) {
   using acc = typename E::acc;
-  constexpr int64_t W = E::lanes, tile = kNormalizeTileVectors * W;
+  constexpr int64_t W = E::lanes;
   const acc *mean_hi = static_cast<const acc *>(a.mean_hi) + c0;
   const acc *scale = static_cast<const acc *>(a.scale) + c0;
   const acc *bias = static_cast<const acc *>(a.bias) + c0;
-  // One tile covering the row walks the run in memory order: no blocks needed.
-  // From memory, wider rows go one at a time: the bandwidth hides the
-  // parameter loads, and the tile walk defeated the hardware prefetchers
-  // ((64,56,56,256) in place ran 1.35x slower in 8-row blocks).
-  const int64_t block = len <= tile ? n_rows : from_memory ? 1 : kNormalizeRowBlock;
+  const int64_t block = rows_per_block(n_rows, len, kNormalizeTileVectors * W, from_memory);
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t nb = min_of(block, n_rows - r0);
     const char *xb = x + r0 * x_row;
@@ -1117,16 +1122,15 @@ void backward_sums_items(const plan &p, int64_t item_begin, int64_t item_end,
   if (contig && !masked && p.inner_is_channel && !p.period) {
     for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
       const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
-      const char *x = p.x + cur.x_off + seg.begin * E::size, *dy = p.dy + cur.d_off + seg.begin * E::size;
-      const int64_t c = cur.p_off + seg.begin;
+      const grad_segment g = grad_segment_at(p, cur, seg);
       if (step.p_stride == 0) {
-        grad_rows_sums<E>(x, dy, step.x_stride, step.d_stride, n_lines, seg.len, c, b, s);
+        grad_rows_sums<E>(g.x, g.dy, step.x_stride, step.d_stride, n_lines, seg.len, g.c0, b, s);
         return;
       }
       // Rows of a ghost-batch view have their own channels: one row per run.
       for (int64_t r = 0; r < n_lines; ++r)
-        grad_rows_sums<E>(x + r * step.x_stride, dy + r * step.d_stride, 0, 0, 1, seg.len,
-                          c + r * step.p_stride, b, s);
+        grad_rows_sums<E>(g.x + r * step.x_stride, g.dy + r * step.d_stride, 0, 0, 1, seg.len,
+                          g.c0 + r * step.p_stride, b, s);
     });
     return;
   }
@@ -1141,10 +1145,78 @@ void backward_sums_items(const plan &p, int64_t item_begin, int64_t item_end,
   });
 }
 
+// dx of unmasked contiguous rows x C, in tiles whose five parameters stay in
+// registers (as normalize_rows_run).
+template <class E, int K>
+void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row, int64_t d_row,
+                          int64_t y_row, int64_t n_rows, const backward_params &b, int64_t c) {
+  using acc = typename E::acc;
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes;
+  auto param = [c](const void *p, int q) {
+    vec v; std::memcpy(&v, static_cast<const acc *>(p) + c + q * W, sizeof v); return v;
+  };
+  vec mh[K], ml[K], ds[K], xc[K], sh[K];
+#pragma GCC unroll 8
+  for (int q = 0; q < K; ++q) {
+    mh[q] = param(b.mean_hi, q);
+    ml[q] = param(b.mean_lo, q);
+    ds[q] = param(b.dy_scale, q);
+    xc[q] = param(b.xc_scale, q);
+    sh[q] = param(b.shift, q);
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < K; ++q) {
+      const int64_t at = q * W * E::size;
+      const vec centred = (E::load_vec(x + r * x_row + at) - mh[q]) - ml[q];
+      E::store_vec(dx + r * y_row + at, ds[q] * E::load_vec(dy + r * d_row + at) + (xc[q] * centred + sh[q]));
+    }
+  }
+}
+
+template <class E>
+void grad_rows_apply(const plan &p, const char *x, const char *dy, char *dx, int64_t x_row,
+                     int64_t d_row, int64_t y_row, int64_t n_rows, int64_t len, int64_t c0,
+                     const backward_params &b) {
+  const int64_t block = rows_per_block(n_rows, len, kGradTileVectors * E::lanes,
+                                       p.x_from == x_source::memory);
+  for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
+    const int64_t nb = min_of(block, n_rows - r0);
+    const char *xb = x + r0 * x_row, *db = dy + r0 * d_row;
+    char *yb = dx + r0 * y_row;
+    const int64_t j = for_each_tile<kGradTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
+      grad_rows_tile_apply<E, decltype(width)::count>(xb + j0 * E::size, db + j0 * E::size,
+                                                      yb + j0 * E::size, x_row, d_row, y_row, nb, b,
+                                                      c0 + j0);
+    });
+    for (int64_t r = 0; j < len && r < nb; ++r)
+      grad_apply_segment<E, true, false>(
+          p, grad_segment{xb + r * x_row + j * E::size, db + r * d_row + j * E::size,
+                          yb + r * y_row + j * E::size, nullptr, c0 + j, len - j}, b);
+  }
+}
+
 template <class E>
 void backward_apply_items(const plan &p, int64_t item_begin, int64_t item_end,
                           const backward_params &b) {
   const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
+  if (contig && !masked && p.inner_is_channel && !p.period) {
+    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
+      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
+      const grad_segment g = grad_segment_at(p, cur, seg);
+      if (step.p_stride == 0) {
+        grad_rows_apply<E>(p, g.x, g.dy, g.dx, step.x_stride, step.d_stride, step.y_stride, n_lines,
+                           seg.len, g.c0, b);
+        return;
+      }
+      // Rows of a ghost-batch view have their own channels: one row per run.
+      for (int64_t r = 0; r < n_lines; ++r)
+        grad_rows_apply<E>(p, g.x + r * step.x_stride, g.dy + r * step.d_stride, g.dx + r * step.y_stride,
+                           0, 0, 0, 1, seg.len, g.c0 + r * step.p_stride, b);
+    });
+    return;
+  }
   for_each_grad_segment(p, item_begin, item_end, [&](const grad_segment &g) {
     if (masked) {
       if (contig) grad_apply_segment<E, true, true>(p, g, b);
