@@ -261,6 +261,24 @@ void for_each_run(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
 // The step between the lines of a run.
 inline const loop_dim &run_step(const plan &p) { return p.outer[p.n_outer - 1]; }
 
+// Calls f(first, segment, n_rows, step) for the runs of rows x C lines of
+// [item_begin, item_end) whose rows share their channels; step is the row step
+// (all zero for a lone row). Rows of a ghost-batch view have their own channels
+// (the row step moves the parameters) and are handed over one per run.
+template <class F>
+void for_each_rows_run(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
+  for_each_run(p, item_begin, item_end, [&](const line_offsets &first, segment seg, int64_t n_lines) {
+    const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
+    if (step.p_stride == 0) {
+      f(first, seg, n_lines, step);
+      return;
+    }
+    line_offsets at = first;
+    for (int64_t r = 0; r < n_lines; ++r, at.advance(step, 1))
+      f(static_cast<const line_offsets &>(at), seg, int64_t{1}, loop_dim{});
+  });
+}
+
 // Calls f(offsets, segment) per line segment, in memory order.
 template <class F>
 void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
@@ -666,17 +684,10 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
   }
   const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
   if (!mask && !p.period && xs == E::size && p.inner.p_stride == 1) {
-    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
-      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
-      const char *x = p.x + cur.x_off + seg.begin * xs;
-      const int64_t c = cur.p_off + seg.begin;
-      if (step.p_stride == 0) {
-        rows_moments_run<E>(p, x, step.x_stride, n_lines, c, seg.len, s);
-        return;
-      }
-      // Rows of a ghost-batch view have their own channels: one row per run.
-      for (int64_t r = 0; r < n_lines; ++r)
-        rows_moments_run<E>(p, x + r * step.x_stride, 0, 1, c + r * step.p_stride, seg.len, s);
+    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
+                                                   const loop_dim &step) {
+      rows_moments_run<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, n_rows,
+                          cur.p_off + seg.begin, seg.len, s);
     });
     return;
   }
@@ -852,19 +863,10 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   const int64_t xs = p.inner.x_stride, ys = p.inner.y_stride, ps = p.inner.p_stride;
   const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1);
   if (contig && p.inner_is_channel && !p.period) {
-    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
-      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
-      const char *x = p.x + cur.x_off + seg.begin * xs;
-      char *y = p.y + cur.y_off + seg.begin * ys;
-      const int64_t c = cur.p_off + seg.begin;
-      if (step.p_stride == 0) {
-        normalize_rows<E>(p, x, step.x_stride, y, step.y_stride, n_lines, seg.len, a, c);
-        return;
-      }
-      // Rows of a ghost-batch view have their own channels: one row per run.
-      for (int64_t r = 0; r < n_lines; ++r)
-        normalize_rows<E>(p, x + r * step.x_stride, 0, y + r * step.y_stride, 0, 1, seg.len, a,
-                          c + r * step.p_stride);
+    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
+                                                   const loop_dim &step) {
+      normalize_rows<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, p.y + cur.y_off + seg.begin * ys,
+                        step.y_stride, n_rows, seg.len, a, cur.p_off + seg.begin);
     });
     if (p.stream_y) end_streaming();
     return;
@@ -1089,29 +1091,28 @@ void grad_rows_tile_sums(const char *x, const char *dy, int64_t x_row, int64_t d
     }
 }
 
+// g: the run's first row; the others follow at the row step (both copies:
+// stores through dx could otherwise alias them and force reloads).
 template <class E>
-void grad_rows_sums(const char *x, const char *dy, int64_t x_row, int64_t d_row, int64_t n_rows,
-                    int64_t len, int64_t c0, const backward_params &b, const backward_scratch &s) {
+void grad_rows_sums(const plan &p, const grad_segment g, const loop_dim step, int64_t n_rows,
+                    const backward_params &b, const backward_scratch &s) {
   using acc = typename E::acc;
-  const acc *mean_hi = static_cast<const acc *>(b.mean_hi) + c0;
-  const acc *mean_lo = static_cast<const acc *>(b.mean_lo) + c0;
-  const acc *invstd = static_cast<const acc *>(b.invstd) + c0;
-  double *sum_dy = s.sum_dy + c0, *sum_dy_xhat = s.sum_dy_xhat + c0;
+  const acc *mean_hi = static_cast<const acc *>(b.mean_hi) + g.c0;
+  const acc *mean_lo = static_cast<const acc *>(b.mean_lo) + g.c0;
+  const acc *invstd = static_cast<const acc *>(b.invstd) + g.c0;
+  double *sum_dy = s.sum_dy + g.c0, *sum_dy_xhat = s.sum_dy_xhat + g.c0;
   for (int64_t r0 = 0; r0 < n_rows; r0 += kRowBlock) {
     const int64_t nb = min_of(kRowBlock, n_rows - r0);
-    const char *xb = x + r0 * x_row, *db = dy + r0 * d_row;
-    const int64_t j = for_each_tile<kGradTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
-      grad_rows_tile_sums<E, decltype(width)::count>(xb + j0 * E::size, db + j0 * E::size, x_row, d_row,
-                                                     nb, mean_hi + j0, mean_lo + j0, invstd + j0,
-                                                     sum_dy + j0, sum_dy_xhat + j0);
+    const char *xb = g.x + r0 * step.x_stride, *db = g.dy + r0 * step.d_stride;
+    const int64_t j = for_each_tile<kGradTileVectors, E::lanes>(g.len, [&](auto width, int64_t j0) {
+      grad_rows_tile_sums<E, decltype(width)::count>(xb + j0 * E::size, db + j0 * E::size, step.x_stride,
+                                                     step.d_stride, nb, mean_hi + j0, mean_lo + j0,
+                                                     invstd + j0, sum_dy + j0, sum_dy_xhat + j0);
     });
-    for (int64_t r = 0; j < len && r < nb; ++r)
-      for (int64_t k = j; k < len; ++k) {
-        const acc d = E::load(db + r * d_row + k * E::size);
-        sum_dy[k] += static_cast<double>(d);
-        sum_dy_xhat[k] += static_cast<double>(d * (((E::load(xb + r * x_row + k * E::size) - mean_hi[k]) -
-                                                   mean_lo[k]) * invstd[k]));
-      }
+    for (int64_t r = 0; j < g.len && r < nb; ++r)
+      grad_sums_segment<E, true, false>(
+          p, grad_segment{xb + r * step.x_stride + j * E::size, db + r * step.d_stride + j * E::size,
+                          nullptr, nullptr, g.c0 + j, g.len - j}, b, s);
   }
 }
 
@@ -1120,17 +1121,9 @@ void backward_sums_items(const plan &p, int64_t item_begin, int64_t item_end,
                          const backward_params &b, const backward_scratch &s) {
   const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
   if (contig && !masked && p.inner_is_channel && !p.period) {
-    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
-      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
-      const grad_segment g = grad_segment_at(p, cur, seg);
-      if (step.p_stride == 0) {
-        grad_rows_sums<E>(g.x, g.dy, step.x_stride, step.d_stride, n_lines, seg.len, g.c0, b, s);
-        return;
-      }
-      // Rows of a ghost-batch view have their own channels: one row per run.
-      for (int64_t r = 0; r < n_lines; ++r)
-        grad_rows_sums<E>(g.x + r * step.x_stride, g.dy + r * step.d_stride, 0, 0, 1, seg.len,
-                          g.c0 + r * step.p_stride, b, s);
+    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
+                                                   const loop_dim &step) {
+      grad_rows_sums<E>(p, grad_segment_at(p, cur, seg), step, n_rows, b, s);
     });
     return;
   }
@@ -1175,25 +1168,26 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
   }
 }
 
+// g: the run's first row; the others follow at the row step (both copies:
+// stores through dx could otherwise alias them and force reloads).
 template <class E>
-void grad_rows_apply(const plan &p, const char *x, const char *dy, char *dx, int64_t x_row,
-                     int64_t d_row, int64_t y_row, int64_t n_rows, int64_t len, int64_t c0,
+void grad_rows_apply(const plan &p, const grad_segment g, const loop_dim step, int64_t n_rows,
                      const backward_params &b) {
-  const int64_t block = rows_per_block(n_rows, len, kGradTileVectors * E::lanes,
+  const int64_t block = rows_per_block(n_rows, g.len, kGradTileVectors * E::lanes,
                                        p.x_from == x_source::memory);
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t nb = min_of(block, n_rows - r0);
-    const char *xb = x + r0 * x_row, *db = dy + r0 * d_row;
-    char *yb = dx + r0 * y_row;
-    const int64_t j = for_each_tile<kGradTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
+    const char *xb = g.x + r0 * step.x_stride, *db = g.dy + r0 * step.d_stride;
+    char *yb = g.dx + r0 * step.y_stride;
+    const int64_t j = for_each_tile<kGradTileVectors, E::lanes>(g.len, [&](auto width, int64_t j0) {
       grad_rows_tile_apply<E, decltype(width)::count>(xb + j0 * E::size, db + j0 * E::size,
-                                                      yb + j0 * E::size, x_row, d_row, y_row, nb, b,
-                                                      c0 + j0);
+                                                      yb + j0 * E::size, step.x_stride, step.d_stride,
+                                                      step.y_stride, nb, b, g.c0 + j0);
     });
-    for (int64_t r = 0; j < len && r < nb; ++r)
+    for (int64_t r = 0; j < g.len && r < nb; ++r)
       grad_apply_segment<E, true, false>(
-          p, grad_segment{xb + r * x_row + j * E::size, db + r * d_row + j * E::size,
-                          yb + r * y_row + j * E::size, nullptr, c0 + j, len - j}, b);
+          p, grad_segment{xb + r * step.x_stride + j * E::size, db + r * step.d_stride + j * E::size,
+                          yb + r * step.y_stride + j * E::size, nullptr, g.c0 + j, g.len - j}, b);
   }
 }
 
@@ -1202,18 +1196,9 @@ void backward_apply_items(const plan &p, int64_t item_begin, int64_t item_end,
                           const backward_params &b) {
   const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
   if (contig && !masked && p.inner_is_channel && !p.period) {
-    for_each_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_lines) {
-      const loop_dim step = n_lines > 1 ? run_step(p) : loop_dim{};  // a lone line never steps
-      const grad_segment g = grad_segment_at(p, cur, seg);
-      if (step.p_stride == 0) {
-        grad_rows_apply<E>(p, g.x, g.dy, g.dx, step.x_stride, step.d_stride, step.y_stride, n_lines,
-                           seg.len, g.c0, b);
-        return;
-      }
-      // Rows of a ghost-batch view have their own channels: one row per run.
-      for (int64_t r = 0; r < n_lines; ++r)
-        grad_rows_apply<E>(p, g.x + r * step.x_stride, g.dy + r * step.d_stride, g.dx + r * step.y_stride,
-                           0, 0, 0, 1, seg.len, g.c0 + r * step.p_stride, b);
+    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
+                                                   const loop_dim &step) {
+      grad_rows_apply<E>(p, grad_segment_at(p, cur, seg), step, n_rows, b);
     });
     return;
   }
