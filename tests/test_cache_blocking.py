@@ -119,12 +119,14 @@ def test_streamed_inference_output_matches_reference(streaming_outputs, ref, sha
         assert np.isnan(buffer[-1])
 
 
-# Rows x C normalize: tiles of channels keep their parameters in registers and
-# walk blocks of rows while x is cached, and go row by row once x comes from
-# memory (the cache sizes decide which). Wide odd rows take whole tiles, a part
-# tile and a scalar tail; row counts are not multiples of the block.
-@pytest.mark.parametrize("caches", [None, (1024, 2048)], ids=["cached", "from-memory"])
-@pytest.mark.parametrize("shape", [(19, 255), (3, 7, 130), (2, 11, 520)])
+# Rows x C normalize: tiles of channels keep their parameters in registers; wide
+# rows go in blocks of 4 rows (prefetching the next block unless x is in L2), or
+# row by row from memory while their parameters fit in L1 (255 channels; 700
+# do not). Wide odd rows take whole tiles, a part tile and a scalar tail; row
+# counts are not multiples of the block.
+@pytest.mark.parametrize("caches", [None, (1024, 1 << 30), (1024, 2048)],
+                         ids=["in-L2", "in-L3", "from-memory"])
+@pytest.mark.parametrize("shape", [(19, 255), (3, 7, 130), (2, 11, 520), (9, 700)])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_rows_tiles_match_reference(ref, caches, shape, in_place):
     cbn.set_cache_sizes(*(caches or ()))

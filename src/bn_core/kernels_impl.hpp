@@ -771,26 +771,31 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
 }
 
 // Normalize tiles: K vectors of channels whose parameters stay in registers
-// while the tile walks down a block of rows (loaded per row, the parameters
-// were most of the loads, and kept NHWC in place at half the memory-bound
-// speed). 3 parameter vectors per data vector fit the 16 registers of AVX2.
+// while the tile walks down rows (loaded per row, the parameters were most of
+// the loads, and kept NHWC in place at half the memory-bound speed). 3
+// parameter vectors per data vector fit the 16 registers of AVX2.
 constexpr int kNormalizeTileVectors = 4;
-// Rows a tile walks before the next tile: a few streams, which the prefetchers
-// follow (tiles down 32-row blocks of 512-channel rows ran 3x slower).
-constexpr int64_t kNormalizeRowBlock = 8;
 
-// Rows a tile of `tile` channels walks before the next tile. One tile covering
-// the row walks the run in memory order: no blocks needed. From memory, wider
-// rows go one at a time: the bandwidth hides the parameter loads, and the tile
-// walk defeated the hardware prefetchers ((64,56,56,256) in place ran 1.35x
-// slower in 8-row blocks).
-inline int64_t rows_per_block(int64_t n_rows, int64_t len, int64_t tile, bool from_memory) {
-  return len <= tile ? n_rows : from_memory ? 1 : kNormalizeRowBlock;
-}
+// Wide rows (more channels than a tile) in blocks of kNormalizeBlockRows rows,
+// kNormalizeBlockVectors vectors of channels at a time: the 3 parameter loads
+// serve 8 vectors. Row by row they were 3 loads per vector on top of the data
+// load, which bound the walk at cache speeds ((16384,256) and (2048,2048) in
+// place took twice the sweep's time; the loads, not the stores, were the limit).
+constexpr int kNormalizeBlockVectors = 2;
+constexpr int64_t kNormalizeBlockRows = 4;
+// Parameter bytes (3 arrays) that stay in L1 next to the data: from memory, rows
+// of up to that many channels go one at a time (the blocks gained nothing there,
+// and streaming stores ran 1.4x faster in row order at (131072,256)).
+constexpr int64_t kNormalizeL1ParamBytes = 8 << 10;
 
-template <class E, bool Stream, int K>
+// K vectors of channels over n_rows rows, B rows at a time with all B·K loads
+// before the stores (a walk down rows would otherwise load right behind stores
+// to the lines it reads next). ahead: rows of the next block, whose lines it
+// prefetches; the prefetchers do not follow a walk that visits each row
+// for a few lines only (x, and y out of place unless streamed).
+template <class E, bool Stream, int K, int B>
 void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
-                         const typename E::acc *mean_hi, const typename E::acc *scale,
+                         int64_t ahead, const typename E::acc *mean_hi, const typename E::acc *scale,
                          const typename E::acc *bias) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
@@ -802,36 +807,61 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
     sc[k] = param(scale + k * W);
     b[k] = param(bias + k * W);
   }
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const char *xr = x + r * x_row;
-    char *yr = y + r * y_row;
+  for (int64_t g = 0; g < ahead; ++g)
+    for (int k = 0; k < K; ++k) {
+      __builtin_prefetch(x + (B + g) * x_row + k * W * E::size, 0, 2);
+      if (!Stream && y != x) __builtin_prefetch(y + (B + g) * y_row + k * W * E::size, 1, 2);
+    }
+  auto group = [&](int64_t r, auto rows) {
+    constexpr int G = decltype(rows)::count;
+    vec v[G][K];
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k)
-      E::template store_vec<Stream>(yr + k * W * E::size,
-                                    normalized(E::load_vec(xr + k * W * E::size), mh[k], sc[k], b[k]));
-  }
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) v[g][k] = E::load_vec(x + (r + g) * x_row + k * W * E::size);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k)
+        E::template store_vec<Stream>(y + (r + g) * y_row + k * W * E::size,
+                                      normalized(v[g][k], mh[k], sc[k], b[k]));
+  };
+  int64_t r = 0;
+  for (; r + B <= n_rows; r += B) group(r, vectors<B>{});
+  for (; r < n_rows; ++r) group(r, vectors<1>{});
 }
 
 // Contiguous rows x C over a run of n_rows rows of channels [c0, c0 + len), in
 // tiles of explicit vectors across channels (the autovectorized segment loop
 // spent ~50 instructions of set-up per row, more than a 64-channel row's work).
+// A run one tile spans goes in memory order; wider rows in blocks (above), or
+// one at a time from memory while their parameters fit in L1.
 template <class E, bool Stream>
 void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
-                        int64_t len, const affine_params &a, int64_t c0, bool from_memory) {
+                        int64_t len, const affine_params &a, int64_t c0, x_source x_from) {
   using acc = typename E::acc;
   constexpr int64_t W = E::lanes;
   const acc *mean_hi = static_cast<const acc *>(a.mean_hi) + c0;
   const acc *scale = static_cast<const acc *>(a.scale) + c0;
   const acc *bias = static_cast<const acc *>(a.bias) + c0;
-  const int64_t block = rows_per_block(n_rows, len, kNormalizeTileVectors * W, from_memory);
+  const bool one_tile = len <= kNormalizeTileVectors * W;
+  const bool by_row = !one_tile && x_from == x_source::memory &&
+                      3 * len * int64_t(sizeof(acc)) <= kNormalizeL1ParamBytes;
+  const int64_t block = one_tile ? n_rows : by_row ? 1 : kNormalizeBlockRows;
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t nb = min_of(block, n_rows - r0);
+    const int64_t ahead = x_from == x_source::l2 ? 0 : min_of(block, n_rows - r0 - nb);
     const char *xb = x + r0 * x_row;
     char *yb = y + r0 * y_row;
-    const int64_t vector_end = for_each_tile<kNormalizeTileVectors, W>(len, [&](auto width, int64_t j) {
-      normalize_rows_tile<E, Stream, decltype(width)::count>(xb + j * E::size, x_row, yb + j * E::size,
-                                                             y_row, nb, mean_hi + j, scale + j, bias + j);
-    });
+    auto tile = [&](auto width, int64_t j, auto rows) {
+      normalize_rows_tile<E, Stream, decltype(width)::count, decltype(rows)::count>(
+          xb + j * E::size, x_row, yb + j * E::size, y_row, nb, ahead, mean_hi + j, scale + j, bias + j);
+    };
+    const int64_t vector_end =
+        block == kNormalizeBlockRows
+            ? for_each_tile<kNormalizeBlockVectors, W>(
+                  len, [&](auto width, int64_t j) { tile(width, j, vectors<kNormalizeBlockRows>{}); })
+            : for_each_tile<kNormalizeTileVectors, W>(len, [&](auto width, int64_t j) { tile(width, j, vectors<1>{}); });
     for (int64_t r = 0; vector_end < len && r < nb; ++r)
       for (int64_t k = vector_end; k < len; ++k)
         E::store(yb + r * y_row + k * E::size,
@@ -851,11 +881,10 @@ bool vector_aligned(const char *y, int64_t y_row) {
 template <class E>
 void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
                     int64_t n_rows, int64_t len, const affine_params &a, int64_t c0) {
-  const bool from_memory = p.x_from == x_source::memory;
   if (p.stream_y && vector_aligned<E>(y, y_row))
-    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, from_memory);
+    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
   else
-    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, from_memory);
+    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
 }
 
 template <class E>
@@ -1058,6 +1087,18 @@ bool grad_contiguous(const plan &p) {
 // float64 sums per block (summed per element in float64 through memory, they
 // took 10 instructions per element).
 constexpr int kGradTileVectors = kVecBytes >= 64 ? 4 : 2;  // 5 registers per vector
+// Rows a backward tile walks before the next tile: a few streams, which the
+// prefetchers follow (tiles down 32-row blocks of 512-channel rows ran 3x
+// slower in the normalize).
+constexpr int64_t kGradRowBlock = 8;
+
+// Rows a tile of `tile` channels walks before the next tile. One tile covering
+// the row walks the run in memory order: no blocks needed. From memory, wider
+// rows go one at a time: the bandwidth hides the parameter loads, and the tile
+// walk defeated the hardware prefetchers.
+inline int64_t rows_per_block(int64_t n_rows, int64_t len, int64_t tile, bool from_memory) {
+  return len <= tile ? n_rows : from_memory ? 1 : kGradRowBlock;
+}
 
 template <class E, int K>
 void grad_rows_tile_sums(const char *x, const char *dy, int64_t x_row, int64_t d_row, int64_t n_rows,
