@@ -439,8 +439,17 @@ void row_accumulate(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int
 // block sums per row).
 constexpr int kMomentsTileVectors = 4;  // 3 registers per vector fit AVX2's 16
 
+// Rows whose lines a tile prefetches at its own channels while it walks the
+// current block: the next block's, which the hardware prefetchers do not fetch
+// for a walk down rows (0 rows: none).
+struct rows_ahead {
+  const char *first;
+  int64_t step;
+  int64_t rows;
+};
+
 template <class E, int K>
-void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j,
+void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const rows_ahead &next,
                     const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
   using acc = typename E::acc;
   using vec = typename E::vec;
@@ -453,6 +462,9 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j,
     a[q] = vec{};
     b[q] = vec{};
   }
+  for (int64_t r = 0; r < next.rows; ++r)
+    for (int64_t at = 0; at < K * W * E::size; at += 64)
+      __builtin_prefetch(next.first + r * next.step + j * E::size + at, 0, 2);
   for (int64_t r = 0; r < n_rows; ++r) {
 #pragma GCC unroll 8
     for (int q = 0; q < K; ++q) {
@@ -470,11 +482,11 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j,
 }
 
 template <class E>
-void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len,
+void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, const rows_ahead &next,
                           const typename E::acc *shift, typename E::acc *s1,
                           typename E::acc *s2) {
   const int64_t j = for_each_tile<kMomentsTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
-    rows_tile_sums<E, decltype(width)::count>(rows, n_rows, j0, shift, s1, s2);
+    rows_tile_sums<E, decltype(width)::count>(rows, n_rows, j0, next, shift, s1, s2);
   });
   for (int64_t r = 0; j < len && r < n_rows; ++r)
     row_accumulate<E, true, false>(rows[r] + j * E::size, E::size, nullptr, 0, len - j, shift + j,
@@ -530,17 +542,37 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   acc *k = static_cast<acc *>(s.block_shift);
   auto used_row = [&](int64_t r) { return !masked || per_element_mask || rows_m[r][0] != 0; };
 
+  const bool contig = xs == E::size;
+  const char *used[kRowBlock];
+  int64_t n_used = 0;
+  if (!per_element_mask)
+    for (int64_t r = 0; r < n_rows; ++r)
+      if (used_row(r)) used[n_used++] = rows_x[r];
+
   bool need_shift = false;
   if (*s.shifts_missing)
     for (int64_t j = 0; j < distinct; ++j) need_shift |= !s.shift_ok[c_first + j * ps];
   if (need_shift) {
-    for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
-    for (int64_t r = 0; r < n_rows; ++r) {
-      if (!used_row(r)) continue;
+    // The block's mean gives each channel a shift. It need not be exact, so
+    // contiguous rows sum in float tiles (the scalar float64 loop cost more
+    // than the block's shifted sums), relative to the first row so that values
+    // near the float range do not overflow the sum.
+    if (contig && !per_element_mask && n_used > 0) {
+      for (int64_t j = 0; j < len; ++j) { k[j] = E::load(used[0] + j * E::size); s1[j] = 0; s2[j] = 0; }
+      rows_tile_accumulate<E>(used, n_used, len, rows_ahead{}, k, s1, s2);
       for (int64_t j = 0; j < len; ++j) {
-        if (per_element_mask && rows_m[r][j * ms] == 0) continue;
-        s.block_sum[j] += E::load(rows_x[r] + j * xs);
-        s.block_cnt[j] += 1;
+        s.block_sum[j] = static_cast<double>(k[j]) * static_cast<double>(n_used) + s1[j];
+        s.block_cnt[j] = static_cast<double>(n_used);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
+      for (int64_t r = 0; r < n_rows; ++r) {
+        if (!used_row(r)) continue;
+        for (int64_t j = 0; j < len; ++j) {
+          if (per_element_mask && rows_m[r][j * ms] == 0) continue;
+          s.block_sum[j] += E::load(rows_x[r] + j * xs);
+          s.block_cnt[j] += 1;
+        }
       }
     }
     for (int64_t j = 0; j < len; ++j) {
@@ -557,21 +589,15 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   for (int64_t j = 0; j < len; ++j) {
     s1[j] = 0; s2[j] = 0; cnt[j] = 0;
   }
-  double rows_used = 0;
-  const bool contig = xs == E::size;
+  const double rows_used = static_cast<double>(n_used);
   if (per_element_mask) {
     for (int64_t r = 0; r < n_rows; ++r) {
       if (contig) row_accumulate<E, true, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
       else row_accumulate<E, false, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
     }
   } else {
-    const char *used[kRowBlock];
-    int64_t n_used = 0;
-    for (int64_t r = 0; r < n_rows; ++r)
-      if (used_row(r)) used[n_used++] = rows_x[r];
-    rows_used = static_cast<double>(n_used);
     if (contig) {
-      rows_tile_accumulate<E>(used, n_used, len, k, s1, s2);
+      rows_tile_accumulate<E>(used, n_used, len, rows_ahead{}, k, s1, s2);
     } else {
       for (int64_t r = 0; r < n_used; ++r)
         row_accumulate<E, false, false>(used[r], xs, nullptr, 0, len, k, s1, s2, cnt);
@@ -640,18 +666,13 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
       for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
         const int64_t nb = min_of(kRowBlock, r1 - b0);
         block_rows(b0, nb, j0);
-        // Tile walks down the block's rows, which the hardware prefetchers do
-        // not follow, fetch the next block's lines ahead (from the L3 too:
-        // without it, (32,56,56,64) took twice as long). One tile across the
-        // row walks memory in order.
-        const int64_t next =
-            walks_in_order || p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb);
-        for (int64_t r = 0; r < next; ++r) {
-          const char *row = rows[0] + (nb + r) * x_row;
-          for (int64_t off = 0; off < cl * E::size; off += 64) __builtin_prefetch(row + off, 0, 2);
-        }
+        // Tiles prefetch the next block (from the L3 too: without it,
+        // (32,56,56,64) took twice as long). One tile across the row walks
+        // memory in order.
+        const rows_ahead next{rows[0] + nb * x_row, x_row,
+                              walks_in_order || p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb)};
         for (int64_t j = 0; j < cl; ++j) { s1[j] = 0; s2[j] = 0; }
-        rows_tile_accumulate<E>(rows, nb, cl, k, s1, s2);
+        rows_tile_accumulate<E>(rows, nb, cl, next, k, s1, s2);
         for (int64_t j = 0; j < cl; ++j) {
           sum1[j] += static_cast<double>(s1[j]);
           sum2[j] += static_cast<double>(s2[j]);
