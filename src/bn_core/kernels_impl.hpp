@@ -134,6 +134,15 @@ struct bf16_elem {
 
 template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 
+// Prefetches `bytes` from each of `rows` rows, `step` apart from `first`, one
+// line at a time (Write: for a store). Tiles that walk down rows fetch the next
+// block this way: the hardware prefetchers do not follow such walks.
+template <int Write>
+inline void prefetch_rows(const char *first, int64_t step, int64_t rows, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(first + r * step + at, Write, 2);
+}
+
 // ---- tiles of channels ------------------------------------------------------------
 
 // Rows x C kernels walk channels in tiles of K whole vectors whose per-channel
@@ -440,8 +449,7 @@ void row_accumulate(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int
 constexpr int kMomentsTileVectors = 4;  // 3 registers per vector fit AVX2's 16
 
 // Rows whose lines a tile prefetches at its own channels while it walks the
-// current block: the next block's, which the hardware prefetchers do not fetch
-// for a walk down rows (0 rows: none).
+// current block: the next block's (0 rows: none).
 struct rows_ahead {
   const char *first;
   int64_t step;
@@ -462,9 +470,7 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
     a[q] = vec{};
     b[q] = vec{};
   }
-  for (int64_t r = 0; r < next.rows; ++r)
-    for (int64_t at = 0; at < K * W * E::size; at += 64)
-      __builtin_prefetch(next.first + r * next.step + j * E::size + at, 0, 2);
+  prefetch_rows<0>(next.first + j * E::size, next.step, next.rows, K * W * E::size);
   for (int64_t r = 0; r < n_rows; ++r) {
 #pragma GCC unroll 8
     for (int q = 0; q < K; ++q) {
@@ -811,9 +817,8 @@ constexpr int64_t kNormalizeL1ParamBytes = 8 << 10;
 
 // K vectors of channels over n_rows rows, B rows at a time with all B·K loads
 // before the stores (a walk down rows would otherwise load right behind stores
-// to the lines it reads next). ahead: rows of the next block, whose lines it
-// prefetches; the prefetchers do not follow a walk that visits each row
-// for a few lines only (x, and y out of place unless streamed).
+// to the lines it reads next). ahead: rows after these whose lines it
+// prefetches (x, and y out of place unless streamed).
 template <class E, bool Stream, int K, int B>
 void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
                          int64_t ahead, const typename E::acc *mean_hi, const typename E::acc *scale,
@@ -828,11 +833,8 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
     sc[k] = param(scale + k * W);
     b[k] = param(bias + k * W);
   }
-  for (int64_t g = 0; g < ahead; ++g)
-    for (int k = 0; k < K; ++k) {
-      __builtin_prefetch(x + (B + g) * x_row + k * W * E::size, 0, 2);
-      if (!Stream && y != x) __builtin_prefetch(y + (B + g) * y_row + k * W * E::size, 1, 2);
-    }
+  prefetch_rows<0>(x + n_rows * x_row, x_row, ahead, K * W * E::size);
+  if (!Stream && y != x) prefetch_rows<1>(y + n_rows * y_row, y_row, ahead, K * W * E::size);
   auto group = [&](int64_t r, auto rows) {
     constexpr int G = decltype(rows)::count;
     vec v[G][K];
@@ -871,7 +873,8 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
   const int64_t block = one_tile ? n_rows : by_row ? 1 : kNormalizeBlockRows;
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t nb = min_of(block, n_rows - r0);
-    const int64_t ahead = x_from == x_source::l2 ? 0 : min_of(block, n_rows - r0 - nb);
+    const int64_t ahead =
+        block != kNormalizeBlockRows || x_from == x_source::l2 ? 0 : min_of(block, n_rows - r0 - nb);
     const char *xb = x + r0 * x_row;
     char *yb = y + r0 * y_row;
     auto tile = [&](auto width, int64_t j, auto rows) {
