@@ -335,6 +335,34 @@ def test_in_place_on_a_reversed_view(ref):
     np.testing.assert_array_equal(buf[:, 0::2], saved[:, 0::2])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 64, 65, 300])
+@pytest.mark.parametrize("out_kind", ["none", "fresh", "inplace"])
+def test_common_calls_at_every_channel_count(ref, dtype, channels, out_kind):
+    # R4, R6: the plain call (ndarray, int axis, 1-D parameters, no mask) for channel
+    # counts on both sides of the binding's stack buffer of 64 channels' parameters.
+    rng = np.random.default_rng(channels)
+    x = rng.normal(5.0, 2.0, size=(7, channels)).astype(dtype)
+    gamma = rng.uniform(-2.0, 2.0, channels).astype(np.float32)
+    beta = rng.uniform(-5.0, 5.0, channels)
+    mean, var = rng.normal(size=channels), rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    before = x.copy()
+    rmean, rvar, _ = ref.moments(before, -1)
+    for call, stats in (
+        (lambda out: ops.batch_norm_train(x, gamma=gamma, beta=beta, epsilon=1e-3, out=out),
+         (rmean, rvar)),
+        (lambda out: (ops.batch_normalization(x, mean, var, gamma=gamma, beta=beta,
+                                              epsilon=1e-3, out=out),), (mean, var)),
+    ):
+        x[...] = before
+        out = make_out(out_kind, None, x, ref)
+        y, *returned = call(out)
+        if returned:
+            ref.assert_stats_close(*returned, before, -1)
+        ref.assert_normalized(y, before, *stats, gamma, beta, -1, 1e-3)
+        assert y.dtype == dtype and (out is None or y is out)
+
+
 # ---------------------------------------------------------------------------- accuracy (R4.2)
 
 

@@ -427,42 +427,79 @@ cdef bint fast_out(object out, cnp.ndarray a):
     return o_hi <= a_lo or a_hi <= o_lo
 
 
-def normalize_fast(object x, object mean, object variance, object gamma, object beta,
-                   object axis, object epsilon, object out=None, bint keep_params=False):
-    """``cbn.ops.batch_normalization`` for its common call — a float32 or float64
-    ndarray, an int axis, 1-D float32/float64 parameters, a float epsilon >= 0, no
-    ``out`` or an ``out`` that is ``x``'s view or a separate buffer of its shape and
-    dtype — or None when the call is anything else (the caller then takes the
-    general path, which validates and explains). With keep_params, returns (y, the
-    float64 parameters used as a (4, C) array)."""
+cdef int fast_axis(object x, object axis, object epsilon, object out) except -2:
+    """x's channel axis when (x, axis, epsilon, out) make a fast call — a float32 or
+    float64 ndarray, an int axis, a float epsilon >= 0, no ``out`` or an ``out`` that
+    is x's view or a separate buffer of its shape and dtype — else -1."""
     if type(x) is not np.ndarray or type(axis) is not int or type(epsilon) is not float:
-        return None
+        return -1
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int type_num = cnp.PyArray_TYPE(a)
     cdef int rank = cnp.PyArray_NDIM(a)
     if (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64) or rank < 1 \
             or rank > BN_MAX_RANK:
-        return None
+        return -1
     cdef int ax = axis
     if ax < 0:
         ax += rank
     cdef double eps = epsilon
     if ax < 0 or ax >= rank or not (0.0 <= eps < float("inf")):
+        return -1
+    if out is not None and not fast_out(out, a):
+        return -1
+    return ax
+
+
+cdef object heap_params(Py_ssize_t values):
+    """None when values float64s fit the caller's stack buffer of 4 * FAST_MAX_CHANNELS
+    (a heap array costs more than a tiny call), else a new array of them."""
+    return None if values <= 4 * FAST_MAX_CHANNELS else np.empty(values)
+
+
+cdef bn_status fast_core_call(bint train, const bn_tensor *x, const bn_tensor *y,
+                              const int32_t *axes, double *params, Py_ssize_t c,
+                              double eps) noexcept nogil:
+    """The core call of a fast call; params holds 4 * c values: (mean, variance, gamma,
+    beta) to normalize with, or (gamma, beta) then room for (mean, variance) to train."""
+    if train:
+        return bn_train_forward(x, y, axes, 1, NULL, params, params + c, eps, params + 2 * c,
+                                params + 3 * c)
+    return bn_normalize(x, y, axes, 1, params, params + c, params + 2 * c, params + 3 * c, eps)
+
+
+cdef cnp.ndarray stats_array(const double *values, Py_ssize_t c, int type_num):
+    """The c statistics as a new 1-D array of type_num (float32 or float64)."""
+    cdef cnp.npy_intp n = c
+    cdef cnp.ndarray a = cnp.PyArray_SimpleNew(1, &n, type_num)
+    cdef Py_ssize_t i
+    if type_num == cnp.NPY_FLOAT64:
+        for i in range(c):
+            (<double *>cnp.PyArray_DATA(a))[i] = values[i]
+    else:
+        for i in range(c):
+            (<float *>cnp.PyArray_DATA(a))[i] = <float>values[i]
+    return a
+
+
+cdef object fast_call(bint train, object x, object axis, object epsilon, object out,
+                      object mean, object variance, object gamma, object beta,
+                      bint keep_params):
+    """A fast call (see normalize_fast and train_fast), or None when it is not one."""
+    cdef int ax = fast_axis(x, axis, epsilon, out)
+    if ax < 0 or (not train and (mean is None or variance is None)):
         return None
-    if mean is None or variance is None or (out is not None and not fast_out(out, a)):
-        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
     cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
-    # Up to FAST_MAX_CHANNELS on the stack: a heap array costs more than a tiny call.
     cdef double small[4 * FAST_MAX_CHANNELS]
-    cdef cnp.ndarray large
-    cdef double *params = small
-    if c > FAST_MAX_CHANNELS:
-        large = np.empty(4 * c)
-        params = <double *>cnp.PyArray_DATA(large)
-    if not (fast_param(mean, c, params, 0.0)
-            and fast_param(variance, c, params + c, 0.0)
-            and fast_param(gamma, c, params + 2 * c, 1.0)
-            and fast_param(beta, c, params + 3 * c, 0.0)):
+    cdef object large = heap_params(4 * c)
+    cdef double *params = &small[0] if large is None else <double *>cnp.PyArray_DATA(large)
+    # The core's order: gamma, beta, then room for the statistics it computes (training),
+    # or mean, variance, gamma, beta (inference).
+    cdef double *gamma_beta = params if train else params + 2 * c
+    if not (fast_param(gamma, c, gamma_beta, 1.0) and fast_param(beta, c, gamma_beta + c, 0.0)):
+        return None
+    if not train and not (fast_param(mean, c, params, 0.0)
+                          and fast_param(variance, c, params + c, 0.0)):
         return None
     cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1) if out is None \
         else <cnp.ndarray>out
@@ -471,18 +508,38 @@ def normalize_fast(object x, object mean, object variance, object gamma, object 
     describe(&yd, y, False)
     cdef int32_t axes[1]
     axes[0] = ax
+    cdef double eps = epsilon
     cdef bn_status st
     if cnp.PyArray_SIZE(a) < 32768:  # the core runs such calls on this thread anyway
-        st = bn_normalize(&xd.t, &yd.t, axes, 1, params, params + c, params + 2 * c,
-                          params + 3 * c, eps)
+        st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
     else:
         with nogil:
-            st = bn_normalize(&xd.t, &yd.t, axes, 1, params, params + c, params + 2 * c,
-                              params + 3 * c, eps)
+            st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
     check(st)
+    if train:
+        return (y, stats_array(params + 2 * c, c, cnp.PyArray_TYPE(a)),
+                stats_array(params + 3 * c, c, cnp.PyArray_TYPE(a)))
     if keep_params:
         return y, np.asarray(<double[:4 * c]>params).reshape(4, c).copy()
     return y
+
+
+def normalize_fast(object x, object mean, object variance, object gamma, object beta,
+                   object axis, object epsilon, object out=None, bint keep_params=False):
+    """``cbn.ops.batch_normalization`` for its common call — :func:`fast_axis`'s, with
+    1-D float32/float64 parameters — or None when the call is anything else (the
+    caller then takes the general path, which validates and explains). With
+    keep_params, returns (y, the float64 parameters used as a (4, C) array)."""
+    return fast_call(False, x, axis, epsilon, out, mean, variance, gamma, beta, keep_params)
+
+
+def train_fast(object x, object gamma, object beta, object axis, object epsilon,
+               object out=None):
+    """``cbn.ops.batch_norm_train`` for its common call — :func:`fast_axis`'s, with
+    1-D float32/float64 gamma and beta (or None), no mask and no allreduce — as
+    ``(y, mean, variance)`` (statistics in float64 for float64 input, else float32),
+    or None when the call is anything else."""
+    return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, False)
 
 
 def set_cache_bytes(int64_t l2, int64_t l3):
