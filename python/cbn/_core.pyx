@@ -516,11 +516,11 @@ cdef object fast_call(bint train, object x, object axis, object epsilon, object 
         with nogil:
             st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
     check(st)
+    if keep_params:
+        return y, np.asarray(<double[:4 * c]>params).reshape(4, c).copy()
     if train:
         return (y, stats_array(params + 2 * c, c, cnp.PyArray_TYPE(a)),
                 stats_array(params + 3 * c, c, cnp.PyArray_TYPE(a)))
-    if keep_params:
-        return y, np.asarray(<double[:4 * c]>params).reshape(4, c).copy()
     return y
 
 
@@ -534,12 +534,13 @@ def normalize_fast(object x, object mean, object variance, object gamma, object 
 
 
 def train_fast(object x, object gamma, object beta, object axis, object epsilon,
-               object out=None):
+               object out=None, bint keep_params=False):
     """``cbn.ops.batch_norm_train`` for its common call — :func:`fast_axis`'s, with
     1-D float32/float64 gamma and beta (or None), no mask and no allreduce — as
     ``(y, mean, variance)`` (statistics in float64 for float64 input, else float32),
-    or None when the call is anything else."""
-    return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, False)
+    or None when the call is anything else. With keep_params, returns (y, a float64
+    (4, C) array of the gamma and beta used and the mean and variance computed)."""
+    return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, keep_params)
 
 
 def set_cache_bytes(int64_t l2, int64_t l3):

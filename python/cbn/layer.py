@@ -429,7 +429,7 @@ class BatchNormalization:
         with self._lock:
             for name, value in values.items():
                 target = self._weights[name]
-                np.copyto(target, np.reshape(value, target.shape), casting="unsafe")
+                target[...] = value.reshape(target.shape)  # casts like copyto(..., "unsafe")
 
     def _snapshot(self, names: Sequence[str]) -> dict[str, np.ndarray | None]:
         """Float64 copies of the named weights (None when absent), taken atomically."""
@@ -537,8 +537,8 @@ class BatchNormalization:
         the input's rank that broadcasts to it (R8). Every argument is validated
         before anything changes, and a call that raises changes nothing (R5.2).
         """
-        if not (training and self._trainable) and mask is None:
-            y = self._small_inference(inputs)
+        if mask is None:
+            y = self._small_call(inputs, bool(training and self._trainable))
             if y is not None:
                 return y
         x = self._autocast(inputs)
@@ -556,24 +556,36 @@ class BatchNormalization:
         self._last_call = record
         return y
 
-    def _small_inference(self, inputs: Any) -> np.ndarray | None:
-        """The common small inference call in one core call, or None when the call is
-        anything else (the general path then validates and explains)."""
+    def _small_call(self, inputs: Any, training: bool) -> np.ndarray | None:
+        """The common small call (plain batch normalization, no mask) in one core call
+        plus, in training, the moving updates; or None when the call is anything else
+        (the general path then validates and explains)."""
         w = self._weights
         if not (self.built and type(inputs) is np.ndarray and len(self._axes) == 1
                 and inputs.ndim == self._input_rank
                 and inputs.dtype == self._policy.compute_dtype and inputs.size < 32768):
             return None
+        if training and (self.renorm or self.adjustment is not None or self.synchronized
+                         or self.virtual_batch_size is not None):
+            return None
         # Under the lock the weights cannot change halfway (R5.1's commits take it).
         with self._lock:
-            fast = _core.normalize_fast(inputs, w["moving_mean"], w["moving_variance"],
-                                        w.get("gamma"), w.get("beta"), self._axes[0],
+            if training:
+                fast = _core.train_fast(inputs, w.get("gamma"), w.get("beta"), self._axes[0],
                                         self.epsilon, keep_params=True)
+            else:
+                fast = _core.normalize_fast(inputs, w["moving_mean"], w["moving_variance"],
+                                            w.get("gamma"), w.get("beta"), self._axes[0],
+                                            self.epsilon, keep_params=True)
         if fast is None:
             return None
-        y, (mean, variance, gamma, _) = fast
+        if training:
+            y, (gamma, _, mean, variance) = fast
+            self._commit_moving_update(mean, variance)
+        else:
+            y, (mean, variance, gamma, _) = fast
         view = _KernelView(inputs, y, None, self._axes, 1, None)
-        self._last_call = _ForwardRecord(view, False, None, mean, variance, mean, variance,
+        self._last_call = _ForwardRecord(view, training, None, mean, variance, mean, variance,
                                          gamma if "gamma" in w else None, None, None, None, None)
         return y
 
