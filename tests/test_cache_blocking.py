@@ -77,11 +77,12 @@ def test_blocked_broadcast_mask(tiny_caches, ref):
     ref.assert_stats_close(mean, var, x, 1, mask)
 
 
-# Inference outputs of at least the L3 size are written with streaming
-# (non-temporal) stores, on an aligned output only: rows fall back to plain
-# stores when a row is misaligned, planes store up to the first aligned element.
-# A one-element offset into the output buffer exercises both; a 2 KB "L3" makes
-# every case stream.
+# Inference outputs are written with streaming (non-temporal) stores once x and
+# y together fill the L3 (and the other threads' L2s), on an aligned output
+# only: rows fall back to plain stores when a row is misaligned, planes store up
+# to the first aligned element (all of them when the output is not even aligned
+# to its element size). A one-element and a one-byte offset into the output
+# buffer exercise these; a 2 KB "L3" makes every case stream.
 @pytest.fixture
 def streaming_outputs():
     cbn.set_cache_sizes(l2=1024, l3=2048)
@@ -100,7 +101,7 @@ STREAM_CASES = [
 @pytest.mark.parametrize("shape,axis", STREAM_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16,
                                    np.dtype(ml_dtypes.bfloat16)])
-@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("offset", ["none", "element", "byte"])
 def test_streamed_inference_output_matches_reference(streaming_outputs, ref, shape, axis, dtype,
                                                      offset):
     rng = np.random.default_rng(abs(hash((shape, offset))) % 2**32)
@@ -108,15 +109,16 @@ def test_streamed_inference_output_matches_reference(streaming_outputs, ref, sha
     c = shape[axis]
     mean, var = rng.normal(20.0, 1.0, c), rng.uniform(9.0, 20.0, c)
     gamma, beta = rng.normal(1.0, 0.2, c), rng.normal(0.0, 0.2, c)
-    buffer = np.full(x.size + 1, np.nan, dtype)
-    out = buffer[offset:offset + x.size].reshape(shape)
+    size = x.dtype.itemsize
+    buffer = np.full(x.nbytes + size, 0xA5, np.uint8)
+    skip = {"none": 0, "element": size, "byte": 1}[offset]
+    out = buffer[skip:skip + x.nbytes].view(dtype).reshape(shape)
     y = cbn.ops.batch_normalization(x, mean, var, gamma=gamma, beta=beta, axis=axis, out=out)
     assert y is out
     ref.assert_normalized(y, x, mean, var, gamma, beta, axis, 1e-3)
-    if offset:  # nothing written outside the output
-        assert np.isnan(buffer[0])
-    else:
-        assert np.isnan(buffer[-1])
+    # nothing written outside the output
+    untouched = np.r_[buffer[:skip], buffer[skip + x.nbytes:]]
+    assert np.all(untouched == 0xA5)
 
 
 # Rows x C normalize: tiles of channels keep their parameters in registers; wide
