@@ -78,11 +78,13 @@ def test_blocked_broadcast_mask(tiny_caches, ref):
 
 
 # Inference outputs are written with streaming (non-temporal) stores once x and
-# y together fill the L3 (and the other threads' L2s), on an aligned output
-# only: rows fall back to plain stores when a row is misaligned, planes store up
-# to the first aligned element (all of them when the output is not even aligned
-# to its element size). A one-element and a one-byte offset into the output
-# buffer exercise these; a 2 KB "L3" makes every case stream.
+# y together fill the L3 (and the other threads' L2s), on aligned vectors only:
+# back-to-back rows on a misaligned output are walked from its first aligned
+# element with their channels rotated, other misaligned rows fall back to plain
+# stores, planes store up to the first aligned element (all of them when the
+# output is not even aligned to its element size). A one-element and a one-byte
+# offset into the output buffer exercise these; a 2 KB "L3" makes every case
+# stream.
 @pytest.fixture
 def streaming_outputs():
     cbn.set_cache_sizes(l2=1024, l3=2048)

@@ -905,13 +905,43 @@ bool vector_aligned(const char *y, int64_t y_row) {
   return reinterpret_cast<uintptr_t>(y) % align == 0 && y_row % align == 0;
 }
 
+// Channels of back-to-back rows whose parameters normalize_rows rotates on the
+// stack (3 arrays of them).
+constexpr int64_t kRotatedMaxChannels = 512;
+
 template <class E>
 void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
                     int64_t n_rows, int64_t len, const affine_params &a, int64_t c0) {
-  if (p.stream_y && vector_aligned<E>(y, y_row))
-    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
-  else
+  using acc = typename E::acc;
+  constexpr int64_t align = E::lanes * E::size;
+  const int64_t row_bytes = len * E::size;
+  const int64_t head = (align - reinterpret_cast<uintptr_t>(y) % align) % align / E::size;
+  if (!p.stream_y || (!vector_aligned<E>(y, y_row) &&
+                      (x_row != row_bytes || y_row != row_bytes || row_bytes % align ||
+                       reinterpret_cast<uintptr_t>(y) % E::size || n_rows < 2 ||
+                       len > kRotatedMaxChannels))) {
     normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
+    return;
+  }
+  if (head == 0) {
+    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
+    return;
+  }
+  // Back-to-back rows on a y that is not vector-aligned (NumPy's large arrays
+  // start 16 bytes into a page): seen from its first aligned element, y is rows
+  // of the same length whose channels are rotated by head, all aligned. Plain
+  // stores for the first row's head and streamed ones for the last row's rest.
+  acc rotated[3][kRotatedMaxChannels];
+  const acc *params[3] = {static_cast<const acc *>(a.mean_hi), static_cast<const acc *>(a.scale),
+                          static_cast<const acc *>(a.bias)};
+  for (int i = 0; i < 3; ++i)
+    for (int64_t k = 0; k < len; ++k) rotated[i][k] = params[i][c0 + (head + k) % len];
+  const affine_params rotated_a{rotated[0], rotated[1], rotated[2]};
+  normalize_rows_run<E, false>(x, x_row, y, y_row, 1, head, a, c0, p.x_from);
+  normalize_rows_run<E, true>(x + head * E::size, x_row, y + head * E::size, y_row, n_rows - 1, len,
+                              rotated_a, 0, p.x_from);
+  const int64_t last = (n_rows - 1) * y_row + head * E::size;
+  normalize_rows_run<E, true>(x + last, x_row, y + last, y_row, 1, len - head, a, c0 + head, p.x_from);
 }
 
 template <class E>
