@@ -7,6 +7,7 @@ codes into exceptions. Per-channel parameters and statistics are float64.
 """
 
 from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 import ml_dtypes
@@ -516,8 +517,12 @@ cdef object fast_call(bint train, object x, object axis, object epsilon, object 
         with nogil:
             st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
     check(st)
+    cdef cnp.npy_intp dims[2]
     if keep_params:
-        return y, np.asarray(<double[:4 * c]>params).reshape(4, c).copy()
+        dims[0], dims[1] = 4, c
+        kept = cnp.PyArray_SimpleNew(2, dims, cnp.NPY_FLOAT64)
+        memcpy(cnp.PyArray_DATA(kept), params, 4 * c * sizeof(double))
+        return y, kept
     if train:
         return (y, stats_array(params + 2 * c, c, cnp.PyArray_TYPE(a)),
                 stats_array(params + 3 * c, c, cnp.PyArray_TYPE(a)))
