@@ -372,8 +372,12 @@ int32_t schedule(plan &p) {
 // tensor larger than half the L3 would come back from memory for the second
 // read (normalize after statistics). Cut into chunks of whole channels, each
 // handled by one thread — statistics, then normalize while the chunk is still
-// in that core's L2 — x is read from memory once. Only for channels-first
-// layouts: a channels-last chunk is a narrow strided column of every row.
+// cached — x is read from memory once. Only for channels-first layouts: a
+// channels-last chunk is a narrow strided column of every row. A chunk takes an
+// eighth of the L3 (less with more than 2 threads), so that each thread's chunk
+// and the next one it fetches fit together: at 64x256x56x56 in place, training
+// took 1.40x (2 threads) and 1.96x (1 thread) the inference time with chunks of
+// half the L2, 1.17x and 1.59x with these; a quarter of the L3 was slower again.
 int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
   if (n_axes != 1) return 0;
   const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
@@ -385,7 +389,7 @@ int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, 
   if (channels < 2 * threads || bytes <= l3 / 2) return 0;
   const int64_t per_channel = bytes / channels;
   if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached
-  const int64_t chunk = std::max<int64_t>(1, cache_bytes(2) / 2 / per_channel);
+  const int64_t chunk = std::max<int64_t>(1, l3 / (4 * std::max(threads, 2)) / per_channel);
   return std::min(chunk, channels / (2 * threads));  // enough chunks to share out
 }
 
