@@ -907,7 +907,7 @@ bool vector_aligned(const char *y, int64_t y_row) {
 
 // Channels of back-to-back rows whose parameters normalize_rows rotates on the
 // stack (3 arrays of them).
-constexpr int64_t kRotatedMaxChannels = 512;
+constexpr int64_t kRotatedMaxChannels = 4096;
 
 template <class E>
 void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
