@@ -905,43 +905,48 @@ bool vector_aligned(const char *y, int64_t y_row) {
   return reinterpret_cast<uintptr_t>(y) % align == 0 && y_row % align == 0;
 }
 
-// Channels of back-to-back rows whose parameters normalize_rows rotates on the
-// stack (3 arrays of them).
+// Channels of back-to-back rows whose parameters normalize_rows_rotated keeps on
+// the stack (3 arrays of them).
 constexpr int64_t kRotatedMaxChannels = 4096;
 
+// Streams back-to-back rows (x_row = y_row = len elements, a whole number of
+// vectors) into a y that is not vector-aligned (NumPy's large arrays start 16
+// bytes into a page): seen from its first aligned element, head elements on, y
+// is rows of the same length whose channels are rotated by head, all aligned.
+// The first row's head gets plain stores (it shares a line with what precedes
+// y), the last row's rest streamed ones. Its own function, so that only this
+// walk's frame holds the rotated parameters.
 template <class E>
-void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
-                    int64_t n_rows, int64_t len, const affine_params &a, int64_t c0) {
+__attribute__((noinline)) void normalize_rows_rotated(const plan &p, const char *x, char *y, int64_t row,
+                                                      int64_t n_rows, int64_t len, int64_t head,
+                                                      const affine_params &a, int64_t c0) {
   using acc = typename E::acc;
-  constexpr int64_t align = E::lanes * E::size;
-  const int64_t row_bytes = len * E::size;
-  const int64_t head = (align - reinterpret_cast<uintptr_t>(y) % align) % align / E::size;
-  if (!p.stream_y || (!vector_aligned<E>(y, y_row) &&
-                      (x_row != row_bytes || y_row != row_bytes || row_bytes % align ||
-                       reinterpret_cast<uintptr_t>(y) % E::size || n_rows < 2 ||
-                       len > kRotatedMaxChannels))) {
-    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
-    return;
-  }
-  if (head == 0) {
-    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
-    return;
-  }
-  // Back-to-back rows on a y that is not vector-aligned (NumPy's large arrays
-  // start 16 bytes into a page): seen from its first aligned element, y is rows
-  // of the same length whose channels are rotated by head, all aligned. Plain
-  // stores for the first row's head and streamed ones for the last row's rest.
   acc rotated[3][kRotatedMaxChannels];
   const acc *params[3] = {static_cast<const acc *>(a.mean_hi), static_cast<const acc *>(a.scale),
                           static_cast<const acc *>(a.bias)};
   for (int i = 0; i < 3; ++i)
     for (int64_t k = 0; k < len; ++k) rotated[i][k] = params[i][c0 + (head + k) % len];
   const affine_params rotated_a{rotated[0], rotated[1], rotated[2]};
-  normalize_rows_run<E, false>(x, x_row, y, y_row, 1, head, a, c0, p.x_from);
-  normalize_rows_run<E, true>(x + head * E::size, x_row, y + head * E::size, y_row, n_rows - 1, len,
+  normalize_rows_run<E, false>(x, row, y, row, 1, head, a, c0, p.x_from);
+  normalize_rows_run<E, true>(x + head * E::size, row, y + head * E::size, row, n_rows - 1, len,
                               rotated_a, 0, p.x_from);
-  const int64_t last = (n_rows - 1) * y_row + head * E::size;
-  normalize_rows_run<E, true>(x + last, x_row, y + last, y_row, 1, len - head, a, c0 + head, p.x_from);
+  const int64_t last = (n_rows - 1) * row + head * E::size;
+  normalize_rows_run<E, true>(x + last, row, y + last, row, 1, len - head, a, c0 + head, p.x_from);
+}
+
+template <class E>
+void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
+                    int64_t n_rows, int64_t len, const affine_params &a, int64_t c0) {
+  constexpr int64_t align = E::lanes * E::size;
+  const int64_t head = (align - reinterpret_cast<uintptr_t>(y) % align) % align / E::size;
+  const int64_t row_bytes = len * E::size;
+  if (p.stream_y && head != 0 && x_row == row_bytes && y_row == row_bytes && row_bytes % align == 0 &&
+      reinterpret_cast<uintptr_t>(y) % E::size == 0 && n_rows >= 2 && len <= kRotatedMaxChannels)
+    normalize_rows_rotated<E>(p, x, y, row_bytes, n_rows, len, head, a, c0);
+  else if (p.stream_y && vector_aligned<E>(y, y_row))
+    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
+  else
+    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
 }
 
 template <class E>
