@@ -146,3 +146,26 @@ def test_rows_tiles_match_reference(ref, caches, shape, in_place):
     finally:
         cbn.set_cache_sizes()
     ref.assert_normalized(y, expected_x, mean, var, gamma, beta, -1, 1e-3)
+
+
+# Rows x C moments: rows one tile spans go in memory order; wider rows go in
+# tiles down blocks of rows, or one row at a time (sums in memory) when x comes
+# from memory. 255 channels leave a part tile and a scalar tail; 2100 channels
+# take two channel chunks (2048 + 52). The mean is 1e4 standard deviations for
+# float32/float64 (the shifted sums keep the variance accurate there).
+@pytest.mark.parametrize("caches", [None, (1024, 1 << 30), (1024, 2048)],
+                         ids=["in-L2", "in-L3", "from-memory"])
+@pytest.mark.parametrize("shape", [(37, 255), (3, 5, 700), (40, 2100)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16,
+                                   np.dtype(ml_dtypes.bfloat16)])
+def test_rows_moments_match_reference(ref, caches, shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    wide = dtype in (np.float32, np.float64)
+    centre = rng.uniform(-3e4, 3e4, shape[-1]) if wide else rng.uniform(-40.0, 40.0, shape[-1])
+    x = (centre + rng.normal(0.0, 3.0, shape)).astype(dtype)
+    cbn.set_cache_sizes(*(caches or ()))
+    try:
+        mean, var = cbn.ops.moments(x, axis=-1)
+    finally:
+        cbn.set_cache_sizes()
+    ref.assert_stats_close(mean, var, x, -1)

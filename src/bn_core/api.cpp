@@ -478,10 +478,30 @@ class moments_state {
   }
 
  private:
+  static constexpr int64_t kBlockArrays = 6;
+
   int64_t layout(const plan &p) {
     channels_ = p.channels;
-    block_ = p.inner_is_channel ? std::min(p.inner.n, kRowsChannelChunk) : 0;
-    return 6 * channels_ + 6 * block_ + (channels_ + 7) / 8;
+    block_ = p.inner_is_channel ? spaced_block_length(std::min(p.inner.n, kRowsChannelChunk)) : 0;
+    return 6 * channels_ + kBlockArrays * block_ + (channels_ + 7) / 8;
+  }
+
+  // A block array length of at least n doubles at which no two block arrays
+  // start within 256 bytes of a nonzero multiple of 4 KB apart. The rows walk
+  // from memory stores two of them and loads a third per vector, and a load
+  // whose low 12 address bits match a pending store's waits for it (4K
+  // aliasing): at 256 channels the arrays were 4 KB apart, and that walk was
+  // no faster than the tiles it replaces.
+  static int64_t spaced_block_length(int64_t n) {
+    constexpr int64_t page = 4096 / sizeof(double), near = 256 / sizeof(double);
+    for (int64_t len = n;; len += 8) {
+      bool apart = true;
+      for (int64_t i = 1; i < kBlockArrays; ++i) {
+        const int64_t o = i * len;
+        apart &= o < page - near || (o + near) % page >= 2 * near;
+      }
+      if (apart) return len;
+    }
   }
 
   int32_t threads_ = 0;
