@@ -1051,6 +1051,18 @@ void for_each_grad_segment(const plan &p, int64_t item_begin, int64_t item_end, 
   });
 }
 
+// Σ(a + b) over the lanes in float64, pairwise: per lane in order it was a
+// chain of 2·lanes dependent adds per fold, a short plane's largest cost.
+template <class V>
+double lane_sum(V a, V b) {
+  constexpr int n = sizeof(V) / sizeof(a[0]);
+  double d[n];
+  for (int l = 0; l < n; ++l) d[l] = static_cast<double>(a[l]) + static_cast<double>(b[l]);
+  for (int w = n / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) d[l] += d[l + w];
+  return d[0];
+}
+
 // Σdy and Σdy·x̂ of one channel's contiguous unmasked run, in blocks of
 // compute-type vector partial sums folded into float64 (as plane moments).
 template <class E>
@@ -1070,10 +1082,15 @@ void plane_grad_sums_contiguous(const char *x, const char *dy, int64_t len, type
       a0 += d0; b0 += d0 * h0;
       a1 += d1; b1 += d1 * h1;
     }
-    for (int64_t l = 0; l < W; ++l) {
-      sum_dy += static_cast<double>(a0[l]) + static_cast<double>(a1[l]);
-      sum_dy_xhat += static_cast<double>(b0[l]) + static_cast<double>(b1[l]);
-    }
+    sum_dy += lane_sum(a0, a1);
+    sum_dy_xhat += lane_sum(b0, b1);
+  }
+  if (i + W <= len) {  // one more vector: short planes (14x14) spent much of their time in the tail
+    const vec d = E::load_vec(dy + i * E::size);
+    const vec h = ((E::load_vec(x + i * E::size) - mh) - ml) * invstd;
+    sum_dy += lane_sum(d, vec{});
+    sum_dy_xhat += lane_sum(d * h, vec{});
+    i += W;
   }
   for (; i < len; ++i) {
     const double d = E::load(dy + i * E::size);
@@ -1148,7 +1165,15 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
   auto used = [&](int64_t i) { return Masked ? acc(m[i * ms] != 0) : acc(1); };
   if (!p.inner_is_channel) {
     const acc mh = mean_hi[c0], ml = mean_lo[c0], a = dy_scale[c0], xc = xc_scale[c0], sh = shift[c0];
-    for (int64_t i = 0; i < len; ++i) {
+    int64_t i = 0;
+    if constexpr (Contig && !Masked) {  // explicit vectors: the autovectorized loop's set-up
+      using vec = typename E::vec;      // cost short planes as much as their work
+      for (; i + E::lanes <= len; i += E::lanes) {
+        const vec centred = (E::load_vec(x + i * E::size) - mh) - ml;
+        E::store_vec(dx + i * E::size, a * E::load_vec(dy + i * E::size) + (xc * centred + sh));
+      }
+    }
+    for (; i < len; ++i) {
       const acc centred = (E::load(x + i * xs) - mh) - ml;
       E::store(dx + i * ys, a * E::load(dy + i * ds) + used(i) * (xc * centred + sh));
     }
