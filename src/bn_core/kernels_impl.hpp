@@ -352,6 +352,18 @@ void plane_block_sums(const char *x, int64_t xs, const uint8_t *m, int64_t ms, i
   n_out = Masked ? c : static_cast<double>(len);
 }
 
+// Σ(a + b) over the lanes in float64, pairwise: per lane in order it was a
+// chain of 2·lanes dependent adds per fold, a short plane's largest cost.
+template <class V>
+double lane_sum(V a, V b) {
+  constexpr int n = sizeof(V) / sizeof(a[0]);
+  double d[n];
+  for (int l = 0; l < n; ++l) d[l] = static_cast<double>(a[l]) + static_cast<double>(b[l]);
+  for (int w = n / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) d[l] += d[l + w];
+  return d[0];
+}
+
 // The common case, contiguous and unmasked, in explicit vectors: two
 // independent chains of E::lanes partial sums (the autovectorizer turned the
 // generic loop above into scalar code with spills on AVX2).
@@ -370,11 +382,13 @@ void plane_block_sums_contiguous(const char *x, int64_t len, typename E::acc shi
     s1b += db;
     s2b += db * db;
   }
-  double a = 0, b = 0;
-  for (int64_t l = 0; l < W; ++l) {
-    a += static_cast<double>(s1a[l]) + static_cast<double>(s1b[l]);
-    b += static_cast<double>(s2a[l]) + static_cast<double>(s2b[l]);
+  if (i + W <= len) {
+    const vec d = E::load_vec(x + i * E::size) - shift;
+    s1a += d;
+    s2a += d * d;
+    i += W;
   }
+  double a = lane_sum(s1a, s1b), b = lane_sum(s2a, s2b);
   for (; i < len; ++i) {
     const double d = E::load(x + i * E::size) - shift;
     a += d;
@@ -394,16 +408,28 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
     const char *xb = x + b0 * xs;
     const uint8_t *mb = Masked ? m + b0 * ms : m;
     if (!s.shift_ok[c]) {
-      // Two-pass start: the shift is the mean of the channel's first used block
-      // (in 8 chains: one float64 chain cost more than a small tensor's sums).
-      double part[8] = {}, cnt = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        const bool used = !Masked || mb[i * ms] != 0;
-        part[i & 7] += used ? static_cast<double>(E::load(xb + i * xs)) : 0.0;
-        cnt += used ? 1.0 : 0.0;
+      // Two-pass start: the shift is the mean of the channel's first used block.
+      // Contiguous unmasked blocks sum in vectors relative to their first value
+      // (a scalar float64 pass cost 14x14 planes, where every plane of the
+      // first image is a first block, most of the statistics' time; values
+      // whose differences overflow overflow the sums that follow anyway).
+      double mean;
+      if (!Masked && xs == E::size) {
+        const acc first = E::load(xb);
+        double s1, s2;
+        plane_block_sums_contiguous<E>(xb, len, first, s1, s2);
+        mean = static_cast<double>(first) + s1 / static_cast<double>(len);
+      } else {
+        double part[8] = {}, cnt = 0;  // 8 chains: one cost more than a small tensor's sums
+        for (int64_t i = 0; i < len; ++i) {
+          const bool used = !Masked || mb[i * ms] != 0;
+          part[i & 7] += used ? static_cast<double>(E::load(xb + i * xs)) : 0.0;
+          cnt += used ? 1.0 : 0.0;
+        }
+        if (cnt == 0) continue;
+        mean = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) / cnt;
       }
-      if (cnt == 0) continue;
-      s.shift[c] = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) / cnt;
+      s.shift[c] = mean;
       s.shift_ok[c] = 1;
       --*s.shifts_missing;
     }
@@ -1049,18 +1075,6 @@ void for_each_grad_segment(const plan &p, int64_t item_begin, int64_t item_end, 
                      0, min_of(p.fold_len, seg.len - k)});
     }
   });
-}
-
-// Σ(a + b) over the lanes in float64, pairwise: per lane in order it was a
-// chain of 2·lanes dependent adds per fold, a short plane's largest cost.
-template <class V>
-double lane_sum(V a, V b) {
-  constexpr int n = sizeof(V) / sizeof(a[0]);
-  double d[n];
-  for (int l = 0; l < n; ++l) d[l] = static_cast<double>(a[l]) + static_cast<double>(b[l]);
-  for (int w = n / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) d[l] += d[l + w];
-  return d[0];
 }
 
 // Σdy and Σdy·x̂ of one channel's contiguous unmasked run, in blocks of
