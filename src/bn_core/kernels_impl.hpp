@@ -134,6 +134,15 @@ struct bf16_elem {
 
 template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
 
+// A vector of compute-type values (parameters, partial sums, shifts) from their
+// array (the element types' load_vec reads and converts stored elements).
+template <class E>
+inline typename E::vec load_acc(const typename E::acc *p) {
+  typename E::vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // Prefetches `bytes` from each of `rows` rows, `step` apart from `first`, one
 // line at a time (Write: for a store). Tiles that walk down rows fetch the next
 // block this way: the hardware prefetchers do not follow such walks.
@@ -476,11 +485,10 @@ void row_sums_in_order(const char *x, int64_t len, const typename E::acc *shift,
                        typename E::acc *s1, typename E::acc *s2) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
-  auto load = [](const typename E::acc *p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; };
   int64_t j = 0;
   for (; j + W <= len; j += W) {
-    const vec d = E::load_vec(x + j * E::size) - load(shift + j);
-    const vec sum1 = load(s1 + j) + d, sum2 = load(s2 + j) + d * d;
+    const vec d = E::load_vec(x + j * E::size) - load_acc<E>(shift + j);
+    const vec sum1 = load_acc<E>(s1 + j) + d, sum2 = load_acc<E>(s2 + j) + d * d;
     std::memcpy(s1 + j, &sum1, sizeof(vec));
     std::memcpy(s2 + j, &sum2, sizeof(vec));
   }
@@ -504,14 +512,12 @@ struct rows_ahead {
 template <class E, int K>
 void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const rows_ahead &next,
                     const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
-  using acc = typename E::acc;
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
-  auto load_acc = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; };
   vec k[K], a[K], b[K];
 #pragma GCC unroll 8
   for (int q = 0; q < K; ++q) {
-    k[q] = load_acc(shift + j + q * W);
+    k[q] = load_acc<E>(shift + j + q * W);
     a[q] = vec{};
     b[q] = vec{};
   }
@@ -526,7 +532,7 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
   }
 #pragma GCC unroll 8
   for (int q = 0; q < K; ++q) {
-    const vec sum1 = load_acc(s1 + j + q * W) + a[q], sum2 = load_acc(s2 + j + q * W) + b[q];
+    const vec sum1 = load_acc<E>(s1 + j + q * W) + a[q], sum2 = load_acc<E>(s2 + j + q * W) + b[q];
     std::memcpy(s1 + j + q * W, &sum1, sizeof(vec));
     std::memcpy(s2 + j + q * W, &sum2, sizeof(vec));
   }
@@ -880,13 +886,12 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
                          const typename E::acc *bias) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
-  auto param = [](const typename E::acc *p) { vec v; std::memcpy(&v, p, sizeof v); return v; };
   vec mh[K], sc[K], b[K];
 #pragma GCC unroll 8
   for (int k = 0; k < K; ++k) {
-    mh[k] = param(mean_hi + k * W);
-    sc[k] = param(scale + k * W);
-    b[k] = param(bias + k * W);
+    mh[k] = load_acc<E>(mean_hi + k * W);
+    sc[k] = load_acc<E>(scale + k * W);
+    b[k] = load_acc<E>(bias + k * W);
   }
   prefetch_rows<0>(x + n_rows * x_row, x_row, ahead, K * W * E::size);
   if (!Stream && y != x) prefetch_rows<1>(y + n_rows * y_row, y_row, ahead, K * W * E::size);
@@ -1233,16 +1238,14 @@ template <class E, int K>
 void grad_rows_tile_sums(const char *x, const char *dy, int64_t x_row, int64_t d_row, int64_t n_rows,
                          const typename E::acc *mean_hi, const typename E::acc *mean_lo,
                          const typename E::acc *invstd, double *sum_dy, double *sum_dy_xhat) {
-  using acc = typename E::acc;
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
-  auto param = [](const acc *p) { vec v; std::memcpy(&v, p, sizeof v); return v; };
   vec mh[K], ml[K], is[K], a[K], h[K];
 #pragma GCC unroll 8
   for (int q = 0; q < K; ++q) {
-    mh[q] = param(mean_hi + q * W);
-    ml[q] = param(mean_lo + q * W);
-    is[q] = param(invstd + q * W);
+    mh[q] = load_acc<E>(mean_hi + q * W);
+    ml[q] = load_acc<E>(mean_lo + q * W);
+    is[q] = load_acc<E>(invstd + q * W);
     a[q] = vec{};
     h[q] = vec{};
   }
@@ -1316,9 +1319,7 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
   using acc = typename E::acc;
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
-  auto param = [c](const void *p, int q) {
-    vec v; std::memcpy(&v, static_cast<const acc *>(p) + c + q * W, sizeof v); return v;
-  };
+  auto param = [c](const void *p, int q) { return load_acc<E>(static_cast<const acc *>(p) + c + q * W); };
   vec mh[K], ml[K], ds[K], xc[K], sh[K];
 #pragma GCC unroll 8
   for (int q = 0; q < K; ++q) {
