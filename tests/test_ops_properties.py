@@ -410,6 +410,26 @@ def test_accuracy_at_large_mean(ref, threads, ratio, shape, axis, masked):
     assert np.all(err <= 4 * 2.0**-23 * np.maximum(1.0, np.abs(y_ref))), err.max()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_accuracy_on_long_drifting_planes(ref, threads, dtype, masked):
+    # R4.2 on channels-first planes long enough (9·1024 + 37 elements) that several
+    # groups of blocks share one shift, at mean/std = 1e4 with a drift of 40 std along
+    # every plane: a shift that stopped following the mean would lose digits.
+    cbn.set_num_threads(threads)
+    rng = np.random.default_rng(7)
+    std, length = 3.7, 9 * 1024 + 37
+    drift = np.linspace(0.0, 40 * std, length)
+    x = (1e4 * std + drift + std * rng.standard_normal((3, 4, length))).astype(dtype)
+    mask = rng.random(x.shape) < 0.6 if masked else None  # per element: partly used blocks
+    _, mean, var = ops.batch_norm_train(x, axis=1, mask=mask)
+    rmean, rvar, _ = ref.moments(x, 1, mask)
+    np.testing.assert_array_less(np.abs(var.astype(np.float64) - rvar), 1e-6 * rvar)
+    np.testing.assert_array_less(np.abs(mean.astype(np.float64) - rmean), 2.0**-24 * np.abs(rmean)
+                                 + 1e-6 * np.sqrt(rvar))
+
+
 # ---------------------------------------------------------------------------- thread counts
 
 

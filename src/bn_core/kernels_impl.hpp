@@ -368,7 +368,9 @@ double lane_sum(V a, V b) {
   constexpr int n = sizeof(V) / sizeof(a[0]);
   double d[n];
   for (int l = 0; l < n; ++l) d[l] = static_cast<double>(a[l]) + static_cast<double>(b[l]);
+#pragma GCC unroll 8
   for (int w = n / 2; w > 0; w /= 2)
+#pragma GCC unroll 16
     for (int l = 0; l < w; ++l) d[l] += d[l + w];
   return d[0];
 }
@@ -407,11 +409,30 @@ void plane_block_sums_contiguous(const char *x, int64_t len, typename E::acc shi
   s2_out = b;
 }
 
+// Consecutive blocks of a plane that share one shift: their shifted sums add up,
+// so they merge once. Merging after every block made the next block's sums wait
+// for the merge's divisions (statistics of cached planes ran at half a read's
+// speed); the shift still follows the mean every this many blocks.
+constexpr int64_t kBlocksPerShift = 8;
+
 template <class E, bool Masked>
 void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int64_t n, int64_t c,
                    const moments_scratch &s) {
   using acc = typename E::acc;
   constexpr int64_t block = plane_block<E>();
+  acc shift = 0;
+  double sum1 = 0, sum2 = 0, used = 0;  // this group's shifted sums
+  int64_t blocks = 0;
+  auto merge = [&] {
+    if (used > 0) {
+      const double m2 = sum2 - sum1 * sum1 / used;
+      chan_merge(s.count[c], s.mean[c], s.m2[c], used, static_cast<double>(shift) + sum1 / used,
+                 m2 > 0 ? m2 : 0.0);
+      s.shift[c] = s.mean[c];  // follow drift so later blocks stay well centred
+    }
+    sum1 = sum2 = used = 0;
+    blocks = 0;
+  };
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     const int64_t len = min_of(block, n - b0);
     const char *xb = x + b0 * xs;
@@ -442,7 +463,7 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
       s.shift_ok[c] = 1;
       --*s.shifts_missing;
     }
-    const acc shift = static_cast<acc>(s.shift[c]);
+    if (blocks == 0) shift = static_cast<acc>(s.shift[c]);
     double s1, s2, cnt = static_cast<double>(len);
     if (xs == E::size && !Masked)
       plane_block_sums_contiguous<E>(xb, len, shift, s1, s2);
@@ -450,12 +471,12 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
       plane_block_sums<E, true, Masked>(xb, xs, mb, ms, len, shift, s1, s2, cnt);
     else
       plane_block_sums<E, false, Masked>(xb, xs, mb, ms, len, shift, s1, s2, cnt);
-    if (cnt == 0) continue;
-    const double m2 = s2 - s1 * s1 / cnt;
-    chan_merge(s.count[c], s.mean[c], s.m2[c], cnt, static_cast<double>(shift) + s1 / cnt,
-               m2 > 0 ? m2 : 0.0);
-    s.shift[c] = s.mean[c];  // follow drift so later blocks stay well centred
+    sum1 += s1;
+    sum2 += s2;
+    used += cnt;
+    if (++blocks == kBlocksPerShift) merge();
   }
+  merge();
 }
 
 // ---- moments: rows x C (the inner run walks channels) ----------------------------
