@@ -44,9 +44,14 @@ def _time_block(fn: Callable[[], object], calls: int) -> float:
     return time.perf_counter() - start
 
 
-def _calls_per_block(fn: Callable[[], object], block_s: float) -> int:
-    one = _time_block(fn, 1)
-    return max(1, min(100_000, int(block_s / max(one, 1e-7))))
+def _calls_per_block(fn: Callable[[], object], policy: Policy) -> int:
+    """Calls that last about ``block_s``, from the fastest of three calls after the
+    pause: one call that met another library's spinning threads (ONNX Runtime's
+    spin for milliseconds after a run) used to set one or two calls per block, and
+    every sample then timed a single call woken from sleep (2x the in-place time)."""
+    time.sleep(policy.pause_s)
+    one = min(_time_block(fn, 1) for _ in range(3))
+    return max(1, min(100_000, int(policy.block_s / max(one, 1e-7))))
 
 
 def _needs_more(samples: list[float], spent: float, policy: Policy) -> bool:
@@ -65,7 +70,7 @@ def interleaved_medians(
         for fn in fns.values():
             for _ in range(policy.warmup_calls):
                 fn()
-        calls = {key: _calls_per_block(fn, policy.block_s) for key, fn in fns.items()}
+        calls = {key: _calls_per_block(fn, policy) for key, fn in fns.items()}
         samples: dict[str, list[float]] = {key: [] for key in fns}
         spent = dict.fromkeys(fns, 0.0)
         while True:
