@@ -22,7 +22,11 @@ class Policy:
     implementation is sampled at least ``min_samples`` times, then until it has
     ``max_samples`` or has used ``budget_s`` seconds. ``pause_s`` of sleep precedes
     every sample, so thread pools that spin after a call (GNU OpenMP, ONNX
-    Runtime) are asleep before another library's call starts.
+    Runtime) are asleep before another library's call starts; then one untimed
+    call wakes the sampled library's threads and the cores, since the first call
+    after the pause is slow whatever the library (64x1x256x256 in place: 0.5 ms
+    against 0.2 ms back to back), and would be the whole sample of a call longer
+    than ``block_s``.
     """
 
     min_samples: int = 5
@@ -79,6 +83,7 @@ def interleaved_medians(
                 break
             for key in active:
                 time.sleep(policy.pause_s)
+                fns[key]()
                 elapsed = _time_block(fns[key], calls[key])
                 samples[key].append(elapsed / calls[key])
                 spent[key] += elapsed
