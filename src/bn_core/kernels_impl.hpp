@@ -412,6 +412,28 @@ void plane_block_sums_contiguous(const char *x, int64_t len, typename E::acc shi
   s2_out = b;
 }
 
+// Chan's merge of the shifted sums Σ(x−K), Σ(x−K)² of n_b positions per channel
+// (rows of a block, blocks of a plane) into contiguous channels. Branch-free so the compiler
+// vectorizes it; n == 0 needs no case because a channel's mean is 0 until its
+// first merge. The shift follows the mean so later blocks stay well centred.
+template <class T, class K>
+void merge_shifted_sums(const T *s1, const T *s2, const K *k, double n_b, int64_t len,
+                        double *__restrict count, double *__restrict mean, double *__restrict m2,
+                        double *__restrict shift) {
+  const double inv_n_b = 1.0 / n_b;
+  for (int64_t j = 0; j < len; ++j) {
+    const double a = s1[j], b = s2[j];
+    const double mean_b = static_cast<double>(k[j]) + a * inv_n_b;
+    const double m2_b = b - a * a * inv_n_b;
+    const double total = count[j] + n_b;
+    const double delta = mean_b - mean[j];
+    mean[j] += delta * (n_b / total);
+    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * delta * (count[j] * n_b / total);
+    count[j] = total;
+    shift[j] = mean[j];
+  }
+}
+
 // Consecutive blocks of a plane that share one shift: their shifted sums add up,
 // so they merge once. Merging after every block made the next block's sums wait
 // for the merge's divisions (statistics of cached 56x56 planes took 1.2x as
@@ -427,12 +449,8 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
   double sum1 = 0, sum2 = 0, used = 0;  // this group's shifted sums
   int64_t blocks = 0;
   auto merge = [&] {
-    if (used > 0) {
-      const double m2 = sum2 - sum1 * sum1 / used;
-      chan_merge(s.count[c], s.mean[c], s.m2[c], used, static_cast<double>(shift) + sum1 / used,
-                 m2 > 0 ? m2 : 0.0);
-      s.shift[c] = s.mean[c];  // follow drift so later blocks stay well centred
-    }
+    if (used > 0)
+      merge_shifted_sums(&sum1, &sum2, &shift, used, 1, s.count + c, s.mean + c, s.m2 + c, s.shift + c);
     sum1 = sum2 = used = 0;
     blocks = 0;
   };
@@ -526,11 +544,7 @@ void row_sums_in_order(const char *x, int64_t len, const typename E::acc *shift,
 // AVX2, 8 the 32 of AVX-512, whose longer runs per row took (2048,2048)
 // statistics from the L3 0.30 -> 0.26 ms and (32,56,56,128) from memory
 // 1.77 -> 1.42 ms at 2 threads.
-#if defined(__AVX512F__)
-constexpr int kMomentsTileVectors = 8;
-#else
-constexpr int kMomentsTileVectors = 4;
-#endif
+constexpr int kMomentsTileVectors = kVecBytes >= 64 ? 8 : 4;
 
 // Rows whose lines a tile prefetches at its own channels while it walks the
 // current block: the next block's (0 rows: none).
@@ -579,28 +593,6 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
   for (int64_t r = 0; j < len && r < n_rows; ++r)
     row_accumulate<E, true, false>(rows[r] + j * E::size, E::size, nullptr, 0, len - j, shift + j,
                                    s1 + j, s2 + j, nullptr);
-}
-
-// Chan's merge of the shifted sums Σ(x−K), Σ(x−K)² of n_b rows into contiguous
-// channels, each of which saw every row. Branch-free so the compiler
-// vectorizes it; n == 0 needs no case because a channel's mean is 0 until its
-// first merge. The shift follows the mean so later blocks stay well centred.
-template <class T, class K>
-void merge_rows_sums(const T *s1, const T *s2, const K *k, double n_b, int64_t len,
-                     double *__restrict count, double *__restrict mean, double *__restrict m2,
-                     double *__restrict shift) {
-  const double inv_n_b = 1.0 / n_b;
-  for (int64_t j = 0; j < len; ++j) {
-    const double a = s1[j], b = s2[j];
-    const double mean_b = static_cast<double>(k[j]) + a * inv_n_b;
-    const double m2_b = b - a * a * inv_n_b;
-    const double total = count[j] + n_b;
-    const double delta = mean_b - mean[j];
-    mean[j] += delta * (n_b / total);
-    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * delta * (count[j] * n_b / total);
-    count[j] = total;
-    shift[j] = mean[j];
-  }
 }
 
 // One block of rows over channels [j0, j0 + len) of their segment.
@@ -693,8 +685,8 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   }
   if (!per_element_mask && !p.period && ps == 1) {
     if (rows_used > 0)
-      merge_rows_sums(s1, s2, k, rows_used, len, s.count + c_first, s.mean + c_first,
-                      s.m2 + c_first, s.shift + c_first);
+      merge_shifted_sums(s1, s2, k, rows_used, len, s.count + c_first, s.mean + c_first,
+                         s.m2 + c_first, s.shift + c_first);
     return;
   }
   for (int64_t j = 0; j < len; ++j) {
@@ -778,8 +770,8 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
           sum2[j] += static_cast<double>(s2[j]);
         }
       }
-      merge_rows_sums(sum1, sum2, k, static_cast<double>(r1 - r0), cl, s.count + c0, s.mean + c0,
-                      s.m2 + c0, s.shift + c0);
+      merge_shifted_sums(sum1, sum2, k, static_cast<double>(r1 - r0), cl, s.count + c0, s.mean + c0,
+                         s.m2 + c0, s.shift + c0);
     }
   }
 }
