@@ -555,9 +555,12 @@ struct rows_ahead {
   int64_t rows;
 };
 
-template <class E, int K>
+// rest_of_row(r) runs after the tile's vectors of row r (a walk in memory order
+// that handles the rest of each row; a no-op for tiles walking down rows).
+template <class E, int K, class Rest>
 void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const rows_ahead &next,
-                    const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
+                    const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2,
+                    Rest &&rest_of_row) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
   vec k[K], a[K], b[K];
@@ -575,6 +578,7 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
       a[q] += d;
       b[q] += d * d;
     }
+    rest_of_row(r);
   }
 #pragma GCC unroll 8
   for (int q = 0; q < K; ++q) {
@@ -589,11 +593,31 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
                           const typename E::acc *shift, typename E::acc *s1,
                           typename E::acc *s2) {
   const int64_t j = for_each_tile<kMomentsTileVectors, E::lanes>(len, [&](auto width, int64_t j0) {
-    rows_tile_sums<E, decltype(width)::count>(rows, n_rows, j0, next, shift, s1, s2);
+    rows_tile_sums<E, decltype(width)::count>(rows, n_rows, j0, next, shift, s1, s2, [](int64_t) {});
   });
   for (int64_t r = 0; j < len && r < n_rows; ++r)
     row_accumulate<E, true, false>(rows[r] + j * E::size, E::size, nullptr, 0, len - j, shift + j,
                                    s1 + j, s2 + j, nullptr);
+}
+
+// Rows from memory, wider than one tile, in memory order: the first tile's sums
+// stay in registers across the block's rows and the rest of each row goes
+// through the block sums in L1. With AVX-512 that took (64,56,56,256)
+// statistics at 2 threads from 9.4-11.7 to 7.6-10.2 ms (interleaved runs);
+// with AVX2 it was slower (8.0-9.0 -> 8.7-10.3 ms), so there whole rows go through L1.
+constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
+
+template <class E>
+void rows_sums_in_order(const char *const *rows, int64_t n_rows, int64_t len, const typename E::acc *shift,
+                        typename E::acc *s1, typename E::acc *s2) {
+  constexpr int64_t tile = kMomentsTileVectors * E::lanes;
+  if (!kInOrderTileInRegisters || len < tile) {
+    for (int64_t r = 0; r < n_rows; ++r) row_sums_in_order<E>(rows[r], len, shift, s1, s2);
+    return;
+  }
+  rows_tile_sums<E, kMomentsTileVectors>(rows, n_rows, 0, rows_ahead{}, shift, s1, s2, [&](int64_t r) {
+    row_sums_in_order<E>(rows[r] + tile * E::size, len - tile, shift + tile, s1 + tile, s2 + tile);
+  });
 }
 
 // One block of rows over channels [j0, j0 + len) of their segment.
@@ -732,9 +756,9 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
     r0 = nb;
   }
   const bool walks_in_order = len <= kMomentsTileVectors * E::lanes;
-  // Wider rows from memory go one at a time in memory order with their block
-  // sums in L1: (64,56,56,256) at 2 threads took 1.6x a plain read in tiles
-  // down the block's rows (prefetched), 1.5x this way.
+  // Wider rows from memory go one at a time in memory order
+  // (rows_sums_in_order): (64,56,56,256) at 2 threads took 1.6x a plain read in
+  // tiles down the block's rows (prefetched), 1.5x this way.
   const bool by_row = !walks_in_order && p.x_from == x_source::memory;
   // One channel chunk reads each row once: its super block need not fit L2, and
   // the merge (divisions per channel) then runs once per kSuperBlockMaxRows rows
@@ -763,7 +787,7 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
                               walks_in_order || p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb)};
         for (int64_t j = 0; j < cl; ++j) { s1[j] = 0; s2[j] = 0; }
         if (by_row)
-          for (int64_t r = 0; r < nb; ++r) row_sums_in_order<E>(rows[r], cl, k, s1, s2);
+          rows_sums_in_order<E>(rows, nb, cl, k, s1, s2);
         else
           rows_tile_accumulate<E>(rows, nb, cl, next, k, s1, s2);
         for (int64_t j = 0; j < cl; ++j) {
