@@ -450,8 +450,8 @@ class moments_state {
   // Partials laid out for p (no larger than the allocated plan), with what the
   // kernels accumulate into zeroed: count, mean, M2, shift and shift_ok. The
   // kernels set their run and block arrays before use; zeroing those as well
-  // (6 arrays of up to 2048 channels per thread) took most of a 1024-channel
-  // call's time.
+  // (6 arrays of up to 2048 channels per thread, and all of it twice) took a
+  // third of a one-row 1024-channel call (12.3 -> 8.3 µs without).
   void reset(const plan &p) {
     per_thread_ = layout(p);
     for (int32_t t = 0; t < threads_; ++t) {

@@ -603,8 +603,9 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
 // Rows from memory, wider than one tile, in memory order: the first tile's sums
 // stay in registers across the block's rows and the rest of each row goes
 // through the block sums in L1. With AVX-512 that took (64,56,56,256)
-// statistics at 2 threads from 9.4-11.7 to 7.6-10.2 ms (interleaved runs);
-// with AVX2 it was slower (8.0-9.0 -> 8.7-10.3 ms), so there whole rows go through L1.
+// statistics at 2 threads from 9.8-10.3 to 8.9-9.9 ms (interleaved, run in
+// either order); with AVX2 it was slower (8.0-9.0 -> 8.7-10.3 ms), so there
+// whole rows go through L1.
 constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
 
 template <class E>
