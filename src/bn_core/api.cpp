@@ -448,15 +448,15 @@ class moments_state {
   }
 
   // Partials laid out for p (no larger than the allocated plan), with what the
-  // kernels accumulate into zeroed: count, mean, M2, shift and shift_ok. The
-  // kernels set their run and block arrays before use; zeroing those as well
-  // (6 arrays of up to 2048 channels per thread, and all of it twice) took a
-  // third of a one-row 1024-channel call (12.3 -> 8.3 µs without).
+  // kernels accumulate into zeroed: the per-channel arrays and shift_ok. The
+  // kernels set their block arrays before use; zeroing those as well (6 arrays
+  // of up to 2048 channels per thread, and all of it twice) took a third of a
+  // one-row 1024-channel call (12.3 -> 8.3 µs without).
   void reset(const plan &p) {
     per_thread_ = layout(p);
     for (int32_t t = 0; t < threads_; ++t) {
       const moments_scratch s = thread(t);
-      std::fill(s.count, s.count + 4 * channels_, 0.0);  // count, mean, m2, shift
+      std::fill(s.count, s.count + kChannelArrays * channels_, 0.0);
       std::fill(s.shift_ok, s.shift_ok + channels_, uint8_t{0});
     }
     std::fill(shifts_missing_.begin(), shifts_missing_.end(), channels_);
@@ -465,8 +465,8 @@ class moments_state {
   moments_scratch thread(int32_t t) {
     double *base = buffer_.get() + per_thread_ * t;
     const int64_t C = channels_, L = block_;
-    double *block = base + 6 * C;
-    return moments_scratch{base, base + C, base + 2 * C, base + 3 * C, base + 4 * C, base + 5 * C,
+    double *block = base + kChannelArrays * C;
+    return moments_scratch{base, base + C, base + 2 * C, base + 3 * C, base + 4 * C, base + 5 * C, base + 6 * C,
                            reinterpret_cast<uint8_t *>(block + 6 * L),
                            &shifts_missing_[static_cast<size_t>(t)], block, block + L,
                            block + 2 * L, block + 3 * L, block + 4 * L, block + 5 * L};
@@ -487,12 +487,13 @@ class moments_state {
   }
 
  private:
+  static constexpr int64_t kChannelArrays = 7;  // count, mean, m2, shift, run_s1, run_s2, run_n
   static constexpr int64_t kBlockArrays = 6;
 
   int64_t layout(const plan &p) {
     channels_ = p.channels;
     block_ = p.inner_is_channel ? spaced_block_length(std::min(p.inner.n, kRowsChannelChunk)) : 0;
-    return 6 * channels_ + kBlockArrays * block_ + (channels_ + 7) / 8;
+    return kChannelArrays * channels_ + kBlockArrays * block_ + (channels_ + 7) / 8;
   }
 
   // A block array length of at least n doubles at which no two block arrays

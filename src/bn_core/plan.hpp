@@ -73,8 +73,9 @@ struct moments_scratch {
   double *mean;
   double *m2;
   double *shift;     // per-channel shift K of the shifted sums
-  double *run_s1;    // kind "rows x C": per-channel float64 sums of a super block of rows
-  double *run_s2;
+  double *run_s1;    // per-channel float64 shifted sums not merged yet: of a super block
+  double *run_s2;    // of rows (rows x C), of a channel's blocks across planes (planes x L)
+  double *run_n;     // planes x L: the positions those sums hold
   uint8_t *shift_ok; // 1 once shift holds a value of that channel
   int64_t *shifts_missing;  // channels whose shift_ok is still 0 (skips the check when 0)
   double *block_sum; // kind "rows x C": per-channel pre-pass sums
