@@ -362,13 +362,15 @@ void plane_block_sums(const char *x, int64_t xs, const uint8_t *m, int64_t ms, i
   n_out = Masked ? c : static_cast<double>(len);
 }
 
-// Σ(a + b) over the lanes in float64, pairwise: per lane in order it was a
-// chain of 2·lanes dependent adds per fold, a short plane's largest cost.
+// Σ over the lanes in float64, pairwise: per lane in order it was a chain of
+// dependent adds per fold, a short plane's largest cost. Callers add their two
+// chains' vectors first: one rounding in the compute type next to the chains'
+// own, for half the conversions.
 template <class V>
-double lane_sum(V a, V b) {
-  constexpr int n = sizeof(V) / sizeof(a[0]);
+double lane_sum(V v) {
+  constexpr int n = sizeof(V) / sizeof(v[0]);
   double d[n];
-  for (int l = 0; l < n; ++l) d[l] = static_cast<double>(a[l]) + static_cast<double>(b[l]);
+  for (int l = 0; l < n; ++l) d[l] = static_cast<double>(v[l]);
   // Unrolled into register operations: as loops, d stayed on the stack and the
   // halves' loads missed store forwarding (a 4 MB plane tensor's statistics from
   // the L3 took 1.3x as long).
@@ -377,6 +379,17 @@ double lane_sum(V a, V b) {
 #pragma GCC unroll 16
     for (int l = 0; l < w; ++l) d[l] += d[l + w];
   return d[0];
+}
+
+// v with only its last `rest` lanes kept: the vector that ends at a run's end,
+// whose first lanes the vectors before it summed already. A scalar tail cost
+// short planes (14x14 = 12 vectors + 4) a chain of dependent float64 adds each.
+template <class V>
+V last_lanes(V v, int64_t rest) {
+  constexpr int n = sizeof(V) / sizeof(v[0]);
+  V lane;
+  for (int l = 0; l < n; ++l) lane[l] = l;
+  return lane >= static_cast<decltype(v[0] + 0)>(n - rest) ? v : V{};
 }
 
 // The common case, contiguous and unmasked, in explicit vectors: two
@@ -403,7 +416,13 @@ void plane_block_sums_contiguous(const char *x, int64_t len, typename E::acc shi
     s2a += d * d;
     i += W;
   }
-  double a = lane_sum(s1a, s1b), b = lane_sum(s2a, s2b);
+  if (i < len && len >= W) {
+    const vec d = last_lanes(E::load_vec(x + (len - W) * E::size) - shift, len - i);
+    s1b += d;
+    s2b += d * d;
+    i = len;
+  }
+  double a = lane_sum(s1a + s1b), b = lane_sum(s2a + s2b);
   for (; i < len; ++i) {
     const double d = E::load(x + i * E::size) - shift;
     a += d;
@@ -1160,26 +1179,31 @@ void plane_grad_sums_contiguous(const char *x, const char *dy, int64_t len, type
                                 double &sum_dy_xhat) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes, block = plane_block<E>();
+  auto xhat = [&](int64_t at) { return ((E::load_vec(x + at * E::size) - mh) - ml) * invstd; };
   int64_t i = 0;
-  for (; i + 2 * W <= len;) {
-    const int64_t end = min_of(len, i + block) - 2 * W;
+  while (len >= W && i < len) {
+    const int64_t end = min_of(len, i + block);
     vec a0 = {}, a1 = {}, b0 = {}, b1 = {};
-    for (; i <= end; i += 2 * W) {
+    for (; i + 2 * W <= end; i += 2 * W) {
       const vec d0 = E::load_vec(dy + i * E::size), d1 = E::load_vec(dy + (i + W) * E::size);
-      const vec h0 = ((E::load_vec(x + i * E::size) - mh) - ml) * invstd;
-      const vec h1 = ((E::load_vec(x + (i + W) * E::size) - mh) - ml) * invstd;
-      a0 += d0; b0 += d0 * h0;
-      a1 += d1; b1 += d1 * h1;
+      a0 += d0; b0 += d0 * xhat(i);
+      a1 += d1; b1 += d1 * xhat(i + W);
     }
-    sum_dy += lane_sum(a0, a1);
-    sum_dy_xhat += lane_sum(b0, b1);
-  }
-  if (i + W <= len) {  // one more vector: short planes (14x14) spent much of their time in the tail
-    const vec d = E::load_vec(dy + i * E::size);
-    const vec h = ((E::load_vec(x + i * E::size) - mh) - ml) * invstd;
-    sum_dy += lane_sum(d, vec{});
-    sum_dy_xhat += lane_sum(d * h, vec{});
-    i += W;
+    // One more vector, then the one ending at the run's end (its lanes already
+    // summed dropped): short planes (14x14) spent much of their time in a scalar tail.
+    if (i + W <= end) {
+      const vec d = E::load_vec(dy + i * E::size);
+      a0 += d; b0 += d * xhat(i);
+      i += W;
+    }
+    if (i < end && end == len) {
+      const vec d = E::load_vec(dy + (len - W) * E::size);
+      a1 += last_lanes(d, len - i);
+      b1 += last_lanes(d * xhat(len - W), len - i);
+      i = len;
+    }
+    sum_dy += lane_sum(a0 + a1);
+    sum_dy_xhat += lane_sum(b0 + b1);
   }
   for (; i < len; ++i) {
     const double d = E::load(dy + i * E::size);
