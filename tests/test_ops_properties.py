@@ -430,6 +430,27 @@ def test_accuracy_on_long_drifting_planes(ref, threads, dtype, masked):
                                  + 1e-6 * np.sqrt(rvar))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels", [3, 16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_accuracy_on_few_channel_rows(ref, threads, channels, masked):
+    # R4.2 on channels-last rows of few channels, which the core folds into one run
+    # whose columns repeat the channels, at mean/std = 1e4; a mask per element makes
+    # every column of a channel count different positions.
+    cbn.set_num_threads(threads)
+    shape = (16, 40, 40, channels)
+    x = large_mean_data(1e4, shape)
+    mask = np.random.default_rng(3).random(shape) < 0.6 if masked else None
+    y, mean, var = ops.batch_norm_train(x, axis=-1, mask=mask, epsilon=1e-3)
+    rmean, rvar, _ = ref.moments(x, -1, mask)
+    np.testing.assert_array_less(np.abs(var.astype(np.float64) - rvar), 1e-6 * rvar)
+    np.testing.assert_array_less(np.abs(mean.astype(np.float64) - rmean), 2.0**-24 * np.abs(rmean)
+                                 + 1e-6 * np.sqrt(rvar))
+    y_ref = ref.normalize(x, rmean, rvar, None, None, -1, 1e-3)
+    err = np.abs(y.astype(np.float64) - y_ref)
+    assert np.all(err <= 4 * 2.0**-23 * np.maximum(1.0, np.abs(y_ref))), err.max()
+
+
 # ---------------------------------------------------------------------------- thread counts
 
 

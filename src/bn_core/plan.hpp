@@ -78,7 +78,7 @@ struct moments_scratch {
   double *run_n;     // planes x L: the positions those sums hold
   uint8_t *shift_ok; // 1 once shift holds a value of that channel
   int64_t *shifts_missing;  // channels whose shift_ok is still 0 (skips the check when 0)
-  double *block_sum; // kind "rows x C": per-channel pre-pass sums
+  double *block_sum; // kind "rows x C": per-channel pre-pass sums, then a block's folded sums
   double *block_cnt;
   void *block_s1;    // accumulator-typed (float for <=32-bit data, double for float64)
   void *block_s2;
