@@ -751,9 +751,9 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
     sum2[c] += s2[j];
     cnt[c] += cnt[j];  // counts of at most 2^16 positions: exact in float
   }
+  const double columns = p.period ? static_cast<double>(len / p.period) : 1.0;  // super rows hold whole periods
   for (int64_t j = 0; j < distinct; ++j) {
-    const int64_t columns = p.period ? len / p.period : 1;  // super rows hold whole periods
-    const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used * static_cast<double>(columns);
+    const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used * columns;
     if (n_b == 0) continue;
     const int64_t c = channel(j);
     const double a = sum1[j], b = sum2[j];
