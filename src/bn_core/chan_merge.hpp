@@ -1,6 +1,7 @@
 // Chan et al.'s pairwise merge of (count, mean, M2) summaries: exact to
-// rounding whatever the two parts' sizes and means. `static` on purpose: each
-// translation unit (portable and per-ISA) keeps its own private copy.
+// rounding whatever the two parts' sizes and means: the team's per-thread
+// partials (api.cpp; the kernels merge shifted sums with merge_shifted_sums).
+// `static` on purpose: no symbol shared between translation units.
 #ifndef BN_CORE_CHAN_MERGE_HPP
 #define BN_CORE_CHAN_MERGE_HPP
 

@@ -17,7 +17,6 @@
 #include <immintrin.h>
 #endif
 
-#include "chan_merge.hpp"
 #include "plan.hpp"
 
 namespace bn_core {
@@ -629,11 +628,12 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
 // whole rows go through L1.
 constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
 
+// Rows wider than one tile (the walk is only taken for those).
 template <class E>
 void rows_sums_in_order(const char *const *rows, int64_t n_rows, int64_t len, const typename E::acc *shift,
                         typename E::acc *s1, typename E::acc *s2) {
   constexpr int64_t tile = kMomentsTileVectors * E::lanes;
-  if (!kInOrderTileInRegisters || len < tile) {
+  if (!kInOrderTileInRegisters) {
     for (int64_t r = 0; r < n_rows; ++r) row_sums_in_order<E>(rows[r], len, shift, s1, s2);
     return;
   }
@@ -756,11 +756,7 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
     const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used * columns;
     if (n_b == 0) continue;
     const int64_t c = channel(j);
-    const double a = sum1[j], b = sum2[j];
-    const double m2 = b - a * a / n_b;
-    chan_merge(s.count[c], s.mean[c], s.m2[c], n_b, static_cast<double>(k[j]) + a / n_b,
-               m2 > 0 ? m2 : 0.0);
-    s.shift[c] = s.mean[c];
+    merge_shifted_sums(sum1 + j, sum2 + j, k + j, n_b, 1, s.count + c, s.mean + c, s.m2 + c, s.shift + c);
   }
 }
 
