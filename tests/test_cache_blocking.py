@@ -149,13 +149,15 @@ def test_rows_tiles_match_reference(ref, caches, shape, in_place):
 
 
 # Rows x C moments: rows one tile spans go in memory order; wider rows go in
-# tiles down blocks of rows, or one row at a time (sums in memory) when x comes
-# from memory. 255 channels leave a part tile and a scalar tail; 2100 channels
-# take two channel chunks (2048 + 52). The mean is 1e4 standard deviations for
+# tiles down blocks of rows, or one row at a time when x comes from memory (the
+# sums of a double-width tile in registers, where the row is that wide, the
+# rest in memory). 255 channels leave a part tile and a scalar tail; 256 float32
+# channels are one double-width tile exactly; 2100 channels take two channel
+# chunks (2048 + 52). The mean is 1e4 standard deviations for
 # float32/float64 (the shifted sums keep the variance accurate there).
 @pytest.mark.parametrize("caches", [None, (1024, 1 << 30), (1024, 2048)],
                          ids=["in-L2", "in-L3", "from-memory"])
-@pytest.mark.parametrize("shape", [(37, 255), (3, 5, 700), (40, 2100)])
+@pytest.mark.parametrize("shape", [(37, 255), (5, 9, 256), (3, 5, 700), (40, 2100)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16,
                                    np.dtype(ml_dtypes.bfloat16)])
 def test_rows_moments_match_reference(ref, caches, shape, dtype):

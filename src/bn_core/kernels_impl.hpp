@@ -584,7 +584,7 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
   vec k[K], a[K], b[K];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int q = 0; q < K; ++q) {
     k[q] = load_acc<E>(shift + j + q * W);
     a[q] = vec{};
@@ -592,7 +592,7 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
   }
   prefetch_rows<0>(next.first + j * E::size, next.step, next.rows, K * W * E::size);
   for (int64_t r = 0; r < n_rows; ++r) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int q = 0; q < K; ++q) {
       const vec d = E::load_vec(rows[r] + (j + q * W) * E::size) - k[q];
       a[q] += d;
@@ -600,7 +600,7 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
     }
     rest_of_row(r);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int q = 0; q < K; ++q) {
     const vec sum1 = load_acc<E>(s1 + j + q * W) + a[q], sum2 = load_acc<E>(s2 + j + q * W) + b[q];
     std::memcpy(s1 + j + q * W, &sum1, sizeof(vec));
@@ -620,26 +620,41 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
                                    s1 + j, s2 + j, nullptr);
 }
 
-// Rows from memory, wider than one tile, in memory order: the first tile's sums
-// stay in registers across the block's rows and the rest of each row goes
-// through the block sums in L1. With AVX-512 that took (64,56,56,256)
-// statistics at 2 threads from 9.8-10.3 to 8.9-9.9 ms (interleaved, run in
-// either order); with AVX2 it was slower (8.0-9.0 -> 8.7-10.3 ms), so there
-// whole rows go through L1.
+// Rows from memory, wider than one tile, in memory order: the sums of each
+// row's first vectors stay in registers across the block's rows and the rest of
+// each row goes through the block sums in L1. With AVX-512 that took
+// (64,56,56,256) statistics at 2 threads from 9.8-10.3 to 8.9-9.9 ms
+// (interleaved, run in either order); with AVX2 it was slower (8.0-9.0 ->
+// 8.7-10.3 ms), so there whole rows go through L1.
 constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
+
+// The register tile of that walk is twice a walking tile wide where the row
+// allows: 32 sums in the 32 registers (the shifts become memory operands, one
+// sum spills). Each row's stores to the block sums wait for its loads from
+// memory and filled the store queue: (64,56,56,256) statistics went 10.0-10.6 ->
+// 6.9-7.7 ms at 2 threads and 18.2-18.8 -> 9.2-9.8 ms at 1 (a read: 6.0-6.9).
+template <class E, int K>
+void rows_sums_in_order_from(const char *const *rows, int64_t n_rows, int64_t len,
+                             const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
+  constexpr int64_t tile = K * E::lanes;
+  rows_tile_sums<E, K>(rows, n_rows, 0, rows_ahead{}, shift, s1, s2, [&](int64_t r) {
+    if (len > tile)
+      row_sums_in_order<E>(rows[r] + tile * E::size, len - tile, shift + tile, s1 + tile, s2 + tile);
+  });
+}
 
 // Rows wider than one tile (the walk is only taken for those).
 template <class E>
 void rows_sums_in_order(const char *const *rows, int64_t n_rows, int64_t len, const typename E::acc *shift,
                         typename E::acc *s1, typename E::acc *s2) {
-  constexpr int64_t tile = kMomentsTileVectors * E::lanes;
+  constexpr int wide = 2 * kMomentsTileVectors;
   if (!kInOrderTileInRegisters) {
     for (int64_t r = 0; r < n_rows; ++r) row_sums_in_order<E>(rows[r], len, shift, s1, s2);
-    return;
+  } else if (len >= wide * E::lanes) {
+    rows_sums_in_order_from<E, wide>(rows, n_rows, len, shift, s1, s2);
+  } else {
+    rows_sums_in_order_from<E, kMomentsTileVectors>(rows, n_rows, len, shift, s1, s2);
   }
-  rows_tile_sums<E, kMomentsTileVectors>(rows, n_rows, 0, rows_ahead{}, shift, s1, s2, [&](int64_t r) {
-    row_sums_in_order<E>(rows[r] + tile * E::size, len - tile, shift + tile, s1 + tile, s2 + tile);
-  });
 }
 
 // One block of rows over channels [j0, j0 + len) of their segment.
@@ -792,7 +807,8 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
   const bool walks_in_order = len <= kMomentsTileVectors * E::lanes;
   // Wider rows from memory go one at a time in memory order
   // (rows_sums_in_order): (64,56,56,256) at 2 threads took 1.6x a plain read in
-  // tiles down the block's rows (prefetched), 1.5x this way.
+  // tiles down the block's rows (prefetched), 1.5x this way with 8 vectors' sums
+  // in registers, 1.1-1.2x with 16.
   const bool by_row = !walks_in_order && p.x_from == x_source::memory;
   // One channel chunk reads each row once: its super block need not fit L2, and
   // the merge (divisions per channel) then runs once per kSuperBlockMaxRows rows
