@@ -1366,8 +1366,14 @@ bool grad_contiguous(const plan &p) {
 // Σdy and Σdy·x̂ of unmasked contiguous rows x C: tiles of channels keep float
 // partial sums in registers over blocks of kRowBlock rows, folded into the
 // float64 sums per block (summed per element in float64 through memory, they
-// took 10 instructions per element).
-constexpr int kGradTileVectors = kVecBytes >= 64 ? 4 : 2;  // 5 registers per vector
+// took 10 instructions per element). A tile has 5 values per vector: with
+// AVX2, 2 vectors fit the 16 registers. With AVX-512, 16 vectors (256 float32
+// channels) put the sums in the 32 registers and the parameters become memory
+// operands; each tile walks as many channels as possible in memory order. With
+// 4 vectors, backward of (8,56,56,256) and (64,56,56,256) at 2 threads took
+// 1.35-1.5x as long (interleaved in either order), (2048,2048) and (256,1024)
+// the same.
+constexpr int kGradTileVectors = kVecBytes >= 64 ? 16 : 2;
 // Rows a backward tile walks before the next tile: a few streams, which the
 // prefetchers follow (tiles down 32-row blocks of 512-channel rows ran 3x
 // slower in the normalize).
@@ -1388,7 +1394,7 @@ void grad_rows_tile_sums(const char *x, const char *dy, int64_t x_row, int64_t d
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
   vec mh[K], ml[K], is[K], a[K], h[K];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int q = 0; q < K; ++q) {
     mh[q] = load_acc<E>(mean_hi + q * W);
     ml[q] = load_acc<E>(mean_lo + q * W);
@@ -1397,7 +1403,7 @@ void grad_rows_tile_sums(const char *x, const char *dy, int64_t x_row, int64_t d
     h[q] = vec{};
   }
   for (int64_t r = 0; r < n_rows; ++r) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int q = 0; q < K; ++q) {
       const vec d = E::load_vec(dy + r * d_row + q * W * E::size);
       a[q] += d;
@@ -1468,7 +1474,7 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
   constexpr int64_t W = E::lanes;
   auto param = [c](const void *p, int q) { return load_acc<E>(static_cast<const acc *>(p) + c + q * W); };
   vec mh[K], ml[K], ds[K], xc[K], sh[K];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int q = 0; q < K; ++q) {
     mh[q] = param(b.mean_hi, q);
     ml[q] = param(b.mean_lo, q);
@@ -1477,7 +1483,7 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
     sh[q] = param(b.shift, q);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int q = 0; q < K; ++q) {
       const int64_t at = q * W * E::size;
       const vec centred = (E::load_vec(x + r * x_row + at) - mh[q]) - ml[q];
