@@ -632,7 +632,7 @@ constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
 // allows: 32 sums in the 32 registers (the shifts become memory operands, one
 // sum spills). Each row's stores to the block sums wait for its loads from
 // memory and filled the store queue: (64,56,56,256) statistics went 10.0-10.6 ->
-// 6.9-7.7 ms at 2 threads and 18.2-18.8 -> 9.2-9.8 ms at 1 (a read: 6.0-6.9).
+// 6.2-7.7 ms at 2 threads and 18.2-18.8 -> 9.2-9.8 ms at 1 (a read: 4.2-6.9).
 template <class E, int K>
 void rows_sums_in_order_from(const char *const *rows, int64_t n_rows, int64_t len,
                              const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
