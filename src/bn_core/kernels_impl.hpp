@@ -1371,7 +1371,7 @@ bool grad_contiguous(const plan &p) {
 // channels) put the sums in the 32 registers and the parameters become memory
 // operands; each tile walks as many channels as possible in memory order. With
 // 4 vectors, backward of (8,56,56,256) and (64,56,56,256) at 2 threads took
-// 1.35-1.5x as long (interleaved in either order), (2048,2048) and (256,1024)
+// 1.3-1.55x as long (interleaved in either order), (2048,2048) and (256,1024)
 // the same.
 constexpr int kGradTileVectors = kVecBytes >= 64 ? 16 : 2;
 // Rows a backward tile walks before the next tile: a few streams, which the
