@@ -171,3 +171,27 @@ def test_rows_moments_match_reference(ref, caches, shape, dtype):
     finally:
         cbn.set_cache_sizes()
     ref.assert_stats_close(mean, var, x, -1)
+
+
+# Rows of few channels are folded into one run that repeats the channels; its
+# statistics walk super rows, sum each position over super blocks of up to 1024
+# super rows, and add up a channel's positions before each merge (R4.2). 150001
+# rows give each thread more than one super block and leave a rest shorter than
+# a super row; the mean drifts along the rows, so the shift must follow it.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels", [1, 3, 5, 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16,
+                                   np.dtype(ml_dtypes.bfloat16)])
+def test_folded_rows_moments_match_reference(ref, threads, channels, dtype):
+    rng = np.random.default_rng(channels)
+    rows = 150001
+    wide = dtype in (np.float32, np.float64)
+    centre = rng.uniform(-3e4, 3e4, channels) if wide else rng.uniform(-40.0, 40.0, channels)
+    drift = np.linspace(0.0, 120.0 if wide else 4.0, rows)[:, None]
+    x = (centre + drift + rng.normal(0.0, 3.0, (rows, channels))).astype(dtype)
+    cbn.set_num_threads(threads)
+    try:
+        mean, var = cbn.ops.moments(x, axis=-1)
+    finally:
+        cbn.set_num_threads(0)
+    ref.assert_stats_close(mean, var, x, -1)

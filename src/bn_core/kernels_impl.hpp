@@ -431,6 +431,17 @@ void plane_block_sums_contiguous(const char *x, int64_t len, typename E::acc shi
   s2_out = b;
 }
 
+// Sums of a folded super row's positions added up per channel: out[c] for
+// c < period gets the positions j = c (mod period) of in[0, len). out may be in.
+template <class T, class U>
+void fold_positions(const T *in, int64_t len, int64_t period, U *out) {
+  for (int64_t c = 0; c < period; ++c) out[c] = in[c];
+  for (int64_t j = period, c = 0; j < len; ++j) {  // c = j % period, counted (no division per position)
+    out[c] += in[j];
+    if (++c == period) c = 0;
+  }
+}
+
 // Chan's merge of the shifted sums Σ(x−K), Σ(x−K)² of n_b positions per channel
 // (rows of a block, blocks of a plane) into contiguous channels. Branch-free so the compiler
 // vectorizes it; n == 0 needs no case because a channel's mean is 0 until its
@@ -756,16 +767,9 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
   // per column chained 64 merges per channel and block at 3 channels, and the
   // statistics of (32,224,224,3) took 1.2-1.4x as long).
   double *sum1 = s.block_sum, *sum2 = s.block_cnt;
-  for (int64_t j = 0; j < distinct; ++j) {
-    sum1[j] = s1[j];
-    sum2[j] = s2[j];
-  }
-  for (int64_t j = distinct; j < len; ++j) {  // only folded rows have more columns than channels
-    const int64_t c = j % p.period;
-    sum1[c] += s1[j];
-    sum2[c] += s2[j];
-    cnt[c] += cnt[j];  // counts of at most 2^16 positions: exact in float
-  }
+  fold_positions(s1, len, distinct, sum1);  // only folded rows have more columns than channels
+  fold_positions(s2, len, distinct, sum2);
+  fold_positions(cnt, len, distinct, cnt);  // counts of at most 2^16 positions: exact in float
   const double columns = p.period ? static_cast<double>(len / p.period) : 1.0;  // super rows hold whole periods
   for (int64_t j = 0; j < distinct; ++j) {
     const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used * columns;
@@ -780,7 +784,9 @@ void rows_block_moments(const plan &p, const char *const *rows_begin,
 // merge runs once per super block (per 32-row block it cost more than the
 // sums). A super block is bounded in bytes so that its channel chunks are
 // re-read from L2. The run's first block goes through rows_block_moments while
-// shifts are missing (their two-pass start).
+// shifts are missing (their two-pass start). The rows of a folded plan are its
+// super rows (len a multiple of the period, within one channel chunk): each
+// position sums on its own, and the positions of a channel add up before the merge.
 constexpr int64_t kSuperBlockBytes = 256 * 1024;
 constexpr int64_t kSuperBlockMaxRows = 1024;
 
@@ -821,9 +827,12 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
     const int64_t r1 = min_of(n_rows, r0 + super_rows);
     for (int64_t j0 = 0; j0 < len; j0 += kChannelChunk) {
       const int64_t cl = min_of(kChannelChunk, len - j0), c0 = c_first + j0;
-      double *__restrict sum1 = s.run_s1 + c0, *__restrict sum2 = s.run_s2 + c0;
+      const int64_t distinct = p.period ? p.period : cl;
+      double *__restrict sum1 = p.period ? s.block_sum : s.run_s1 + c0;
+      double *__restrict sum2 = p.period ? s.block_cnt : s.run_s2 + c0;
+      for (int64_t j = 0; j < distinct; ++j) k[j] = static_cast<acc>(s.shift[c0 + j]);
+      for (int64_t j = distinct; j < cl; ++j) k[j] = k[j - distinct];
       for (int64_t j = 0; j < cl; ++j) {
-        k[j] = static_cast<acc>(s.shift[c0 + j]);
         sum1[j] = 0;
         sum2[j] = 0;
       }
@@ -845,8 +854,12 @@ void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_row
           sum2[j] += static_cast<double>(s2[j]);
         }
       }
-      merge_shifted_sums(sum1, sum2, k, static_cast<double>(r1 - r0), cl, s.count + c0, s.mean + c0,
-                         s.m2 + c0, s.shift + c0);
+      if (p.period) {
+        fold_positions(sum1, cl, distinct, s.run_s1 + c0);
+        fold_positions(sum2, cl, distinct, s.run_s2 + c0);
+      }
+      merge_shifted_sums(s.run_s1 + c0, s.run_s2 + c0, k, static_cast<double>((r1 - r0) * (cl / distinct)),
+                         distinct, s.count + c0, s.mean + c0, s.m2 + c0, s.shift + c0);
     }
   }
 }
@@ -882,6 +895,10 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
     return;
   }
   const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
+  // A folded plan walks super rows that one tile spans, so that it walks them in
+  // memory order: in two tiles, super rows of fold_len = 192 at 3 channels took
+  // 1.3x as long at 1 thread.
+  const int64_t row = p.period ? folded_row<E>(p, kMomentsTileVectors * E::lanes) : 0;
   if (!mask && !p.period && xs == E::size && p.inner.p_stride == 1) {
     for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
                                                    const loop_dim &step) {
@@ -890,11 +907,18 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
     });
     return;
   }
-  // Other rows x C: gather up to kRowBlock consecutive rows sharing channels and length
-  // (for a folded plan, super rows that one tile spans, so that it walks them in
-  // memory order: in two tiles, super rows of fold_len = 192 at 3 channels took
-  // 1.3x as long at 1 thread).
-  const int64_t row = p.period ? folded_row<E>(p, kMomentsTileVectors * E::lanes) : 0;
+  if (!mask && p.period && xs == E::size) {
+    const uint8_t *no_mask[1] = {};
+    for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
+      const char *x = p.x + cur.x_off + seg.begin * xs;
+      const int64_t whole = seg.len / row, done = whole * row;
+      if (whole) rows_moments_run<E>(p, x, row * xs, whole, cur.p_off, row, s);
+      const char *rest[1] = {x + done * xs};
+      if (done < seg.len) rows_block_moments<E>(p, rest, no_mask, 1, cur.p_off, 0, seg.len - done, s);
+    });
+    return;
+  }
+  // Other rows x C: gather up to kRowBlock consecutive rows sharing channels and length.
   const char *rows_x[kRowBlock];
   const uint8_t *rows_m[kRowBlock];
   int64_t n_rows = 0, block_p = 0, block_len = 0;
