@@ -55,6 +55,10 @@ def moments(x, axis, mask=None):
     used = full_mask(mask, x64.shape)
     n = used.sum(axis=red, keepdims=True)
     mean = np.where(used, x64, 0.0).sum(axis=red, keepdims=True) / np.maximum(n, 1)
+    # A second pass corrects the mean: a plain float64 sum over strided axes is off
+    # by up to ~n ulps (a constant 0.37 over 294 positions gave a mean 26 ulps off
+    # and a variance of 8e-30 instead of 0).
+    mean = mean + np.where(used, x64 - mean, 0.0).sum(axis=red, keepdims=True) / np.maximum(n, 1)
     m2 = np.where(used, (x64 - mean) ** 2, 0.0).sum(axis=red, keepdims=True)
     var = np.where(n > 0, m2 / np.maximum(n, 1), 0.0)
     mean = np.where(n > 0, mean, 0.0)
