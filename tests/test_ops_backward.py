@@ -113,6 +113,24 @@ def test_layouts_against_closed_form(shape, axes, masked, training):
     check_against_closed_form(x, dy, gamma, axes, mask, training, np.float32)
 
 
+# Rows of a few channels fold into one run that repeats the channels; unmasked, the
+# backward walks it as super rows in register tiles, each thread's part ending in a
+# rest shorter than a super row (40001 rows).
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels", [3, 5, 16])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, BF16])
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_rows_against_closed_form(threads, channels, dtype, training):
+    """R15 on channels-last rows of few channels."""
+    rng = np.random.default_rng(channels)
+    x, dy, gamma, _ = make_case(rng, (40001, channels), (1,), dtype, masked=False)
+    cbn.set_num_threads(threads)
+    try:
+        check_against_closed_form(x, dy, gamma, (1,), None, training, dtype)
+    finally:
+        cbn.set_num_threads(0)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, BF16])
 @pytest.mark.parametrize("shape,axes", [((8, 5, 6, 64), (3,)), ((8, 64, 5, 6), (1,))])
 def test_dtypes(dtype, shape, axes):

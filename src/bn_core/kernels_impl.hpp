@@ -297,6 +297,29 @@ void for_each_rows_run(const plan &p, int64_t item_begin, int64_t item_end, F &&
   });
 }
 
+// for_each_rows_run, or for a folded plan each line segment as a run of super
+// rows of `row` elements (a divisor of fold_len, so that position j of every
+// super row has parameter j: the offsets keep p_off) and its rest, shorter than
+// a row, as a lone row.
+template <class F>
+void for_each_rows_or_super_rows_run(const plan &p, int64_t item_begin, int64_t item_end, int64_t row, F &&f) {
+  if (!p.period) {
+    for_each_rows_run(p, item_begin, item_end, f);
+    return;
+  }
+  const loop_dim &in = p.inner;
+  const loop_dim along{0, in.x_stride, in.y_stride, in.m_stride, 0, in.d_stride};
+  const loop_dim step{0, row * in.x_stride, row * in.y_stride, row * in.m_stride, 0, row * in.d_stride};
+  for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
+    line_offsets at = cur;
+    at.advance(along, seg.begin);
+    const int64_t whole = seg.len / row, done = whole * row;
+    if (whole) f(static_cast<const line_offsets &>(at), segment{0, row}, whole, step);
+    at.advance(along, done);
+    if (done < seg.len) f(static_cast<const line_offsets &>(at), segment{0, seg.len - done}, int64_t{1}, loop_dim{});
+  });
+}
+
 // Calls f(offsets, segment) per line segment, in memory order.
 template <class F>
 void for_each_item(const plan &p, int64_t item_begin, int64_t item_end, F &&f) {
@@ -899,22 +922,11 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
   // memory order: in two tiles, super rows of fold_len = 192 at 3 channels took
   // 1.3x as long at 1 thread.
   const int64_t row = p.period ? folded_row<E>(p, kMomentsTileVectors * E::lanes) : 0;
-  if (!mask && !p.period && xs == E::size && p.inner.p_stride == 1) {
-    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
-                                                   const loop_dim &step) {
+  if (!mask && xs == E::size && p.inner.p_stride == 1) {
+    for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
+                                                                      int64_t n_rows, const loop_dim &step) {
       rows_moments_run<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, n_rows,
                           cur.p_off + seg.begin, seg.len, s);
-    });
-    return;
-  }
-  if (!mask && p.period && xs == E::size) {
-    const uint8_t *no_mask[1] = {};
-    for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
-      const char *x = p.x + cur.x_off + seg.begin * xs;
-      const int64_t whole = seg.len / row, done = whole * row;
-      if (whole) rows_moments_run<E>(p, x, row * xs, whole, cur.p_off, row, s);
-      const char *rest[1] = {x + done * xs};
-      if (done < seg.len) rows_block_moments<E>(p, rest, no_mask, 1, cur.p_off, 0, seg.len - done, s);
     });
     return;
   }
@@ -1470,9 +1482,10 @@ template <class E>
 void backward_sums_items(const plan &p, int64_t item_begin, int64_t item_end,
                          const backward_params &b, const backward_scratch &s) {
   const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
-  if (contig && !masked && p.inner_is_channel && !p.period) {
-    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
-                                                   const loop_dim &step) {
+  if (contig && !masked && p.inner_is_channel) {
+    const int64_t row = folded_row<E>(p, kGradTileVectors * E::lanes);
+    for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
+                                                                      int64_t n_rows, const loop_dim &step) {
       grad_rows_sums<E>(p, grad_segment_at(p, cur, seg), step, n_rows, b, s);
     });
     return;
@@ -1543,9 +1556,10 @@ template <class E>
 void backward_apply_items(const plan &p, int64_t item_begin, int64_t item_end,
                           const backward_params &b) {
   const bool contig = grad_contiguous<E>(p), masked = p.mask != nullptr;
-  if (contig && !masked && p.inner_is_channel && !p.period) {
-    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
-                                                   const loop_dim &step) {
+  if (contig && !masked && p.inner_is_channel) {
+    const int64_t row = folded_row<E>(p, kGradTileVectors * E::lanes);
+    for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
+                                                                      int64_t n_rows, const loop_dim &step) {
       grad_rows_apply<E>(p, grad_segment_at(p, cur, seg), step, n_rows, b);
     });
     return;
