@@ -1193,9 +1193,11 @@ template <class E>
 void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
   const int64_t xs = p.inner.x_stride, ys = p.inner.y_stride, ps = p.inner.p_stride;
   const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1);
-  if (contig && p.inner_is_channel && !p.period) {
-    for_each_rows_run(p, item_begin, item_end, [&](const line_offsets &cur, segment seg, int64_t n_rows,
-                                                   const loop_dim &step) {
+  if (contig && p.inner_is_channel) {  // folded plans are contiguous
+    // A folded plan's longest super row that one tile spans walks in order.
+    const int64_t row = folded_row<E>(p, kNormalizeTileVectors * E::lanes);
+    for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
+                                                                      int64_t n_rows, const loop_dim &step) {
       normalize_rows<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, p.y + cur.y_off + seg.begin * ys,
                         step.y_stride, n_rows, seg.len, a, cur.p_off + seg.begin);
     });
@@ -1205,14 +1207,6 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
   for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
-    if (p.period) {
-      // The longest super row that one tile spans walks in order.
-      const int64_t row = folded_row<E>(p, kNormalizeTileVectors * E::lanes);
-      const int64_t whole = seg.len / row, done = whole * row;
-      normalize_rows<E>(p, x, row * xs, y, row * ys, whole, row, a, 0);
-      if (done < seg.len) normalize_rows<E>(p, x + done * xs, 0, y + done * ys, 0, 1, seg.len - done, a, 0);
-      return;
-    }
     const int64_t c0 = cur.p_off + (p.inner_is_channel ? seg.begin * ps : 0);
     if (contig) normalize_segment<E, true>(p, x, y, c0, seg.len, a);
     else normalize_segment<E, false>(p, x, y, c0, seg.len, a);
