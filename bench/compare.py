@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="libraries not to run: torch,onnxruntime,tensorflow,keras,numpy,limit")
     p.add_argument("--import-timeout", type=float, default=120.0,
                    help="seconds TensorFlow may take to import before it is skipped")
+    p.add_argument("--against", type=Path, default=None,
+                   help="the installed cbn package directory of another build, timed "
+                        "interleaved with this one (columns prev-*, speed-ups xprev-*)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="Markdown report")
     args = p.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = select_cases(args.cases, args.quick)
     monitor, start = LoadMonitor(), time.monotonic()
 
-    libraries, skipped = load_libraries(args.skip, args.import_timeout)
+    libraries, skipped = load_libraries(args.skip, args.import_timeout, args.against)
     setup = setup_lines(libraries, skipped)
     print("\n".join(setup), flush=True)
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +82,10 @@ COLUMNS: tuple[Column, ...] = (
            "`keras.layers.BatchNormalization` layer call (TensorFlow backend), eager; "
            "not on backward rows",
            baseline="cbn-layer"),
+    *(Column(f"prev-{kind}", "cbn-previous", output,
+             f"`--against`'s cbn build, the same call as `cbn-{kind}`", baseline=f"cbn-{kind}")
+      for kind, output in (("ip", "in-place"), ("out", "out="), ("new", "fresh"),
+                           ("layer", "fresh"))),
     Column("numpy", "numpy", "fresh",
            "NumPy reference: `x*a + b` (train: `x.mean`, `x.var` first); always 1 thread; "
            "not on backward rows",
@@ -133,6 +138,10 @@ class CbnLibrary(Library):
         return layer
 
     def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
+        return self._calls(data, mode)
+
+    def _calls(self, data: CaseData, mode: str) -> dict[str, Call]:
+        """The timed calls, keyed by the ``cbn-*`` columns."""
         ops, x, out, layer = self.cbn.ops, data.x, data.out, self._layer(data)
         kw = {"gamma": data.gamma, "beta": data.beta, "axis": data.case.channel_axis,
               "epsilon": EPSILON}
@@ -161,12 +170,44 @@ class CbnLibrary(Library):
         }
 
     def overhead_calls(self, data: CaseData) -> dict[str, Call]:
-        calls = self.bind(data, "infer")
+        calls = self._calls(data, "infer")
         return {
             "cbn.ops.batch_normalization": calls["cbn-new"],
             "cbn.ops.batch_normalization(out=y)": calls["cbn-out"],
             "cbn.BatchNormalization (training=False)": calls["cbn-layer"],
         }
+
+
+class PreviousCbnLibrary(CbnLibrary):
+    """Another build of cbn (``--against``: the directory of its installed ``cbn``
+    package), imported under its own name beside the current one, so that the two
+    builds are sampled interleaved in one process. Its columns are ``prev-*``."""
+
+    name = "cbn-previous"
+
+    def __init__(self, package_dir: Path) -> None:
+        init = package_dir / "__init__.py"
+        if not init.is_file():
+            raise Unavailable(f"--against {package_dir}: no cbn package there (no __init__.py)")
+        spec = importlib.util.spec_from_file_location(
+            "cbn_previous", init, submodule_search_locations=[str(package_dir)])
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cbn_previous"] = module
+        spec.loader.exec_module(module)
+        self.cbn = module
+        self.package_dir = package_dir
+
+    def version(self) -> str:
+        return f"{self.cbn.__version__} from {self.package_dir}"
+
+    def bind(self, data: CaseData, mode: str) -> dict[str, Call]:
+        return {key.replace("cbn-", "prev-"): call
+                for key, call in super().bind(data, mode).items()}
+
+    def overhead_calls(self, data: CaseData) -> dict[str, Call]:
+        return {f"previous {label}": call
+                for label, call in super().overhead_calls(data).items()}
 
 
 # -------------------------------------------------------------------------- torch
@@ -485,10 +526,17 @@ def _load(make: Callable[[], Library]) -> Library | str:
         return f"import failed: {err}"
 
 
-def load_libraries(skip: set[str], import_timeout: float) -> tuple[list[Library], dict[str, str]]:
-    """cbn first, then every peer that loads; ``skipped`` maps a name to the reason."""
+def load_libraries(skip: set[str], import_timeout: float, against: Path | None = None,
+                   ) -> tuple[list[Library], dict[str, str]]:
+    """cbn first, then every peer that loads (with ``against``, another cbn build
+    first among them); ``skipped`` maps a name to the reason."""
     libraries: list[Library] = [CbnLibrary()]
     skipped: dict[str, str] = {}
+    if against is not None:
+        previous = _load(lambda: PreviousCbnLibrary(against))
+        if isinstance(previous, str):
+            raise SystemExit(previous)
+        libraries.append(previous)
 
     def loaded_tensorflow() -> TensorFlowLibrary | None:
         return next((lib for lib in libraries if isinstance(lib, TensorFlowLibrary)), None)
