@@ -585,3 +585,40 @@ def version():
 
 def build_info():
     return bn_build_info().decode()
+
+
+# ---- team of threads under contention (appended in one piece) -----------------------
+
+cdef extern from "bn_core/bn_core.h" nogil:
+    ctypedef enum bn_team_policy:
+        BN_TEAM_ADAPTIVE
+        BN_TEAM_FULL
+        BN_TEAM_CALLER_ONLY
+    ctypedef struct bn_team_state:
+        bn_team_policy policy
+        double caller_only_ms
+        int64_t parallel_calls
+        int64_t late_calls
+        int64_t caller_only_calls
+    bn_status bn_set_team_policy(bn_team_policy policy)
+    void bn_get_team_state(bn_team_state *state)
+
+_TEAM_POLICIES = {"adaptive": BN_TEAM_ADAPTIVE, "full": BN_TEAM_FULL,
+                  "caller_only": BN_TEAM_CALLER_ONLY}
+
+
+def set_team_policy(str name):
+    """'adaptive' (default), 'full' (always the whole team) or 'caller_only'."""
+    if name not in _TEAM_POLICIES:
+        raise ValueError(f"team policy must be one of {sorted(_TEAM_POLICIES)}; received {name!r}")
+    check(bn_set_team_policy(_TEAM_POLICIES[name]))
+
+
+def team_state():
+    """The team policy, ms left on the caller alone, and the call counters."""
+    cdef bn_team_state s
+    bn_get_team_state(&s)
+    names = {v: k for k, v in _TEAM_POLICIES.items()}
+    return {"policy": names[s.policy], "caller_only_ms": s.caller_only_ms,
+            "parallel_calls": s.parallel_calls, "late_calls": s.late_calls,
+            "caller_only_calls": s.caller_only_calls}

@@ -158,6 +158,34 @@ BN_API const char *bn_version(void);
 /* Compiler and OpenMP the library was built with, e.g. "GCC 12.2.0; OpenMP 201511". */
 BN_API const char *bn_build_info(void);
 
+/* How many threads a call actually runs on. Work is cut into as many parts as
+ * bn_get_num_threads() allows (so results depend on that number only); the
+ * calling thread does every part no helper has started. When a helper had not
+ * started by the time the caller had done all the work (another process had its
+ * core), later calls run on the caller alone for 10 ms, doubling up to 1 s while
+ * probes find helpers late again. BN_TEAM_ADAPTIVE is the default;
+ * BN_TEAM_FULL always wakes the whole team, BN_TEAM_CALLER_ONLY never does.
+ * Results are bitwise the same under every policy. */
+typedef enum bn_team_policy {
+  BN_TEAM_ADAPTIVE = 0,
+  BN_TEAM_FULL = 1,
+  BN_TEAM_CALLER_ONLY = 2
+} bn_team_policy;
+
+typedef struct bn_team_state {
+  bn_team_policy policy;
+  double caller_only_ms;      /* time left running on the caller alone (0: team in use) */
+  int64_t parallel_calls;     /* calls run on a team of threads */
+  int64_t late_calls;         /* of those, calls where a helper started after all work was done */
+  int64_t caller_only_calls;  /* calls that could use a team but ran on the caller alone */
+} bn_team_state;
+
+/* Sets the policy and forgets late helpers seen so far; BN_ERR_VALUE for an
+ * unknown policy. */
+BN_API bn_status bn_set_team_policy(bn_team_policy policy);
+/* Counters are process-wide, since the library was loaded. */
+BN_API void bn_get_team_state(bn_team_state *state);
+
 #ifdef __cplusplus
 }
 #endif
