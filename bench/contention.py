@@ -150,7 +150,7 @@ def per_call_table(libraries, cases, args, policy) -> list[str]:
 
 
 def callers_table(libraries, cases, args) -> list[str]:
-    lines = [f"| case | layout | mode | " + " | ".join(
+    lines = ["| case | layout | mode | " + " | ".join(
         f"{lib.name} 1 thr/caller calls/s | {lib.name} 2 thr/caller calls/s | {lib.name} 2/1"
         for lib in libraries) + " |", "|" + "---|" * (3 + 3 * len(libraries))]
     for case in cases:

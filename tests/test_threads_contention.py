@@ -41,8 +41,7 @@ def all_results(x: np.ndarray, dy: np.ndarray, axis: int, mask) -> list[np.ndarr
 
 
 def assert_bitwise(a: list[np.ndarray], b: list[np.ndarray]) -> None:
-    assert len(a) == len(b)
-    for u, w in zip(a, b):
+    for u, w in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(w), strict=True)
 
 
@@ -149,3 +148,15 @@ def test_calls_finish_and_agree_while_a_busy_process_competes():
             hog.wait()
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_contention_benchmark_runs_and_cleans_up():
+    # The smoke run bench/README.md documents: every scenario, both libraries.
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "contention.py")
+    done = subprocess.run([sys.executable, bench, "--quick", "--cases", "256x1024",
+                           "--modes", "infer"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for scenario in ("| idle | 256x1024", "| busy | 256x1024", "| 256x1024 | NC | infer"):
+        assert scenario in done.stdout
+    assert "after 200 2-thread training calls" in done.stdout
+

@@ -10,8 +10,9 @@
 // The end of an OpenMP parallel region still waits for every member, even one
 // the OS has not run yet (another process has its core). So a call notes
 // whether a helper was late: it had not even started by the time the caller
-// had done all the work, or the caller had to sleep waiting for a phase, or to
-// wait over 100 us at the end of the region. After such a call the following
+// had done all the work, or the caller had to sleep waiting for a phase, or
+// waited over 100 us in all at the start and end of the region (the start
+// waits for every helper of the previous region to be back in the pool). After such a call the following
 // calls run on the caller alone for a while (10 ms, doubling while probes find
 // helpers late again, up to 1 s).
 // Between phases members wait for each other with a short spin, then sleep,
@@ -41,7 +42,7 @@ void record_team_call(bool late);
 int64_t now_ns();  // a monotonic clock
 // Set by phase_flag::wait when the calling thread had to sleep.
 extern thread_local bool slept_in_phase_wait;
-constexpr int64_t kLateJoinNs = 100'000;
+constexpr int64_t kLateStartEndNs = 100'000;
 void record_serial_call();
 // False for a value that is no bn_team_policy.
 bool set_team_policy(int32_t policy);
@@ -95,19 +96,21 @@ void run_team(int32_t slots, F &&body) {
   if (threads > 1) {
     std::atomic<int32_t> started{1};
     bool late = false;
-    int64_t caller_done_ns = 0;
+    int64_t caller_work_ns = 0;
     slept_in_phase_wait = false;
+    const int64_t region_start_ns = now_ns();
 #pragma omp parallel num_threads(threads)
     {
       const int32_t t = omp_get_thread_num(), team = omp_get_num_threads();
+      const int64_t work_start_ns = t ? 0 : now_ns();
       if (t) started.fetch_add(1, std::memory_order_relaxed);
       body(t, team);
       if (t == 0) {
         late = started.load(std::memory_order_relaxed) < team || slept_in_phase_wait;
-        caller_done_ns = now_ns();
+        caller_work_ns = now_ns() - work_start_ns;
       }
     }
-    record_team_call(late || now_ns() - caller_done_ns > kLateJoinNs);
+    record_team_call(late || now_ns() - region_start_ns - caller_work_ns > kLateStartEndNs);
     return;
   }
   if (slots > 1) record_serial_call();
