@@ -25,6 +25,7 @@ from ._keras_objects import (
     INITIALIZERS,
     REGULARIZERS,
     DTypePolicy,
+    check_config_mapping,
     construct_from_config,
     get_policy,
     real_number,
@@ -643,7 +644,7 @@ class BatchNormalization:
             _core.backward_apply(grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, total)
             sum_dy, sum_dy_xhat = np.split(local, 3)[1:]
         # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
-        per_channel = (-1, self._channels)
+        per_channel = (view.ghosts, self._channels)  # -1 cannot be inferred when C = 0
         sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
         sum_dy_xhat = sum_dy_xhat.reshape(per_channel).sum(axis=0)
         per_weight = {
@@ -869,6 +870,7 @@ class BatchNormalization:
         """A layer from :meth:`get_config`'s output, from Keras 3's or tf.keras 2's
         ``BatchNormalization.get_config()``, or from a whole serialized layer
         (``{"class_name": "BatchNormalization", "config": {...}, ...}``)."""
+        check_config_mapping(config, cls.__name__)
         if "class_name" in config and isinstance(config.get("config"), Mapping):
             config = config["config"]
         kwargs = {k: v for k, v in config.items() if k not in _SHAPE_HINT_KEYS}

@@ -13,6 +13,9 @@
 #include <vector>
 
 #include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -36,6 +39,15 @@ namespace {
 thread_local std::string last_error;
 std::atomic<int32_t> thread_override{0};  // 0: OpenMP's default
 std::atomic<int32_t> isa_choice{-1};      // -1: not chosen yet
+
+#if defined(__unix__) || defined(__APPLE__)
+// A forked child inherits the parent's OpenMP pool bookkeeping but none of its
+// threads: GNU OpenMP then waits forever in the child's first parallel region.
+// The child therefore runs on one thread (serially, no OpenMP region) until it
+// sets a thread count itself.
+void run_serially_after_fork() { thread_override.store(1, std::memory_order_relaxed); }
+[[maybe_unused]] const int fork_guard_registered = pthread_atfork(nullptr, nullptr, run_serially_after_fork);
+#endif
 
 // Below this many elements a call runs on the calling thread: waking the pool
 // costs microseconds, more than the work.

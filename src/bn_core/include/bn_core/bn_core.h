@@ -134,7 +134,10 @@ BN_API bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, cons
                                    const double *sum_dy, const double *sum_dy_xhat);
 
 /* Number of threads used by later calls; n <= 0 restores the default
- * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). */
+ * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). A process created by
+ * fork() starts at 1 (the parent's OpenMP threads do not exist in it) until it
+ * calls bn_set_num_threads itself; n <= 0 there is safe only if the parent had
+ * not run a parallel region yet. */
 BN_API bn_status bn_set_num_threads(int32_t n);
 BN_API int32_t bn_get_num_threads(void);
 
