@@ -1,0 +1,218 @@
+"""cbn's kernels as ``torch.library`` custom operators in the ``cbn`` namespace.
+
+Registered when ``cbn.torch`` is imported; each has a fake (meta) implementation, so it
+runs in eager mode, under ``torch.compile(fullgraph=True)`` and through ``torch.export``.
+``axes`` are the channel (normalized) axes, any list, negatives allowed; statistics are
+reduced over every other axis. Per-channel tensors (``weight``, ``bias``, ``mean``,
+``var``) have the channel shape (sizes of ``axes`` in increasing axis order) or any shape
+of as many elements. CPU tensors of float16, bfloat16, float32 or float64.
+
+- ``torch.ops.cbn.batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, int[] axes,
+  float eps, Tensor? mask) -> (Tensor y, Tensor mean, Tensor var)``: batch mean and
+  biased variance over the positions where ``mask`` (torch-broadcastable to ``x``) is
+  nonzero (all when None); ``y = (x - mean) / sqrt(var + eps) * weight + bias`` in
+  ``x``'s dtype and memory format; ``mean``/``var`` in the channel shape, float64 for
+  float64 ``x``, else float32. Differentiable w.r.t. ``x``, ``weight`` and ``bias``
+  through cbn's exact backward; ``mean`` and ``var`` carry no gradient (a gradient
+  flowing into them is ignored).
+- ``torch.ops.cbn.batch_norm_infer(Tensor x, Tensor mean, Tensor var, Tensor? weight,
+  Tensor? bias, int[] axes, float eps) -> Tensor y``: the same formula with given
+  statistics, differentiable w.r.t. ``x``, ``weight``, ``bias`` (``mean``/``var`` are
+  constants).
+- ``torch.ops.cbn.batch_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor var,
+  Tensor? weight, int[] axes, float eps, Tensor? mask, bool training)
+  -> (Tensor dx, Tensor dweight, Tensor dbias)``: ``dx`` (through the batch statistics
+  when ``training``), ``dweight = Σ dy·x̂`` and ``dbias = Σ dy`` in the statistics
+  dtype and channel shape. Not differentiable itself (double backward raises).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from .. import _core
+from .._validate import normalize_axes
+
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward"]
+
+_DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+Tensor = torch.Tensor
+
+
+def as_numpy(t: Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (no copy; bfloat16 through ml_dtypes)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _check_data(t: Tensor, name: str) -> None:
+    if t.dtype not in _DATA_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64"
+        )
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; cbn computes on CPU tensors only")
+
+
+def _geometry(x: Tensor, axes: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(sorted non-negative channel axes, channel shape) of ``x``."""
+    _check_data(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension; received a scalar")
+    ax = normalize_axes(list(axes), x.dim(), "axes")
+    return ax, tuple(x.shape[a] for a in ax)
+
+
+def _param(t: Tensor | None, channels: int, name: str) -> np.ndarray | None:
+    """A per-channel tensor as the contiguous float64 array the core reads."""
+    if t is None:
+        return None
+    if t.numel() != channels:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}; expected {channels} values "
+            "(the sizes of the channel axes)"
+        )
+    return as_numpy(t.detach().to(torch.float64).contiguous().reshape(-1))
+
+
+def _mask(mask: Tensor | None, x: Tensor) -> np.ndarray | None:
+    """A bool NumPy view of ``mask`` of ``x``'s rank (torch broadcasting: leading 1s)."""
+    if mask is None:
+        return None
+    if mask.dim() > x.dim() or any(
+        m not in (1, s) for m, s in zip(mask.shape[::-1], x.shape[::-1], strict=False)
+    ):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, which does not broadcast to the input "
+            f"shape {tuple(x.shape)}"
+        )
+    m = mask.detach()
+    if m.dtype != torch.bool:
+        m = m != 0
+    return as_numpy(m.reshape((1,) * (x.dim() - m.dim()) + tuple(m.shape)))
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _stats(values: np.ndarray, x: Tensor, cshape: tuple[int, ...]) -> Tensor:
+    return torch.from_numpy(values).to(_stats_dtype(x)).reshape(cshape)
+
+
+@torch.library.custom_op("cbn::batch_norm_train", mutates_args=())
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, axes: list[int], eps: float,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ax, cshape = _geometry(x, axes)
+    c = math.prod(cshape)
+    y = torch.empty_like(x)
+    mean, var = _core.train_forward(as_numpy(x), as_numpy(y), ax, _mask(mask, x),
+                                    _param(weight, c, "weight"), _param(bias, c, "bias"),
+                                    float(eps))
+    return y, _stats(mean, x, cshape), _stats(var, x, cshape)
+
+
+@torch.library.custom_op("cbn::batch_norm_infer", mutates_args=())
+def batch_norm_infer(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    axes: list[int], eps: float,
+) -> Tensor:
+    ax, cshape = _geometry(x, axes)
+    c = math.prod(cshape)
+    y = torch.empty_like(x)
+    _core.normalize(as_numpy(x), as_numpy(y), ax, _param(mean, c, "mean"),
+                    _param(var, c, "var"), _param(weight, c, "weight"), _param(bias, c, "bias"),
+                    float(eps))
+    return y
+
+
+@torch.library.custom_op("cbn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(
+    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, axes: list[int],
+    eps: float, mask: Tensor | None, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ax, cshape = _geometry(x, axes)
+    c = math.prod(cshape)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}; expected x's shape {tuple(x.shape)}")
+    dy = dy.to(x.dtype)
+    dx = torch.empty_like(x)
+    sum_dy, sum_dy_xhat = _core.backward(
+        as_numpy(dy), as_numpy(x), as_numpy(dx), ax, _mask(mask, x), _param(mean, c, "mean"),
+        _param(var, c, "var"), _param(weight, c, "weight"), float(eps), bool(training))
+    return dx, _stats(sum_dy_xhat, x, cshape), _stats(sum_dy, x, cshape)
+
+
+def _fake_stats(x: Tensor, axes: list[int]) -> Tensor:
+    _, cshape = _geometry(x, axes)
+    return x.new_empty(cshape, dtype=_stats_dtype(x))
+
+
+@batch_norm_train.register_fake
+def _(x, weight, bias, axes, eps, mask):
+    return torch.empty_like(x), _fake_stats(x, axes), _fake_stats(x, axes)
+
+
+@batch_norm_infer.register_fake
+def _(x, mean, var, weight, bias, axes, eps):
+    _geometry(x, axes)
+    return torch.empty_like(x)
+
+
+@batch_norm_backward.register_fake
+def _(dy, x, mean, var, weight, axes, eps, mask, training):
+    return torch.empty_like(x), _fake_stats(x, axes), _fake_stats(x, axes)
+
+
+def _meta(param: Tensor | None) -> tuple[torch.dtype, torch.Size] | None:
+    return None if param is None else (param.dtype, param.shape)
+
+
+def _param_grad(grad: Tensor, meta, needed: bool) -> Tensor | None:
+    """A per-channel gradient in its parameter's dtype and shape (None if not needed)."""
+    if meta is None or not needed:
+        return None
+    return grad.to(meta[0]).reshape(meta[1])
+
+
+def _setup_train(ctx, inputs, output):
+    x, weight, bias, axes, eps, mask = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, mean, var, mask)
+    ctx.axes, ctx.eps, ctx.metas = axes, eps, (_meta(weight), _meta(bias))
+
+
+def _backward_train(ctx, dy, _dmean, _dvar):
+    x, weight, mean, var, mask = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.cbn.batch_norm_backward(
+        dy, x, mean, var, weight, ctx.axes, ctx.eps, mask, True)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, _param_grad(dweight, ctx.metas[0], needs[1]),
+            _param_grad(dbias, ctx.metas[1], needs[2]), None, None, None)
+
+
+def _setup_infer(ctx, inputs, output):
+    x, mean, var, weight, bias, axes, eps = inputs
+    ctx.save_for_backward(x, mean, var, weight)
+    ctx.axes, ctx.eps, ctx.metas = axes, eps, (_meta(weight), _meta(bias))
+
+
+def _backward_infer(ctx, dy):
+    x, mean, var, weight = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.cbn.batch_norm_backward(
+        dy, x, mean, var, weight, ctx.axes, ctx.eps, None, False)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, None, None, _param_grad(dweight, ctx.metas[0], needs[3]),
+            _param_grad(dbias, ctx.metas[1], needs[4]), None, None)
+
+
+batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
+batch_norm_infer.register_autograd(_backward_infer, setup_context=_setup_infer)
