@@ -1,10 +1,9 @@
 """torch.ops.cbn.* custom operators: values against float64 references written here,
 gradients against torch's autograd of the same formula and finite differences."""
 
+import cbn.torch  # noqa: F401  (registers torch.ops.cbn)
 import pytest
-
-torch = pytest.importorskip("torch")
-import cbn.torch  # noqa: E402,F401  (registers torch.ops.cbn)
+import torch
 
 OPS = torch.ops.cbn
 

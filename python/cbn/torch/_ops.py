@@ -37,7 +37,7 @@ import torch
 from .. import _core
 from .._validate import normalize_axes
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "train", "infer"]
 
 _DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 Tensor = torch.Tensor
@@ -78,7 +78,7 @@ def _param(t: Tensor | None, channels: int, name: str) -> np.ndarray | None:
             f"{name} has shape {tuple(t.shape)}; expected {channels} values "
             "(the sizes of the channel axes)"
         )
-    return as_numpy(t.detach().to(torch.float64).contiguous().reshape(-1))
+    return np.ascontiguousarray(as_numpy(t).reshape(-1), dtype=np.float64)
 
 
 def _mask(mask: Tensor | None, x: Tensor) -> np.ndarray | None:
@@ -103,11 +103,13 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 
 
 def _stats(values: np.ndarray, x: Tensor, cshape: tuple[int, ...]) -> Tensor:
-    return torch.from_numpy(values).to(_stats_dtype(x)).reshape(cshape)
+    """Float64 per-channel values from the core as a tensor of the statistics dtype."""
+    if x.dtype != torch.float64:
+        values = values.astype(np.float32)
+    return torch.from_numpy(values.reshape(cshape))
 
 
-@torch.library.custom_op("cbn::batch_norm_train", mutates_args=())
-def batch_norm_train(
+def _train_impl(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, axes: list[int], eps: float,
     mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,8 +122,7 @@ def batch_norm_train(
     return y, _stats(mean, x, cshape), _stats(var, x, cshape)
 
 
-@torch.library.custom_op("cbn::batch_norm_infer", mutates_args=())
-def batch_norm_infer(
+def _infer_impl(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
     axes: list[int], eps: float,
 ) -> Tensor:
@@ -134,8 +135,7 @@ def batch_norm_infer(
     return y
 
 
-@torch.library.custom_op("cbn::batch_norm_backward", mutates_args=())
-def batch_norm_backward(
+def _backward_impl(
     dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, axes: list[int],
     eps: float, mask: Tensor | None, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,6 +149,14 @@ def batch_norm_backward(
         as_numpy(dy), as_numpy(x), as_numpy(dx), ax, _mask(mask, x), _param(mean, c, "mean"),
         _param(var, c, "var"), _param(weight, c, "weight"), float(eps), bool(training))
     return dx, _stats(sum_dy_xhat, x, cshape), _stats(sum_dy, x, cshape)
+
+
+batch_norm_train = torch.library.custom_op("cbn::batch_norm_train", _train_impl,
+                                           mutates_args=())
+batch_norm_infer = torch.library.custom_op("cbn::batch_norm_infer", _infer_impl,
+                                           mutates_args=())
+batch_norm_backward = torch.library.custom_op("cbn::batch_norm_backward", _backward_impl,
+                                              mutates_args=())
 
 
 def _fake_stats(x: Tensor, axes: list[int]) -> Tensor:
@@ -190,10 +198,9 @@ def _setup_train(ctx, inputs, output):
     ctx.axes, ctx.eps, ctx.metas = axes, eps, (_meta(weight), _meta(bias))
 
 
-def _backward_train(ctx, dy, _dmean, _dvar):
+def _train_grads(ctx, dy, backward):
     x, weight, mean, var, mask = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.cbn.batch_norm_backward(
-        dy, x, mean, var, weight, ctx.axes, ctx.eps, mask, True)
+    dx, dweight, dbias = backward(dy, x, mean, var, weight, ctx.axes, ctx.eps, mask, True)
     needs = ctx.needs_input_grad
     return (dx if needs[0] else None, _param_grad(dweight, ctx.metas[0], needs[1]),
             _param_grad(dbias, ctx.metas[1], needs[2]), None, None, None)
@@ -205,14 +212,61 @@ def _setup_infer(ctx, inputs, output):
     ctx.axes, ctx.eps, ctx.metas = axes, eps, (_meta(weight), _meta(bias))
 
 
-def _backward_infer(ctx, dy):
+def _infer_grads(ctx, dy, backward):
     x, mean, var, weight = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.cbn.batch_norm_backward(
-        dy, x, mean, var, weight, ctx.axes, ctx.eps, None, False)
+    dx, dweight, dbias = backward(dy, x, mean, var, weight, ctx.axes, ctx.eps, None, False)
     needs = ctx.needs_input_grad
     return (dx if needs[0] else None, None, None, _param_grad(dweight, ctx.metas[0], needs[3]),
             _param_grad(dbias, ctx.metas[1], needs[4]), None, None)
 
 
-batch_norm_train.register_autograd(_backward_train, setup_context=_setup_train)
-batch_norm_infer.register_autograd(_backward_infer, setup_context=_setup_infer)
+batch_norm_train.register_autograd(
+    lambda ctx, dy, _dmean, _dvar: _train_grads(ctx, dy, torch.ops.cbn.batch_norm_backward),
+    setup_context=_setup_train)
+batch_norm_infer.register_autograd(
+    lambda ctx, dy: _infer_grads(ctx, dy, torch.ops.cbn.batch_norm_backward),
+    setup_context=_setup_infer)
+
+
+# The eager path: the same functions without the dispatcher's per-call cost of a
+# custom operator (tens of microseconds, more than the kernels take on small tensors).
+class _EagerTrain(torch.autograd.Function):
+    forward = staticmethod(_train_impl)
+    setup_context = staticmethod(_setup_train)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        return _train_grads(ctx, dy, _backward_impl)
+
+
+class _EagerInfer(torch.autograd.Function):
+    forward = staticmethod(_infer_impl)
+    setup_context = staticmethod(_setup_infer)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _infer_grads(ctx, dy, _backward_impl)
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, axes: list[int], eps: float,
+          mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.cbn.batch_norm_train``, called directly in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.cbn.batch_norm_train(x, weight, bias, axes, eps, mask)
+    if _needs_graph(x, weight, bias):
+        return _EagerTrain.apply(x, weight, bias, axes, eps, mask)
+    return _train_impl(x, weight, bias, axes, eps, mask)
+
+
+def infer(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+          axes: list[int], eps: float) -> Tensor:
+    """``torch.ops.cbn.batch_norm_infer``, called directly in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.cbn.batch_norm_infer(x, mean, var, weight, bias, axes, eps)
+    if _needs_graph(x, weight, bias):
+        return _EagerInfer.apply(x, mean, var, weight, bias, axes, eps)
+    return _infer_impl(x, mean, var, weight, bias, axes, eps)
