@@ -26,6 +26,12 @@ def as_array(x, name: str = "x") -> np.ndarray:
     """
     if isinstance(x, np.ndarray):
         arr = x
+    elif type(x).__name__ == "KerasTensor":
+        raise TypeError(
+            f"{name} is a symbolic KerasTensor (a Keras functional model under construction); "
+            "cbn.BatchNormalization and cbn.ops compute on arrays. Inside Keras models use "
+            "cbn.keras.BatchNormalization"
+        )
     elif hasattr(x, "__dlpack__") and not isinstance(x, (bytes, bytearray, memoryview)):
         try:
             arr = np.from_dlpack(x)
