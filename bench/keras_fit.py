@@ -38,10 +38,9 @@ def build_model(keras, norm_cls, shape, seed=0):
 
 def measure(args) -> dict[str, float]:
     """In a process whose KERAS_BACKEND is set: median seconds per step of each layer."""
+    import cbn.keras
     import keras
     import numpy as np
-
-    import cbn.keras
 
     shape = tuple(args.shape)
     rng = np.random.default_rng(0)

@@ -14,8 +14,6 @@ import cbn  # noqa: E402
 import cbn.keras  # noqa: E402
 
 BACKEND = keras.backend.backend()
-TRAINS = BACKEND != "numpy"  # Keras' numpy backend has no gradients: no fit
-needs_training = pytest.mark.skipif(not TRAINS, reason="Keras' numpy backend cannot train")
 RNG = np.random.default_rng(7)
 
 
@@ -158,3 +156,34 @@ def test_keras_tensor_to_numpy_layer_names_cbn_keras():
     symbolic = keras.Input((3,))
     with pytest.raises(TypeError, match="cbn.keras"):
         cbn.BatchNormalization()(symbolic)
+
+
+def model_with_random_weights(norm_cls):
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), norm_cls(),
+                              keras.layers.Dense(2)])
+    model.layers[1].set_weights(random_weights((None, 4), 4))
+    return model
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = model_with_random_weights(cbn.keras.BatchNormalization)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.layers[1], cbn.keras.BatchNormalization)
+    for a, b in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = RNG.normal(size=(5, 6)).astype("float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_convert_replaces_keras_layers_and_keeps_weights():
+    model = model_with_random_weights(keras.layers.BatchNormalization)
+    converted = cbn.keras.convert(model)
+    assert isinstance(converted.layers[1], cbn.keras.BatchNormalization)
+    assert not any(type(layer) is keras.layers.BatchNormalization for layer in converted.layers)
+    x = RNG.normal(size=(5, 6)).astype("float32")
+    np.testing.assert_allclose(converted.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="keras.Model"):
+        cbn.keras.convert(model.layers[1])

@@ -68,7 +68,7 @@ class _NumpyKernels:
         return np_infer(x, mean, variance, gamma, beta, axes, epsilon)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jax_train(axes: tuple[int, ...], epsilon: float):
     import jax
 
@@ -105,7 +105,7 @@ def _jax_train(axes: tuple[int, ...], epsilon: float):
     return train
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jax_infer(axes: tuple[int, ...], epsilon: float):
     import jax
 
@@ -155,6 +155,8 @@ def _tf_numpy_call(tf, function, inputs, outputs_like):
     results = tf.numpy_function(
         function, inputs, [t.dtype for t in outputs_like], stateful=False
     )
+    if not isinstance(results, (list, tuple)):  # one output comes back bare
+        results = [results]
     for result, like in zip(results, outputs_like, strict=True):
         result.set_shape(like.shape)
     return results

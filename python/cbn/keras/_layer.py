@@ -116,11 +116,11 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         # As Keras: half-precision inputs are normalized in float32, the result cast back.
-        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
-        x = ops.cast(inputs, compute_dtype)
+        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = ops.cast(inputs, dtype)
         shape = tuple(ops.shape(self.moving_mean))
-        gamma = ops.cast(self.gamma, compute_dtype) if self.scale else ops.ones(shape, compute_dtype)
-        beta = ops.cast(self.beta, compute_dtype) if self.center else ops.zeros(shape, compute_dtype)
+        gamma = ops.cast(self.gamma, dtype) if self.scale else ops.ones(shape, dtype)
+        beta = ops.cast(self.beta, dtype) if self.center else ops.zeros(shape, dtype)
         if training and self.trainable:
             if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
                 raise ValueError(
@@ -133,8 +133,8 @@ class BatchNormalization(keras.layers.Layer):
             self._update_moving(self.moving_mean, mean)
             self._update_moving(self.moving_variance, variance)
         else:
-            mean = ops.cast(self.moving_mean, compute_dtype)
-            variance = ops.cast(self.moving_variance, compute_dtype)
+            mean = ops.cast(self.moving_mean, dtype)
+            variance = ops.cast(self.moving_variance, dtype)
             y = self._kernels.infer(x, mean, variance, gamma, beta, self._axes, self.epsilon)
         return ops.cast(y, self.compute_dtype)
 
