@@ -4,6 +4,7 @@ pytest process; this test fails with that process's report if any check fails.""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("keras")
+# Found, not imported: this process must not pick a Keras backend.
+if importlib.util.find_spec("keras") is None:
+    pytest.skip("needs the [keras] extra", allow_module_level=True)
 
 HERE = Path(__file__).parent
 # Keras' numpy backend has no gradients: it runs the layer, not the training checks.
@@ -45,3 +48,11 @@ def test_fit_step_benchmark_runs():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| jax |")]
     assert len(rows) == 1 and "failed" not in rows[0], run.stdout
+
+
+def test_import_without_keras_names_the_extra():
+    code = ("import sys; sys.modules['keras'] = None\n"
+            "try:\n    import cbn.keras\nexcept ImportError as err:\n    print(err)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert 'pip install "cbn[keras]"' in run.stdout, run.stdout + run.stderr
