@@ -135,8 +135,7 @@ def test_mixed_precision_matches_keras(policy):
 
 
 def unsupported_arguments():
-    return [{"renorm": True}, {"virtual_batch_size": 2}, {"synchronized": True},
-            {"adjustment": lambda shape: (1.0, 0.0)}]
+    return [{"renorm": True}, {"virtual_batch_size": 2}, {"synchronized": True}]
 
 
 @pytest.mark.parametrize("kwargs", unsupported_arguments())
@@ -187,3 +186,34 @@ def test_convert_replaces_keras_layers_and_keeps_weights():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="keras.Model"):
         cbn.keras.convert(model.layers[1])
+
+
+def adjustment(shape):
+    return np.array([1.5, 0.5, 2.0], "float32"), 0.25
+
+
+def numpy_layer_twin(layer, shape):
+    """cbn.BatchNormalization (the NumPy layer, the oracle for tf.keras 2's extras) with
+    ``layer``'s arguments and weights."""
+    twin = cbn.BatchNormalization(momentum=layer.momentum, epsilon=layer.epsilon,
+                                  adjustment=layer.adjustment)
+    twin.build(shape)
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+def test_adjustment_matches_the_numpy_layer():
+    shape = (10, 4, 3)
+    ours = cbn.keras.BatchNormalization(momentum=0.7, adjustment=adjustment)
+    ours.build(shape)
+    ours.set_weights(random_weights(shape, 3))
+    twin = numpy_layer_twin(ours, shape)
+    x = RNG.normal(1.0, 3.0, shape).astype("float32")
+    for training in (True, False):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(x, training=training)),
+                                   twin(x, training=training), rtol=1e-5, atol=1e-5)
+    for a, b in zip(twin.get_weights(), ours.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    bad = cbn.keras.BatchNormalization(adjustment=lambda shape: (np.ones(2), 0.0))
+    with pytest.raises(ValueError, match="adjustment"):
+        bad(x, training=True)

@@ -67,6 +67,23 @@ def test_gradients_match_keras(training):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+def test_gradients_with_adjustment_match_the_numpy_layer():
+    from keras_checks import adjustment, numpy_layer_twin, random_weights
+
+    shape = (6, 5, 3)
+    layer = cbn.keras.BatchNormalization(adjustment=adjustment)
+    layer.build(shape)
+    layer.set_weights(random_weights(shape, 3))
+    twin = numpy_layer_twin(layer, shape)
+    x = RNG.normal(1.0, 2.0, shape).astype("float32")
+    upstream = RNG.normal(size=shape).astype("float32")
+    got = gradients(layer, x, upstream, training=True)
+    twin(x, training=True)
+    expected = [twin.backward(upstream), *twin.gradients]
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def small_model(norm_cls, seed=3):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([

@@ -4,11 +4,13 @@ backends."""
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
 from .._keras_objects import real_number
-from .._validate import check_axis_arg, check_epsilon, normalize_axes
+from .._validate import check_axis_arg, check_epsilon, normalize_axes, squeezed_shape
 from ..layer import _check_bool, _check_renorm_clipping
 from ._kernels import kernels_for
 
@@ -30,8 +32,10 @@ class BatchNormalization(keras.layers.Layer):
     Same arguments, weights (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``:
     names, order, shapes, dtypes) and behaviour as Keras' layer; ``axis`` may also be a
     list of ints (statistics per element of those axes, as tf.keras 2). tf.keras 2's
-    ``fused`` is accepted and ignored; ``renorm``, ``virtual_batch_size``, ``adjustment``
-    and ``synchronized=True`` are not supported (use ``keras.layers.BatchNormalization``).
+    ``fused`` is accepted and ignored, its ``adjustment(shape) -> (scale, bias)`` (scalar or
+    per channel, applied to the normalized values before γ and β in training) is supported;
+    ``renorm``, ``virtual_batch_size`` and ``synchronized=True`` are not (they raise
+    ``NotImplementedError``: use ``keras.layers.BatchNormalization``).
     """
 
     def __init__(
@@ -82,8 +86,12 @@ class BatchNormalization(keras.layers.Layer):
             raise TypeError(f"fused must be None, True or False; received {fused!r}")
         if virtual_batch_size is not None:
             raise _unsupported("virtual_batch_size", virtual_batch_size)
-        if adjustment is not None:
-            raise _unsupported("adjustment", adjustment)
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError(
+                "adjustment must be a callable adjustment(shape) -> (scale, bias) or None; "
+                f"received {adjustment!r}"
+            )
+        self.adjustment = adjustment
         self.supports_masking = True
         self._kernels = kernels_for(keras.backend.backend())
         self._axes: tuple[int, ...] = ()
@@ -129,6 +137,10 @@ class BatchNormalization(keras.layers.Layer):
                 )
             if mask is not None:  # (B, ..., 1): broadcasts over the channels on every backend
                 mask = ops.expand_dims(ops.cast(mask, "bool"), -1)
+            if self.adjustment is not None:
+                # y = (x̂·a_scale + a_bias)·γ + β: the kernel's affine, which autodiff differentiates
+                a_scale, a_bias = self._adjustment_values(ops.shape(inputs), shape, dtype)
+                gamma, beta = gamma * a_scale, gamma * a_bias + beta
             y, mean, variance = self._kernels.train(x, gamma, beta, mask, self._axes, self.epsilon)
             self._update_moving(self.moving_mean, mean)
             self._update_moving(self.moving_variance, variance)
@@ -137,6 +149,29 @@ class BatchNormalization(keras.layers.Layer):
             variance = ops.cast(self.moving_variance, dtype)
             y = self._kernels.infer(x, mean, variance, gamma, beta, self._axes, self.epsilon)
         return ops.cast(y, self.compute_dtype)
+
+    def _adjustment_values(self, input_shape, channel_shape, dtype):
+        """tf.keras 2's ``adjustment(input_shape) -> (scale, bias)``, each a scalar or one
+        value per channel, as tensors of the channel shape."""
+        pair = self.adjustment(input_shape)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(
+                f"adjustment(shape) must return a pair (scale, bias); received {pair!r}"
+            )
+        values = []
+        for role, value in zip(("scale", "bias"), pair, strict=True):
+            value = ops.cast(value, dtype)
+            shape = tuple(ops.shape(value))
+            if math.prod(shape) == 1:
+                values.append(ops.broadcast_to(ops.reshape(value, ()), channel_shape))
+            elif squeezed_shape(shape) == squeezed_shape(channel_shape):
+                values.append(ops.reshape(value, channel_shape))
+            else:
+                raise ValueError(
+                    f"the {role} returned by adjustment has shape {shape}; expected a scalar "
+                    f"or one value per channel (shape {channel_shape})"
+                )
+        return values
 
     def _update_moving(self, variable, batch_value):
         batch_value = ops.cast(ops.stop_gradient(batch_value), variable.dtype)
