@@ -48,7 +48,7 @@ bn_moments <- function(x, axis = -1L, mask = NULL) {
 #' @param epsilon Added to the variance; a positive number.
 #' @return An array shaped like `x`.
 #' @examples
-#' bn_normalize(matrix(1:6, 3), mean = c(2, 5), variance = c(1, 1), epsilon = 0)
+#' bn_normalize(matrix(1:6, 3), mean = c(2, 5), variance = c(1, 1), epsilon = 1e-12)
 #' @export
 bn_normalize <- function(x, mean, variance, gamma = NULL, beta = NULL, axis = -1L,
                          epsilon = 0.001) {
@@ -66,10 +66,11 @@ bn_normalize <- function(x, mean, variance, gamma = NULL, beta = NULL, axis = -1
 #' position with them, in one pass of the core.
 #'
 #' @inheritParams bn_normalize
+#' @inheritParams bn_moments
 #' @return A list: `y` (shaped like `x`), `mean` and `variance` (the batch
 #'   statistics, shaped like the channel axes).
 #' @examples
-#' bn_train_forward(matrix(c(1, 2, 3, 10, 20, 30), 3), epsilon = 0)$y
+#' bn_train_forward(matrix(c(1, 2, 3, 10, 20, 30), 3), epsilon = 1e-12)$y
 #' @export
 bn_train_forward <- function(x, gamma = NULL, beta = NULL, axis = -1L, epsilon = 0.001,
                              mask = NULL) {
@@ -91,6 +92,8 @@ bn_train_forward <- function(x, gamma = NULL, beta = NULL, axis = -1L, epsilon =
 #' constants.
 #'
 #' @inheritParams bn_normalize
+#' @inheritParams bn_moments
+#' @param gamma Per-channel scale of the forward pass; `NULL` means 1.
 #' @param dy The output gradient, shaped like `x`.
 #' @param training Whether the forward pass used batch statistics.
 #' @return A list: `dx` (shaped like `x`), `dgamma` (the sum of `dy * xhat`) and
