@@ -202,15 +202,15 @@ SEXP cbn_config_c(void) {
  * next to any other handler doing the same. */
 static void child_after_fork(void) { bn_set_num_threads(1); }
 
+/* Through void (*)(void), the generic function pointer type: R's DL_FUNC
+ * registration without -Wcast-function-type warnings. */
+#define CALL_ENTRY(name, n_args) {#name, (DL_FUNC)(void (*)(void))&name, n_args}
+
 static const R_CallMethodDef call_methods[] = {
-    {"cbn_moments_c", (DL_FUNC)&cbn_moments_c, 3},
-    {"cbn_normalize_c", (DL_FUNC)&cbn_normalize_c, 7},
-    {"cbn_train_forward_c", (DL_FUNC)&cbn_train_forward_c, 6},
-    {"cbn_backward_c", (DL_FUNC)&cbn_backward_c, 9},
-    {"cbn_set_threads_c", (DL_FUNC)&cbn_set_threads_c, 1},
-    {"cbn_set_isa_c", (DL_FUNC)&cbn_set_isa_c, 1},
-    {"cbn_config_c", (DL_FUNC)&cbn_config_c, 0},
-    {NULL, NULL, 0}};
+    CALL_ENTRY(cbn_moments_c, 3),       CALL_ENTRY(cbn_normalize_c, 7),
+    CALL_ENTRY(cbn_train_forward_c, 6), CALL_ENTRY(cbn_backward_c, 9),
+    CALL_ENTRY(cbn_set_threads_c, 1),   CALL_ENTRY(cbn_set_isa_c, 1),
+    CALL_ENTRY(cbn_config_c, 0),        {NULL, NULL, 0}};
 
 void R_init_cbn(DllInfo *dll) {
   R_registerRoutines(dll, NULL, call_methods, NULL, NULL);
