@@ -31,6 +31,8 @@ extern "C" {
 #endif
 
 #define BN_MAX_RANK 64
+/* Calls on fewer elements than this run on the calling thread (no OpenMP region). */
+#define BN_SERIAL_THRESHOLD 32768
 
 typedef enum bn_status {
   BN_OK = 0,
