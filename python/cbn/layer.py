@@ -22,7 +22,6 @@ from numpy.typing import ArrayLike
 from . import _core
 from ._ghost import KernelView as _KernelView
 from ._ghost import ghost_averages, kernel_view
-from ._ghost import ghost_view as _ghost_view
 from ._keras_objects import (
     CONSTRAINTS,
     INITIALIZERS,
@@ -34,6 +33,7 @@ from ._keras_objects import (
 )
 from ._layer_config import constructor_kwargs, layer_config
 from ._record import ForwardRecord as _ForwardRecord
+from ._record import backward_through
 from ._renorm import (
     adjustment_values,
     moving_updates,
@@ -239,6 +239,8 @@ class BatchNormalization:
 
     @property
     def dtype_policy(self) -> DTypePolicy:
+        """The dtype policy: ``compute_dtype`` for inputs and outputs, ``variable_dtype``
+        for the weights (as Keras 3's ``Layer.dtype_policy``)."""
         return self._policy
 
     @property
@@ -248,6 +250,7 @@ class BatchNormalization:
 
     @property
     def variable_dtype(self) -> str:
+        """The weights' dtype name, e.g. ``"float32"``."""
         return self._policy.variable_dtype.name
 
     @property
@@ -273,6 +276,8 @@ class BatchNormalization:
 
     @property
     def trainable_weights(self) -> list[np.ndarray]:
+        """gamma and beta (those present) while the layer is trainable, else empty; an
+        optimizer updates them in place. :attr:`gradients` follows this order."""
         return [w for _, w in self._trainable_items()]
 
     def _trainable_items(self) -> list[tuple[str, np.ndarray]]:
@@ -282,6 +287,7 @@ class BatchNormalization:
 
     @property
     def non_trainable_weights(self) -> list[np.ndarray]:
+        """The moving statistics (and renorm's); every weight when not trainable."""
         if not self._trainable:
             return self.weights
         return [w for name, w in self._weights.items() if name not in _TRAINABLE]
@@ -527,49 +533,7 @@ class BatchNormalization:
                 f"layer {self.name!r} has no call to differentiate: call it on an input "
                 "before backward"
             )
-        view = record.view
-        shape = view.y.shape if view.virtual_batch_size is None else (
-            (view.y.shape[0] * view.y.shape[1],) + view.y.shape[2:])
-        grad = as_array(dy, "dy")
-        if grad.shape != shape:
-            raise ValueError(
-                f"dy has shape {grad.shape}; expected the shape of the last call's output {shape}"
-            )
-        if grad.dtype != view.x.dtype:
-            grad = grad.astype(view.x.dtype)
-        dx = np.empty(shape, view.x.dtype)
-        if view.virtual_batch_size is not None:
-            grad_k, dx_k = (_ghost_view(a, view.virtual_batch_size) for a in (grad, dx))
-        else:
-            grad_k, dx_k = grad, dx
-        ones, zeros = np.ones(self._channels), np.zeros(self._channels)
-        r, d, adjust_scale, adjust_bias = (
-            default if value is None else value
-            for value, default in ((record.r, ones), (record.d, zeros),
-                                   (record.adjust_scale, ones), (record.adjust_bias, zeros))
-        )
-        gamma = ones if record.gamma is None else record.gamma
-        gamma_r, gamma_one = r * adjust_scale, d * adjust_scale
-        dx_scale = np.tile(gamma * gamma_r, view.ghosts)
-        core_args = (view.axes, view.mask, record.mean, record.variance)
-        if record.allreduce is None:
-            sum_dy, sum_dy_xhat = _core.backward(
-                grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, record.through_stats
-            )
-        else:
-            # one collective of (count, Σdy, Σdy·x̂); dγ and dβ stay this rank's.
-            local = _core.backward_sums(grad_k, view.x, *core_args, self.epsilon)
-            total = sum_across_ranks(record.allreduce, local.copy())
-            _core.backward_apply(grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, total)
-            sum_dy, sum_dy_xhat = np.split(local, 3)[1:]
-        # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
-        per_channel = (-1, self._channels)
-        sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
-        sum_dy_xhat = sum_dy_xhat.reshape(per_channel).sum(axis=0)
-        per_weight = {
-            "gamma": gamma_r * sum_dy_xhat + (gamma_one + adjust_bias) * sum_dy,
-            "beta": sum_dy,
-        }
+        dx, per_weight = backward_through(record, dy, self._channels, self.epsilon)
         dtype = self._policy.variable_dtype
         self.gradients = [
             per_weight[name].astype(dtype).reshape(self._channel_shape)
