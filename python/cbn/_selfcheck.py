@@ -70,7 +70,7 @@ def reference_moments(x: np.ndarray, axes, used: np.ndarray) -> tuple[np.ndarray
 
 
 def reference_normalize(x, mean, var, gamma, beta) -> np.ndarray:
-    """R6 in float64, all arguments broadcastable."""
+    """``(x - mean) / sqrt(var + eps) * gamma + beta`` in float64, arguments broadcastable."""
     return (x - mean) * (gamma / np.sqrt(var + EPSILON)) + beta
 
 
