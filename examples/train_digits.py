@@ -180,9 +180,11 @@ def train(net: Network, x: np.ndarray, labels: np.ndarray, epochs: int, batch_si
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per step (the global batch with --distributed)")
     p.add_argument("--seed", type=int, default=0, help="data split, initial weights, shuffling")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the result")
     p.add_argument("--distributed", action="store_true",

@@ -11,13 +11,13 @@ test command installs it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from distributed_check import CASES
+from gloo_ranks import run_gloo_ranks
 
 CHECK = Path(__file__).with_name("distributed_check.py")
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
@@ -48,29 +48,7 @@ def test_mpi(ranks):
     assert_all_ranks_ok([proc.stdout + proc.stderr], [proc.returncode], ranks)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torch_distributed_gloo():
     world = 2
-    common = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(free_port())}
-    procs = [
-        subprocess.Popen([sys.executable, str(CHECK), "torch"],
-                         env=rank_env(RANK=str(rank), **common), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-        for rank in range(world)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert_all_ranks_ok(outputs, [p.returncode for p in procs], world)
+    outputs, returncodes = run_gloo_ranks(CHECK, ["torch"], world, TIMEOUT)
+    assert_all_ranks_ok(outputs, returncodes, world)

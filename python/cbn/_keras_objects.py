@@ -406,7 +406,7 @@ CONSTRAINTS = _Kind("constraint", "keras.constraints", (NonNeg, UnitNorm, MaxNor
 
 @dataclass(frozen=True)
 class DTypePolicy:
-    """A layer's dtype policy (spec R7): the dtype it computes and outputs in,
+    """A layer's dtype policy: the dtype it computes and outputs in,
     and the dtype its weights are stored in (never 16 bits)."""
 
     name: str

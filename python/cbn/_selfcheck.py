@@ -2,8 +2,8 @@
 (run by ``python -m cbn``).
 
 Each case builds a layer with random gamma, beta and moving statistics, then checks a
-training call (batch statistics, spec R4/R6/R8), the moving-statistics update (R5.1) and
-an inference call (moving statistics, R3/R6). Errors are reported in units of the
+training call (batch statistics), the moving-statistics update and
+an inference call (moving statistics). Errors are reported in units of the
 output's unit roundoff ``u`` relative to ``max(1, |y|)``.
 """
 
@@ -61,7 +61,7 @@ def _axes(axis, rank: int) -> tuple[int, ...]:
 
 
 def reference_moments(x: np.ndarray, axes, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Masked per-channel mean and biased variance in float64, keepdims shape (R4.1, R8.2)."""
+    """Masked per-channel mean and biased variance in float64, keepdims shape."""
     red = tuple(i for i in range(x.ndim) if i not in axes)
     n = used.sum(axis=red, keepdims=True)
     mean = np.where(used, x, 0.0).sum(axis=red, keepdims=True) / np.maximum(n, 1)
@@ -70,7 +70,7 @@ def reference_moments(x: np.ndarray, axes, used: np.ndarray) -> tuple[np.ndarray
 
 
 def reference_normalize(x, mean, var, gamma, beta) -> np.ndarray:
-    """R6 in float64, all arguments broadcastable."""
+    """``(x - mean) / sqrt(var + eps) * gamma + beta`` in float64, arguments broadcastable."""
     return (x - mean) * (gamma / np.sqrt(var + EPSILON)) + beta
 
 
@@ -132,7 +132,7 @@ def run_case(case: Case) -> tuple[bool, str]:
     mean, var = reference_moments(x64, axes, used)
     train_err = error_in_u(y_train, reference_normalize(x64, mean, var, g, b))
 
-    want_mm = mm * MOMENTUM + mean * (1 - MOMENTUM)  # R5.1
+    want_mm = mm * MOMENTUM + mean * (1 - MOMENTUM)
     want_mv = mv * MOMENTUM + var * (1 - MOMENTUM)
     got_mm = np.asarray(layer.moving_mean, dtype=np.float64).reshape(keep)
     got_mv = np.asarray(layer.moving_variance, dtype=np.float64).reshape(keep)

@@ -26,6 +26,14 @@ def as_array(x, name: str = "x") -> np.ndarray:
     """
     if isinstance(x, np.ndarray):
         arr = x
+    elif type(x).__module__.startswith("torch") and hasattr(x, "requires_grad"):
+        arr = _torch_tensor_view(x, name)
+    elif type(x).__name__ == "KerasTensor":
+        raise TypeError(
+            f"{name} is a symbolic KerasTensor (a Keras functional model under construction); "
+            "cbn.BatchNormalization and cbn.ops compute on arrays. Inside Keras models use "
+            "cbn.keras.BatchNormalization"
+        )
     elif hasattr(x, "__dlpack__") and not isinstance(x, (bytes, bytearray, memoryview)):
         try:
             arr = np.from_dlpack(x)
@@ -42,6 +50,25 @@ def as_array(x, name: str = "x") -> np.ndarray:
             "array (float16, bfloat16, float32, float64, int*, uint*, bool)"
         )
     return arr
+
+
+def _torch_tensor_view(t, name: str) -> np.ndarray:
+    """A PyTorch CPU tensor as a NumPy view (bfloat16 through its 16-bit pattern, which
+    DLPack to NumPy does not carry)."""
+    if t.requires_grad:
+        raise TypeError(
+            f"{name} is a torch tensor that requires grad; cbn.ops computes on plain data and "
+            f"records no autograd graph: pass {name}.detach() (cbn.ops.batch_norm_backward "
+            "gives the gradients)"
+        )
+    if str(t.dtype) == "torch.bfloat16":
+        import torch  # already imported by whoever made the tensor
+
+        return np.from_dlpack(t.view(torch.int16)).view(BFLOAT16)
+    try:
+        return np.from_dlpack(t)
+    except (BufferError, TypeError, RuntimeError):
+        return np.asarray(t)
 
 
 def is_integer(value) -> bool:
@@ -97,9 +124,9 @@ def normalize_axes(axis, rank: int, name: str = "axis") -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def channel_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+def channel_shape(shape: Sequence[int | None], axes: Sequence[int]) -> tuple[int, ...]:
     """Sizes of the channel axes in increasing axis order (the shape of the weights)."""
-    return tuple(int(shape[a]) for a in axes)
+    return tuple(int(shape[a]) for a in axes)  # type: ignore[arg-type]  # known when called
 
 
 def squeezed_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -125,7 +152,7 @@ def as_param(value, cshape: tuple[int, ...], name: str, dtype=np.float64) -> np.
 def canonical_mask(mask, shape: tuple[int, ...], name: str = "mask") -> np.ndarray | None:
     """A mask as a bool array of the input's rank that broadcasts to ``shape``.
 
-    Forms (spec R8.1): (a) one dimension fewer than the input: a trailing size-1
+    Forms: (a) one dimension fewer than the input: a trailing size-1
     axis is appended (a ``(B, T)`` mask for a ``(B, T, F)`` input); (b) the
     input's rank, broadcastable by NumPy rules. Non-zero means "use".
     """
@@ -180,7 +207,7 @@ def check_epsilon(epsilon) -> float:
 
 def kernel_dtype(arr: np.ndarray) -> np.dtype:
     """The dtype the core computes ``arr`` in: 16/32/64-bit floats as they are,
-    integers and bool as float32 (spec R7.1)."""
+    integers and bool as float32."""
     if arr.dtype in KERNEL_DTYPES:
         return arr.dtype
     return np.dtype(np.float32)

@@ -1,4 +1,4 @@
-"""Synchronized batch statistics across ranks (``shared/spec/distributed.md``).
+"""Synchronized batch statistics across ranks ("Distributed training" in README.md).
 
 cbn never talks to a network itself. Synchronized training hands a small float64
 buffer to a callback that sums it across ranks; everything else stays local.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import numbers
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ Allreduce = Callable[[np.ndarray], np.ndarray | None]
 _default_allreduce: Allreduce | None = None
 
 
-def check_allreduce(fn, name: str = "allreduce") -> Allreduce | None:
+def check_allreduce(fn: object, name: str = "allreduce") -> Allreduce | None:
     """``fn`` if it is callable or None, else ``TypeError``."""
     if fn is not None and not callable(fn):
         raise TypeError(
@@ -113,7 +114,7 @@ class MPIAllreduce:
     """Sum over the ranks of an mpi4py communicator (``COMM_WORLD`` by default) with
     one ``comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)``."""
 
-    def __init__(self, comm=None) -> None:
+    def __init__(self, comm: Any = None) -> None:
         try:
             from mpi4py import MPI
         except ImportError as err:
@@ -144,7 +145,7 @@ class TorchAllreduce:
     memory. Needs a backend that reduces CPU tensors (gloo, mpi) and an initialized
     process group at call time."""
 
-    def __init__(self, group=None) -> None:
+    def __init__(self, group: Any = None) -> None:
         try:
             import torch
             import torch.distributed as dist
@@ -254,11 +255,12 @@ class ThreadGroup:
                 )
             self._slots[rank] = buf
             self._wait(rank)  # every member has deposited its buffer
-            sizes = {slot.shape[0] for slot in self._slots}
+            slots = [slot for slot in self._slots if slot is not None]
+            sizes = {slot.shape[0] for slot in slots}
             total = None
-            if len(sizes) == 1:
-                total = self._slots[0].copy()
-                for slot in self._slots[1:]:
+            if len(sizes) == 1 and len(slots) == len(self._slots):
+                total = slots[0].copy()
+                for slot in slots[1:]:
                     total += slot
             self._wait(rank)  # every member has read the others' buffers
             self._slots[rank] = None
@@ -288,7 +290,7 @@ class _Member:
         return f"<ThreadGroup member {self.rank} of {self.group.size}>"
 
 
-def _describe(buf) -> str:
+def _describe(buf: object) -> str:
     if not isinstance(buf, np.ndarray):
         return type(buf).__name__
     flags = [] if buf.flags.c_contiguous else ["non-contiguous"]

@@ -1,10 +1,11 @@
 """``cbn.BatchNormalization``: a Keras-compatible batch normalization layer on NumPy
-arrays, following ``shared/spec/behaviour.md`` (rules cited as R1 ... R13).
+arrays. Its behaviour, and where it differs from Keras 3 and tf.keras 2, is described
+in ``docs/behaviour.md``.
 
 All per-channel arithmetic (statistics, renorm corrections, moving-average updates)
 is float64; weights are stored in the policy's variable dtype. The batch mean is
 handed to the core in float64, never rounded to the input dtype first, which keeps
-the output exact for data whose mean is large relative to its spread (R4.2).
+the output exact for data whose mean is large relative to its spread.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import math
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 from numpy.typing import ArrayLike
 
 from . import _core
+from ._ghost import KernelView as _KernelView
+from ._ghost import ghost_averages, kernel_view
 from ._keras_objects import (
     CONSTRAINTS,
     INITIALIZERS,
@@ -28,8 +30,17 @@ from ._keras_objects import (
     construct_from_config,
     get_policy,
     real_number,
-    serialize_policy,
 )
+from ._layer_config import constructor_kwargs, layer_config
+from ._record import ForwardRecord as _ForwardRecord
+from ._record import backward_through
+from ._renorm import (
+    adjustment_values,
+    moving_updates,
+    renorm_correction,
+)
+from ._renorm import check_renorm_clipping as _check_renorm_clipping
+from ._renorm import training_affine as _training_affine
 from ._validate import (
     as_array,
     as_param,
@@ -46,10 +57,6 @@ __all__ = ["BatchNormalization"]
 
 _TRAINABLE = ("gamma", "beta")
 _RENORM_WEIGHTS = ("moving_stddev", "renorm_mean", "renorm_stddev")
-_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-# Base-layer keys Keras and tf.keras may write that carry no state of this layer
-# (shape hints for the input layer of a Sequential model).
-_SHAPE_HINT_KEYS = ("batch_input_shape", "batch_shape", "input_shape", "input_dim")
 
 _names_lock = threading.Lock()
 _name_counts: dict[str, int] = {}
@@ -64,133 +71,20 @@ def _unique_name(cls: type) -> str:
     return prefix if count == 0 else f"{prefix}_{count}"
 
 
-def _check_bool(value, name: str, error: type[Exception] = TypeError) -> bool:
+def _check_bool(value: object, name: str, error: type[Exception] = TypeError) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise error(f"{name} must be a bool; received {value!r} of type {type(value).__name__}")
     return bool(value)
 
 
-def _check_renorm_clipping(clipping) -> dict[str, Any]:
-    """R1.4: keys ⊆ {rmax, rmin, dmax}, rmax ≥ rmin, dmax ≥ 0 (None values: no clip)."""
-    if clipping is None:
-        return {}
-    if not isinstance(clipping, Mapping):
-        raise TypeError(f"renorm_clipping must be a dict or None; received {clipping!r}")
-    unknown = sorted(set(clipping) - set(_CLIPPING_KEYS), key=str)
-    if unknown:
-        raise ValueError(
-            f"renorm_clipping has unknown keys {unknown} in {dict(clipping)!r}; "
-            f"expected a subset of {list(_CLIPPING_KEYS)}"
-        )
-    bounds = {
-        key: None if value is None else real_number(value, f"renorm_clipping[{key!r}]")
-        for key, value in clipping.items()
-    }
-    rmax, rmin, dmax = (bounds.get(key) for key in _CLIPPING_KEYS)
-    if rmax is not None and rmin is not None and rmax < rmin:
-        raise ValueError(f"renorm_clipping needs rmax >= rmin; received rmax={rmax}, rmin={rmin}")
-    if dmax is not None and dmax < 0:
-        raise ValueError(f"renorm_clipping needs dmax >= 0; received dmax={dmax}")
-    return dict(clipping)
-
-
-def _ema(current: np.ndarray, batch: np.ndarray, momentum: float) -> np.ndarray:
-    """``current·m + batch·(1 − m)`` in float64 (R5.1, R11)."""
-    return current.astype(np.float64).reshape(-1) * momentum + batch * (1.0 - momentum)
-
-
-def _ghost_view(a: np.ndarray, virtual_batch_size: int) -> np.ndarray:
-    """R12's ``(V, B/V, ...)`` view of ``a`` (batch first), without a copy.
-
-    Element ``[i, g, ...]`` is sample ``i·(B/V) + g``: axis 1 indexes the ghost batch
-    ``{b : b mod (B/V) = g}`` and axis 0 its members. Any strides allow this view, unlike
-    a reshape. A size-1 batch axis (a mask broadcast over the batch) stays broadcast.
-    """
-    if a.shape[0] == 1:
-        return a[np.newaxis]
-    ghosts = a.shape[0] // virtual_batch_size
-    stride = a.strides[0]
-    return as_strided(
-        a, (virtual_batch_size, ghosts) + a.shape[1:], (stride * ghosts, stride) + a.strides[1:]
-    )
-
-
-def _training_affine(
-    gamma: np.ndarray,
-    beta: np.ndarray,
-    r: np.ndarray,
-    d: np.ndarray,
-    adjust_scale: np.ndarray,
-    adjust_bias: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``(scale, shift)`` with ``y = x̂·scale + shift`` for R13's
-    ``y = ((x̂·r + d)·a_scale + a_bias)·γ + β``, so a training call stays one normalize
-    pass whatever corrections it composes (r = 1, d = 0 without renorm; a_scale = 1,
-    a_bias = 0 without adjustment)."""
-    return gamma * r * adjust_scale, gamma * (d * adjust_scale + adjust_bias) + beta
-
-
-class _KernelView(NamedTuple):
-    """The arrays and kept axes a training call hands to the core.
-
-    With ``virtual_batch_size`` these are R12's ghost views and the kept axes are the
-    ghost axis 1 plus the channel axes shifted by one, so the core computes statistics
-    and normalizes per (ghost batch, channel); otherwise they are the call's own arrays.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    mask: np.ndarray | None
-    axes: tuple[int, ...]
-    ghosts: int
-    virtual_batch_size: int | None  # the ghost view's V; None: the arrays as called
-
-
-class _ForwardRecord(NamedTuple):
-    """What one call used, i.e. what its derivative (R15) depends on: the kernel's
-    view, the statistics it normalized with (per kept index: per (ghost, channel)),
-    whether they were the batch's (training) or constants (inference), the batch's
-    per-channel statistics (ghost averages, R12; the moving updates' input) and the
-    per-channel γ and constants r, d, a_scale, a_bias of R11 and R13. All float64;
-    None for γ (scale=False) and for the constants of an inference call (1, 0, 1, 0).
-    The view holds the call's input by reference."""
-
-    view: _KernelView
-    through_stats: bool
-    allreduce: Allreduce | None  # synchronized statistics: the backward's collective too
-    mean: np.ndarray
-    variance: np.ndarray
-    batch_mean: np.ndarray
-    batch_variance: np.ndarray
-    gamma: np.ndarray | None
-    r: np.ndarray | None
-    d: np.ndarray | None
-    adjust_scale: np.ndarray | None
-    adjust_bias: np.ndarray | None
-
-
-def _is_built_tf_keras2_ghost_config(config: Mapping[str, Any]) -> bool:
-    """Whether ``config`` is a built tf.keras 2 ghost-batch layer's, whose ``axis`` is off
-    by one: tf.keras 2 shifts its axes in place at build to index its ``(V, B/V, ...)``
-    view and writes them so (its own ``from_config`` then fails or picks the wrong axis).
-
-    tf.keras 2 writes ``virtual_batch_size`` only when set and never ``synchronized``,
-    which cbn and Keras 3 always write; built, its axes are a list of ints >= 2 (the
-    user's axes exclude 0). An unbuilt tf.keras 2 layer given such a list is
-    indistinguishable, and is read as built: saved models hold built layers.
-    """
-    axis = config.get("axis")
-    return (
-        config.get("virtual_batch_size") is not None
-        and "synchronized" not in config
-        and isinstance(axis, (list, tuple))
-        and len(axis) > 0
-        and all(is_integer(a) and a >= 2 for a in axis)
-    )
+def _required(value: np.ndarray | None) -> np.ndarray:
+    """``as_param``'s result for a value that is not None (it returns None only for None)."""
+    assert value is not None
+    return value
 
 
 def _weight_property(name: str) -> property:
-    def get(self) -> np.ndarray | None:
+    def get(self: BatchNormalization) -> np.ndarray | None:
         return self._weights.get(name)
 
     return property(get, doc=f"The ``{name}`` weight (None before build or when disabled).")
@@ -204,6 +98,21 @@ class BatchNormalization:
     used. ``layer(x)`` returns a NumPy array of the input's shape in the layer's
     compute dtype. Weights are NumPy arrays updated in place, so references to
     ``layer.moving_mean`` etc. stay current. Safe to call from several threads.
+    Details: ``docs/behaviour.md`` in the repository.
+
+    Example (a training step, then inference with the moving statistics):
+
+    >>> import numpy as np, cbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype=np.float32)
+    >>> layer = cbn.BatchNormalization(momentum=0.5, epsilon=0.0)
+    >>> layer(x, training=True)
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> layer.moving_mean, layer.moving_variance
+    (array([ 1., 10.], dtype=float32), array([ 1. , 50.5], dtype=float32))
+    >>> dx = layer.backward(np.ones_like(x))  # gradient for the loss sum(y)
+    >>> [g.tolist() for g in layer.gradients]  # d gamma, d beta
+    [[0.0, 0.0], [2.0, 2.0]]
     """
 
     gamma = _weight_property("gamma")
@@ -235,8 +144,8 @@ class BatchNormalization:
         renorm_momentum: float = 0.99,
         fused: bool | None = None,
         virtual_batch_size: int | None = None,
-        adjustment: Callable | None = None,
-        allreduce: Callable | None = None,
+        adjustment: Callable[[tuple[int, ...]], Any] | None = None,
+        allreduce: Allreduce | None = None,
         trainable: bool = True,
         name: str | None = None,
         dtype: Any = None,
@@ -245,14 +154,14 @@ class BatchNormalization:
         ``fused``, ``virtual_batch_size`` and ``adjustment``, and ``allreduce`` (the
         callback for ``synchronized``).
 
-        ``axis`` is an int or a list/tuple of ints (R1.1); initializers, regularizers
-        and constraints are names, Keras config dicts or callables (R1.2, R1.3);
-        ``dtype`` is None, a policy name or a Keras policy config (R7). ``fused``
-        (None/True/False) is accepted and ignored: every cbn path is fused (R1.5).
+        ``axis`` is an int or a list/tuple of ints; initializers, regularizers
+        and constraints are names, Keras config dicts or callables;
+        ``dtype`` is None, a policy name or a Keras policy config. ``fused``
+        (None/True/False) is accepted and ignored: every cbn path is fused.
         ``virtual_batch_size=V`` normalizes each ghost batch of V strided samples with
-        its own statistics in training (R12). ``adjustment(shape) -> (scale, bias)``,
+        its own statistics in training. ``adjustment(shape) -> (scale, bias)``,
         called with the input's shape in training, gives a scalar or per-channel scale
-        and bias applied to the normalized values before γ and β (R13).
+        and bias applied to the normalized values before γ and β.
         """
         self.axis = check_axis_arg(axis)
         self.momentum = real_number(momentum, "momentum")
@@ -276,9 +185,9 @@ class BatchNormalization:
         if self.renorm:
             self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
         else:
-            self.renorm_clipping = renorm_clipping
+            self.renorm_clipping = renorm_clipping  # type: ignore[assignment]  # as given
         self.renorm_momentum = real_number(renorm_momentum, "renorm_momentum")
-        # R1.5: every cbn path is the fused kernel, so unlike tf.keras 2 no combination
+        # every cbn path is the fused kernel, so unlike tf.keras 2 no combination
         # of fused=True with other arguments or input ranks is refused.
         if fused is not None and not isinstance(fused, (bool, np.bool_)):
             raise TypeError(f"fused must be None, True or False; received {fused!r}")
@@ -302,12 +211,12 @@ class BatchNormalization:
         self._trainable = _check_bool(trainable, "trainable", ValueError)
         self._policy = get_policy(dtype)
         if virtual_batch_size is not None and adjustment is not None:
-            raise ValueError(  # R1.5
+            raise ValueError(
                 "virtual_batch_size and adjustment cannot be combined; "
                 f"received virtual_batch_size={virtual_batch_size!r} and adjustment={adjustment!r}"
             )
         if virtual_batch_size is not None and self.synchronized:
-            raise ValueError(  # R14.1
+            raise ValueError(
                 "synchronized=True cannot be combined with virtual_batch_size="
                 f"{virtual_batch_size!r}"
             )
@@ -326,10 +235,12 @@ class BatchNormalization:
         #: Gradients of the last :meth:`backward`, aligned with :attr:`trainable_weights`.
         self.gradients: list[np.ndarray] = []
 
-    # ------------------------------------------------------------------ dtypes (R7)
+    # ------------------------------------------------------------------ dtypes
 
     @property
     def dtype_policy(self) -> DTypePolicy:
+        """The dtype policy: ``compute_dtype`` for inputs and outputs, ``variable_dtype``
+        for the weights (as Keras 3's ``Layer.dtype_policy``)."""
         return self._policy
 
     @property
@@ -339,6 +250,7 @@ class BatchNormalization:
 
     @property
     def variable_dtype(self) -> str:
+        """The weights' dtype name, e.g. ``"float32"``."""
         return self._policy.variable_dtype.name
 
     @property
@@ -346,7 +258,7 @@ class BatchNormalization:
         """The dtype inputs are cast to and outputs are returned in."""
         return self._policy.compute_dtype.name
 
-    # ------------------------------------------------------------------ weights (R2.2, R3.2, R9)
+    # ------------------------------------------------------------------ weights
 
     @property
     def trainable(self) -> bool:
@@ -364,6 +276,8 @@ class BatchNormalization:
 
     @property
     def trainable_weights(self) -> list[np.ndarray]:
+        """gamma and beta (those present) while the layer is trainable, else empty; an
+        optimizer updates them in place. :attr:`gradients` follows this order."""
         return [w for _, w in self._trainable_items()]
 
     def _trainable_items(self) -> list[tuple[str, np.ndarray]]:
@@ -373,6 +287,7 @@ class BatchNormalization:
 
     @property
     def non_trainable_weights(self) -> list[np.ndarray]:
+        """The moving statistics (and renorm's); every weight when not trainable."""
         if not self._trainable:
             return self.weights
         return [w for name, w in self._weights.items() if name not in _TRAINABLE]
@@ -388,17 +303,23 @@ class BatchNormalization:
         broadcast shapes). A wrong count or shape raises and changes nothing."""
         weights = list(weights)
         names = list(self._weights)
+        if not self.built:
+            raise ValueError(
+                f"set_weights on layer {self.name!r}, which is not built yet (it has no "
+                f"weights); call layer.build(input_shape) first, e.g. "
+                f"layer.build((None, 32, 32, 3)), then set_weights({len(weights)} arrays)"
+            )
         if len(weights) != len(names):
             raise ValueError(
                 f"set_weights received {len(weights)} arrays; layer {self.name!r} expects "
-                f"{len(names)} ({', '.join(names) or 'none: it is not built'})"
+                f"{len(names)} ({', '.join(names)})"
             )
         values = zip(names, weights, strict=True)
         self._assign({name: self._as_weight(value, name) for name, value in values})
 
     @property
     def losses(self) -> list[float]:
-        """One penalty per regularized trainable weight, gamma first (R9.1)."""
+        """One penalty per regularized trainable weight, gamma first."""
         if not self._trainable:
             return []
         regularizers = (("gamma", self.gamma_regularizer), ("beta", self.beta_regularizer))
@@ -410,7 +331,7 @@ class BatchNormalization:
             ]
 
     def apply_constraints(self) -> None:
-        """Project gamma and beta with their constraints (R9.2); all or nothing."""
+        """Project gamma and beta with their constraints; all or nothing."""
         constraints = (("gamma", self.gamma_constraint), ("beta", self.beta_constraint))
         with self._lock:
             projected = {
@@ -422,7 +343,8 @@ class BatchNormalization:
 
     def _as_weight(self, value: ArrayLike, name: str) -> np.ndarray:
         """``value`` checked against the channel shape, as C values in the variable dtype."""
-        return as_param(value, self._channel_shape, name, dtype=self._policy.variable_dtype)
+        return _required(as_param(value, self._channel_shape, name,
+                                  dtype=self._policy.variable_dtype))
 
     def _assign(self, values: Mapping[str, np.ndarray]) -> None:
         """Write already validated per-channel values into the weights, in place."""
@@ -431,7 +353,7 @@ class BatchNormalization:
                 target = self._weights[name]
                 target[...] = value.reshape(target.shape)  # casts like copyto(..., "unsafe")
 
-    def _snapshot(self, names: Sequence[str]) -> dict[str, np.ndarray | None]:
+    def _snapshot(self, names: Sequence[str]) -> dict[str, Any]:
         """Float64 copies of the named weights (None when absent), taken atomically."""
         with self._lock:
             return {
@@ -441,7 +363,7 @@ class BatchNormalization:
                 for name in names
             }
 
-    # ------------------------------------------------------------------ build (R2)
+    # ------------------------------------------------------------------ build
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         """Create the weights for inputs of ``input_shape`` (None allowed on the
@@ -455,7 +377,7 @@ class BatchNormalization:
                 "its size is needed to create the weights"
             )
         if self.virtual_batch_size is not None and 0 in axes:
-            raise ValueError(  # R1.5: ghost batches split axis 0
+            raise ValueError(  # ghost batches split axis 0
                 f"axis={self.axis!r} normalizes axis 0, which virtual_batch_size="
                 f"{self.virtual_batch_size} splits into ghost batches; choose other axes"
             )
@@ -468,7 +390,7 @@ class BatchNormalization:
             self.built = True
 
     @staticmethod
-    def _shape_tuple(input_shape) -> tuple[int | None, ...]:
+    def _shape_tuple(input_shape: Any) -> tuple[int | None, ...]:
         try:
             dims = tuple(input_shape)
         except TypeError:
@@ -484,10 +406,10 @@ class BatchNormalization:
     def _initial_weights(self, cshape: tuple[int, ...]) -> dict[str, np.ndarray]:
         dtype = self._policy.variable_dtype
 
-        def initial(initializer: Callable, name: str) -> np.ndarray:
+        def initial(initializer: Callable[..., Any], name: str) -> np.ndarray:
             value = initializer(cshape, dtype.name)
             return (
-                as_param(value, cshape, f"{name}_initializer output", dtype=dtype)
+                _required(as_param(value, cshape, f"{name}_initializer output", dtype=dtype))
                 .reshape(cshape)
                 .copy()
             )
@@ -500,7 +422,7 @@ class BatchNormalization:
         weights["moving_mean"] = initial(self.moving_mean_initializer, "moving_mean")
         weights["moving_variance"] = initial(self.moving_variance_initializer, "moving_variance")
         if self.renorm:
-            # R11: the stddevs start at √(variance initializer), renorm_mean at the mean one.
+            # the stddevs start at √(variance initializer), renorm_mean at the mean one.
             stddev = np.sqrt(weights["moving_variance"].astype(np.float64)).astype(dtype)
             weights["moving_stddev"] = stddev
             weights["renorm_mean"] = weights["moving_mean"].copy()
@@ -509,11 +431,11 @@ class BatchNormalization:
 
     @property
     def _channels(self) -> int:
-        """C, the number of channels of the built layer (R2.2)."""
+        """C, the number of channels of the built layer."""
         return math.prod(self._channel_shape)
 
     def _check_input_shape(self, shape: Sequence[int | None]) -> None:
-        """R2.3: the built rank and the sizes of the normalized axes."""
+        """The built rank and the sizes of the normalized axes."""
         expected = self._channel_shape
         if len(shape) != self._input_rank or channel_shape(shape, self._axes) != expected:
             raise ValueError(
@@ -527,15 +449,17 @@ class BatchNormalization:
         normalize_axes(self.axis, len(input_shape))
         return input_shape
 
-    # ------------------------------------------------------------------ call (R3–R8, R11–R13)
+    # ------------------------------------------------------------------ call
 
-    def __call__(self, inputs: ArrayLike, training: bool | None = None, mask=None) -> np.ndarray:
-        """Normalize ``inputs``; batch statistics iff ``training`` and ``trainable`` (R3.1).
+    def __call__(
+        self, inputs: ArrayLike, training: bool | None = None, mask: ArrayLike | None = None
+    ) -> np.ndarray:
+        """Normalize ``inputs``; batch statistics iff ``training`` and ``trainable``.
 
         ``mask`` (training only; its shape is always checked) selects the positions
         the statistics use: the input's shape without its last axis, or a shape of
-        the input's rank that broadcasts to it (R8). Every argument is validated
-        before anything changes, and a call that raises changes nothing (R5.2).
+        the input's rank that broadcasts to it. Every argument is validated
+        before anything changes, and a call that raises changes nothing.
         """
         if mask is None:
             y = self._small_call(inputs, bool(training and self._trainable))
@@ -563,12 +487,13 @@ class BatchNormalization:
         w = self._weights
         if not (self.built and type(inputs) is np.ndarray and len(self._axes) == 1
                 and inputs.ndim == self._input_rank
-                and inputs.dtype == self._policy.compute_dtype and inputs.size < 32768):
+                and inputs.dtype == self._policy.compute_dtype
+                and inputs.size < _core.SERIAL_THRESHOLD):
             return None
         if training and (self.renorm or self.adjustment is not None or self.synchronized
                          or self.virtual_batch_size is not None):
             return None
-        # Under the lock the weights cannot change halfway (R5.1's commits take it).
+        # Under the lock the weights cannot change halfway (the moving updates take it).
         with self._lock:
             if training:
                 fast = _core.train_fast(inputs, w.get("gamma"), w.get("beta"), self._axes[0],
@@ -585,13 +510,14 @@ class BatchNormalization:
         else:
             y, (mean, variance, gamma, _) = fast
         view = _KernelView(inputs, y, None, self._axes, 1, None)
-        self._last_call = _ForwardRecord(view, training, None, mean, variance, mean, variance,
-                                         gamma if "gamma" in w else None, None, None, None, None)
+        self._last_call = _ForwardRecord.of_plain_call(
+            view, through_stats=training, mean=mean, variance=variance,
+            gamma=gamma if "gamma" in w else None)
         return y
 
     def backward(self, dy: ArrayLike) -> np.ndarray:
         """Gradient with respect to the input of the last call, for the output
-        gradient ``dy`` (R15); also sets :attr:`gradients` (dγ, dβ as present in
+        gradient ``dy``; also sets :attr:`gradients` (dγ, dβ as present in
         :attr:`trainable_weights`, in the weights' dtype).
 
         After a training call the derivative goes through the batch statistics
@@ -607,49 +533,7 @@ class BatchNormalization:
                 f"layer {self.name!r} has no call to differentiate: call it on an input "
                 "before backward"
             )
-        view = record.view
-        shape = view.y.shape if view.virtual_batch_size is None else (
-            (view.y.shape[0] * view.y.shape[1],) + view.y.shape[2:])
-        grad = as_array(dy, "dy")
-        if grad.shape != shape:
-            raise ValueError(
-                f"dy has shape {grad.shape}; expected the shape of the last call's output {shape}"
-            )
-        if grad.dtype != view.x.dtype:
-            grad = grad.astype(view.x.dtype)
-        dx = np.empty(shape, view.x.dtype)
-        if view.virtual_batch_size is not None:
-            grad_k, dx_k = (_ghost_view(a, view.virtual_batch_size) for a in (grad, dx))
-        else:
-            grad_k, dx_k = grad, dx
-        ones, zeros = np.ones(self._channels), np.zeros(self._channels)
-        r, d, adjust_scale, adjust_bias = (
-            default if value is None else value
-            for value, default in ((record.r, ones), (record.d, zeros),
-                                   (record.adjust_scale, ones), (record.adjust_bias, zeros))
-        )
-        gamma = ones if record.gamma is None else record.gamma
-        gamma_r, gamma_one = r * adjust_scale, d * adjust_scale
-        dx_scale = np.tile(gamma * gamma_r, view.ghosts)
-        core_args = (view.axes, view.mask, record.mean, record.variance)
-        if record.allreduce is None:
-            sum_dy, sum_dy_xhat = _core.backward(
-                grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, record.through_stats
-            )
-        else:
-            # R14.3: one collective of (count, Σdy, Σdy·x̂); dγ and dβ stay this rank's.
-            local = _core.backward_sums(grad_k, view.x, *core_args, self.epsilon)
-            total = sum_across_ranks(record.allreduce, local.copy())
-            _core.backward_apply(grad_k, view.x, dx_k, *core_args, dx_scale, self.epsilon, total)
-            sum_dy, sum_dy_xhat = np.split(local, 3)[1:]
-        # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
-        per_channel = (-1, self._channels)
-        sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
-        sum_dy_xhat = sum_dy_xhat.reshape(per_channel).sum(axis=0)
-        per_weight = {
-            "gamma": gamma_r * sum_dy_xhat + (gamma_one + adjust_bias) * sum_dy,
-            "beta": sum_dy,
-        }
+        dx, per_weight = backward_through(record, dy, self._channels, self.epsilon)
         dtype = self._policy.variable_dtype
         self.gradients = [
             per_weight[name].astype(dtype).reshape(self._channel_shape)
@@ -658,7 +542,7 @@ class BatchNormalization:
         return dx
 
     def _autocast(self, inputs: ArrayLike) -> np.ndarray:
-        """R7.1/R7.2: integers and bool read as float32, then everything cast to
+        """Integers and bool read as float32, then everything cast to
         the compute dtype (a no-op, without a copy, when it already is)."""
         x = as_array(inputs, "inputs")
         if x.ndim == 0:
@@ -673,25 +557,26 @@ class BatchNormalization:
         mean, variance = p["moving_mean"], p["moving_variance"]
         _core.normalize(x, y, self._axes, mean, variance, p["gamma"], p["beta"], self.epsilon)
         view = _KernelView(x, y, None, self._axes, 1, None)
-        return _ForwardRecord(view, False, None, mean, variance, mean, variance, p["gamma"], None,
-                              None, None, None)
+        return _ForwardRecord.of_plain_call(
+            view, through_stats=False, mean=mean, variance=variance, gamma=p["gamma"])
 
     def _forward_training(
         self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
     ) -> _ForwardRecord:
-        """Normalize ``x`` into ``y`` with the batch statistics (R4, R6, R8, R11–R13).
+        """Normalize ``x`` into ``y`` with the batch statistics.
 
         Every check that can fail (ghost batch divisibility, the adjustment's values)
         runs before the core writes ``y``; nothing is committed here.
         """
-        # R14.1: a missing callback is an error before anything runs.
+        # a missing callback is an error before anything runs.
         allreduce = resolve_allreduce(self.allreduce) if self.synchronized else None
-        view = self._kernel_view(x, y, mask)
-        adjust_scale, adjust_bias = self._adjustment_values(x.shape)
+        view = kernel_view(x, y, mask, self._axes, self.virtual_batch_size)
+        adjust_scale, adjust_bias = adjustment_values(self.adjustment, x.shape,
+                                                      self._channel_shape)
         p = self._snapshot(
             ("gamma", "beta", "renorm_mean", "renorm_stddev", "moving_mean"))
         # Statistics before the normalize pass when the affine depends on them
-        # (renorm) or they come from all ranks (R14); else one fused core call.
+        # (renorm) or they come from all ranks; else one fused core call.
         statistics_first = self.renorm or allreduce is not None
         if allreduce is not None:
             # One collective of the shifted sums around the moving mean (distributed.md).
@@ -701,10 +586,12 @@ class BatchNormalization:
         elif statistics_first:
             mean, variance, _ = _core.moments(view.x, view.axes, view.mask)
         if statistics_first:
-            batch_mean, batch_variance = self._ghost_averages(mean, variance, view.ghosts)
+            batch_mean, batch_variance = ghost_averages(
+                mean, variance, view.ghosts, self._channels)
         r = d = None
         if self.renorm:
-            r, d = self._renorm_correction(batch_mean, batch_variance, p)
+            r, d = renorm_correction(batch_mean, batch_variance, p["renorm_mean"],
+                                     p["renorm_stddev"], self.epsilon, self.renorm_clipping)
         if r is None and adjust_scale is None:
             scale, shift = p["gamma"], p["beta"]  # plain batch normalization
         else:
@@ -722,161 +609,38 @@ class BatchNormalization:
             mean, variance = _core.train_forward(
                 view.x, view.y, view.axes, view.mask, scale, shift, self.epsilon
             )
-            batch_mean, batch_variance = self._ghost_averages(mean, variance, view.ghosts)
+            batch_mean, batch_variance = ghost_averages(
+                mean, variance, view.ghosts, self._channels)
         return _ForwardRecord(
-            view, True, allreduce, mean, variance, batch_mean, batch_variance, p["gamma"], r, d,
-            adjust_scale, adjust_bias,
+            view=view, through_stats=True, allreduce=allreduce, mean=mean, variance=variance,
+            batch_mean=batch_mean, batch_variance=batch_variance, gamma=p["gamma"], r=r, d=d,
+            adjust_scale=adjust_scale, adjust_bias=adjust_bias,
         )
-
-    def _ghost_averages(
-        self, mean: np.ndarray, variance: np.ndarray, ghosts: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """R12: per channel, the averages over the ghost batches of their means and of
-        their variances (given per (ghost, channel)). An empty batch has no ghost batch;
-        like a channel without a used position (R8.3) its statistics are then 0."""
-        if ghosts == 1:
-            return mean, variance
-        def average(values: np.ndarray) -> np.ndarray:
-            return values.reshape(ghosts, self._channels).sum(axis=0) / max(ghosts, 1)
-
-        return average(mean), average(variance)
-
-    def _kernel_view(
-        self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None
-    ) -> _KernelView:
-        """The call's arrays as the core sees them: R12's ghost views with
-        ``virtual_batch_size`` (a batch it does not divide raises ``ValueError``)."""
-        size = self.virtual_batch_size
-        if size is None:
-            return _KernelView(x, y, mask, self._axes, 1, None)
-        if x.shape[0] % size:
-            raise ValueError(
-                f"virtual_batch_size={size} must divide the batch size in training; received "
-                f"inputs of shape {x.shape} (batch size {x.shape[0]})"
-            )
-        return _KernelView(
-            _ghost_view(x, size),
-            _ghost_view(y, size),
-            None if mask is None else _ghost_view(mask, size),
-            (1,) + tuple(axis + 1 for axis in self._axes),
-            x.shape[0] // size,
-            size,
-        )
-
-    def _adjustment_values(
-        self, input_shape: tuple[int, ...]
-    ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-        """R13: ``adjustment(input_shape)`` as per-channel float64 ``(a_scale, a_bias)``;
-        ``(None, None)`` without an adjustment. Each returned value is a scalar or one value
-        per channel (the channel shape, optionally with extra size-1 dims)."""
-        if self.adjustment is None:
-            return None, None
-        pair = self.adjustment(tuple(input_shape))
-        if isinstance(pair, (tuple, list)) and len(pair) == 2:
-            return (
-                self._per_channel_adjustment(pair[0], "scale"),
-                self._per_channel_adjustment(pair[1], "bias"),
-            )
-        received = (
-            f"a {type(pair).__name__} of length {len(pair)}"
-            if isinstance(pair, (tuple, list))
-            else f"an object of type {type(pair).__name__}"
-        )
-        raise TypeError(f"adjustment(shape) must return a pair (scale, bias); received {received}")
-
-    def _per_channel_adjustment(self, value: Any, role: str) -> np.ndarray:
-        name = f"the {role} returned by adjustment (a scalar or one value per channel)"
-        arr = as_array(value, name)
-        if arr.size == 1:  # one value for every channel
-            arr = np.broadcast_to(arr.reshape(()), self._channel_shape)
-        return as_param(arr, self._channel_shape, name)
-
-    def _renorm_correction(
-        self, mean: np.ndarray, variance: np.ndarray, p: Mapping[str, np.ndarray | None]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """R11's ``r`` and ``d`` from the pre-update renorm statistics."""
-        stddev = np.sqrt(variance + self.epsilon)
-        renorm_stddev = np.maximum(p["renorm_stddev"], np.sqrt(self.epsilon))
-        r = stddev / renorm_stddev
-        d = (mean - p["renorm_mean"]) / renorm_stddev
-        rmax, rmin, dmax = (self.renorm_clipping.get(key) for key in _CLIPPING_KEYS)
-        if rmin is not None:
-            r = np.maximum(r, rmin)
-        if rmax is not None:
-            r = np.minimum(r, rmax)
-        if dmax is not None:
-            d = np.clip(d, -dmax, dmax)
-        return r, d
 
     def _commit_moving_update(self, mean: np.ndarray, variance: np.ndarray) -> None:
-        """R5.1/R11 moving updates, all computed before any is written.
+        """The moving-statistics updates (and renorm's), all computed before any is written.
 
         Each update is applied to the current values under the lock, so concurrent
         training calls compose like sequential ones.
         """
-        momentum = self.momentum
         with self._lock:
-            current = self._weights
-            new = {"moving_mean": _ema(current["moving_mean"], mean, momentum)}
-            if self.renorm:
-                stddev = np.sqrt(variance + self.epsilon)
-                moving_stddev = _ema(current["moving_stddev"], stddev, momentum)
-                renorm_momentum = self.renorm_momentum
-                new["moving_stddev"] = moving_stddev
-                new["moving_variance"] = np.maximum(moving_stddev**2 - self.epsilon, 0.0)
-                new["renorm_mean"] = _ema(current["renorm_mean"], mean, renorm_momentum)
-                new["renorm_stddev"] = _ema(current["renorm_stddev"], stddev, renorm_momentum)
-            else:
-                new["moving_variance"] = _ema(current["moving_variance"], variance, momentum)
-            self._assign(new)
+            self._assign(moving_updates(
+                self._weights, mean, variance, momentum=self.momentum, epsilon=self.epsilon,
+                renorm_momentum=self.renorm_momentum if self.renorm else None,
+            ))
 
-    # ------------------------------------------------------------------ serialization (R10)
+    # ------------------------------------------------------------------ serialization
 
     def get_config(self) -> dict[str, Any]:
         """Keras' config: ``from_config(get_config())`` rebuilds an equal layer."""
-        config = {
-            "name": self.name,
-            "trainable": self._trainable,
-            "dtype": serialize_policy(self._policy),
-            "axis": list(self.axis) if isinstance(self.axis, list) else self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": INITIALIZERS.serialize(self.beta_initializer),
-            "gamma_initializer": INITIALIZERS.serialize(self.gamma_initializer),
-            "moving_mean_initializer": INITIALIZERS.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": INITIALIZERS.serialize(self.moving_variance_initializer),
-            "beta_regularizer": REGULARIZERS.serialize(self.beta_regularizer),
-            "gamma_regularizer": REGULARIZERS.serialize(self.gamma_regularizer),
-            "beta_constraint": CONSTRAINTS.serialize(self.beta_constraint),
-            "gamma_constraint": CONSTRAINTS.serialize(self.gamma_constraint),
-            "synchronized": self.synchronized,
-            "renorm": self.renorm,
-            "renorm_clipping": (
-                dict(self.renorm_clipping)
-                if isinstance(self.renorm_clipping, Mapping)
-                else self.renorm_clipping
-            ),
-            "renorm_momentum": self.renorm_momentum,
-        }
-        if self.virtual_batch_size is not None:
-            config["virtual_batch_size"] = self.virtual_batch_size
-        return config
+        return layer_config(self)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BatchNormalization:
         """A layer from :meth:`get_config`'s output, from Keras 3's or tf.keras 2's
         ``BatchNormalization.get_config()``, or from a whole serialized layer
         (``{"class_name": "BatchNormalization", "config": {...}, ...}``)."""
-        if "class_name" in config and isinstance(config.get("config"), Mapping):
-            config = config["config"]
-        kwargs = {k: v for k, v in config.items() if k not in _SHAPE_HINT_KEYS}
-        if kwargs.pop("activity_regularizer", None) is not None:
-            raise ValueError("activity_regularizer is not supported by cbn.BatchNormalization")
-        if _is_built_tf_keras2_ghost_config(kwargs):
-            kwargs["axis"] = [axis - 1 for axis in kwargs["axis"]]
-        return construct_from_config(cls, kwargs)
+        return construct_from_config(cls, constructor_kwargs(config))
 
     # A lock cannot be copied or pickled: each copy gets its own.
     def __getstate__(self) -> dict[str, Any]:

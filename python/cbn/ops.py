@@ -8,7 +8,10 @@ axes (increasing axis order), as float64 for float64 input and float32 otherwise
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _core
 from ._validate import (
@@ -26,7 +29,7 @@ from .distributed import Allreduce, check_allreduce, sum_across_ranks
 __all__ = ["moments", "batch_normalization", "batch_norm_train", "batch_norm_backward"]
 
 
-def _input(x) -> np.ndarray:
+def _input(x: ArrayLike) -> np.ndarray:
     arr = as_array(x, "x")
     if arr.ndim == 0:
         raise ValueError("x must have at least one dimension; received a scalar")
@@ -34,22 +37,41 @@ def _input(x) -> np.ndarray:
     return arr if arr.dtype == dtype else arr.astype(dtype)
 
 
+def _prepare(
+    x: ArrayLike, axis: int | list[int], epsilon: float
+) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...], float]:
+    """The checks every op starts with: ``x`` as the array the core reads, its channel
+    axes, the channel shape, and ``epsilon`` as a float."""
+    arr = _input(x)
+    axes = normalize_axes(axis, arr.ndim)
+    return arr, axes, channel_shape(arr.shape, axes), check_epsilon(epsilon)
+
+
 def _stats_dtype(x: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
 
 
-def _output(x: np.ndarray, out) -> np.ndarray:
+def _output(x: np.ndarray, out: ArrayLike | None) -> np.ndarray:
     if out is None:
         return np.empty_like(x)
     return check_out(out, x, x.dtype)
 
 
-def moments(x, axis: int | list[int] = -1, mask=None) -> tuple[np.ndarray, np.ndarray]:
+def moments(
+    x: ArrayLike, axis: int | list[int] = -1, mask: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance of ``x``.
 
     ``mask`` (optional) selects the positions that count: either the input's shape
     without its last axis, or any shape of the input's rank that broadcasts to it.
     A channel with no used position gets mean 0 and variance 0.
+
+    >>> import numpy as np, cbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    >>> cbn.ops.moments(x, axis=-1)
+    (array([ 3., 30.]), array([  2.66666667, 266.66666667]))
+    >>> cbn.ops.moments(x, axis=-1, mask=np.array([True, True, False]))
+    (array([ 2., 20.]), array([  1., 100.]))
     """
     arr = _input(x)
     axes = normalize_axes(axis, arr.ndim)
@@ -61,49 +83,54 @@ def moments(x, axis: int | list[int] = -1, mask=None) -> tuple[np.ndarray, np.nd
 
 
 def batch_normalization(
-    x,
-    mean,
-    variance,
+    x: ArrayLike,
+    mean: ArrayLike,
+    variance: ArrayLike,
     *,
-    gamma=None,
-    beta=None,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
     axis: int | list[int] = -1,
     epsilon: float = 1e-3,
-    out: np.ndarray | None = None,
+    out: Any = None,
 ) -> np.ndarray:
     """Inference: ``(x - mean) * gamma / sqrt(variance + epsilon) + beta`` per channel.
 
     ``mean``, ``variance``, ``gamma``, ``beta`` have the channel shape (or it with
     extra size-1 dims). ``out=x`` normalizes in place. Returns the output array
     (the input's dtype; integers and bool give float32).
+
+    >>> import numpy as np, cbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype=np.float32)
+    >>> cbn.ops.batch_normalization(x, mean=[2.0, 20.0], variance=[1.0, 100.0], epsilon=0.0,
+    ...                             beta=[0.5, 0.5])
+    array([[-0.5, -0.5],
+           [ 1.5,  1.5]], dtype=float32)
     """
-    y = _core.normalize_fast(x, mean, variance, gamma, beta, axis, epsilon, out)
-    if y is not None:
-        return y
-    arr = _input(x)
-    axes = normalize_axes(axis, arr.ndim)
-    cshape = channel_shape(arr.shape, axes)
-    eps = check_epsilon(epsilon)
-    params = [as_param(v, cshape, n) for v, n in ((mean, "mean"), (variance, "variance"),
-                                                 (gamma, "gamma"), (beta, "beta"))]
-    if params[0] is None or params[1] is None:
+    fast: np.ndarray | None = _core.normalize_fast(x, mean, variance, gamma, beta, axis,
+                                                   epsilon, out)
+    if fast is not None:
+        return fast
+    arr, axes, cshape, eps = _prepare(x, axis, epsilon)
+    mu, var, g, b = (as_param(v, cshape, n) for v, n in (
+        (mean, "mean"), (variance, "variance"), (gamma, "gamma"), (beta, "beta")))
+    if mu is None or var is None:
         raise TypeError("mean and variance are required arrays; received None")
     y = _output(arr, out)
-    _core.normalize(arr, y, axes, *params, eps)
+    _core.normalize(arr, y, axes, mu, var, g, b, eps)
     return y
 
 
 def batch_norm_train(
-    x,
+    x: ArrayLike,
     *,
-    gamma=None,
-    beta=None,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
     axis: int | list[int] = -1,
     epsilon: float = 1e-3,
-    mask=None,
-    out: np.ndarray | None = None,
+    mask: ArrayLike | None = None,
+    out: Any = None,
     allreduce: Allreduce | None = None,
-    shift=None,
+    shift: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training forward: batch statistics (masked as :func:`moments`), then every
     position normalized with them, in one pass over the data.
@@ -119,15 +146,22 @@ def batch_norm_train(
     validated and otherwise unused). If ``allreduce`` raises, ``out`` is untouched.
 
     Returns ``(y, mean, variance)``.
+
+    >>> import numpy as np, cbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype=np.float32)
+    >>> y, mean, variance = cbn.ops.batch_norm_train(x, epsilon=0.0)
+    >>> y
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> mean, variance
+    (array([ 2., 20.], dtype=float32), array([  1., 100.], dtype=float32))
     """
     if mask is None and allreduce is None and shift is None:
-        fast = _core.train_fast(x, gamma, beta, axis, epsilon, out)
+        fast: tuple[np.ndarray, np.ndarray, np.ndarray] | None = _core.train_fast(
+            x, gamma, beta, axis, epsilon, out)
         if fast is not None:
             return fast
-    arr = _input(x)
-    axes = normalize_axes(axis, arr.ndim)
-    cshape = channel_shape(arr.shape, axes)
-    eps = check_epsilon(epsilon)
+    arr, axes, cshape, eps = _prepare(x, axis, epsilon)
     g = as_param(gamma, cshape, "gamma")
     b = as_param(beta, cshape, "beta")
     k = as_param(shift, cshape, "shift")
@@ -145,17 +179,17 @@ def batch_norm_train(
 
 
 def batch_norm_backward(
-    dy,
-    x,
-    mean,
-    variance,
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    variance: ArrayLike,
     *,
-    gamma=None,
+    gamma: ArrayLike | None = None,
     axis: int | list[int] = -1,
     epsilon: float = 1e-3,
-    mask=None,
+    mask: ArrayLike | None = None,
     training: bool = True,
-    out: np.ndarray | None = None,
+    out: Any = None,
     allreduce: Allreduce | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta``.
@@ -178,16 +212,21 @@ def batch_norm_backward(
 
     Returns ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, ``dgamma =
     Σ dy·x̂`` and ``dbeta = Σ dy`` over every position, in the channel shape.
+
+    >>> import numpy as np, cbn
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, variance = cbn.ops.batch_norm_train(x, epsilon=0.0)  # y = [[-1], [1]]
+    >>> dx, dgamma, dbeta = cbn.ops.batch_norm_backward(np.array([[1.0], [0.0]]), x, mean,
+    ...                                                 variance, epsilon=0.0)
+    >>> dx.ravel(), dgamma, dbeta
+    (array([0., 0.]), array([-1.]), array([1.]))
     """
-    arr = _input(x)
-    axes = normalize_axes(axis, arr.ndim)
-    cshape = channel_shape(arr.shape, axes)
+    arr, axes, cshape, eps = _prepare(x, axis, epsilon)
     grad = as_array(dy, "dy")
     if grad.shape != arr.shape:
         raise ValueError(f"dy has shape {grad.shape}; expected the input's shape {arr.shape}")
     if grad.dtype != arr.dtype:
         grad = grad.astype(arr.dtype)
-    eps = check_epsilon(epsilon)
     mu = as_param(mean, cshape, "mean")
     var = as_param(variance, cshape, "variance")
     if mu is None or var is None:

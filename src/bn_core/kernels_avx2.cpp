@@ -1,5 +1,4 @@
-// The kernels compiled for the "avx2" target (flags set per file in CMakeLists.txt).
-#define BN_ISA_NS avx2
-#define BN_ISA_NAME "avx2"
-#define BN_VEC_BYTES 32  // the target's native vector width
-#include "kernels_impl.hpp"
+// The "avx2" kernel table (flags from the file suffix; the entries are in
+// <operation>_avx2.cpp).
+#include "kernels/target_avx2.hpp"
+#include "kernels/table.hpp"

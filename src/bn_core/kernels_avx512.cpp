@@ -1,5 +1,4 @@
-// The kernels compiled for the "avx512" target (flags set per file in CMakeLists.txt).
-#define BN_ISA_NS avx512
-#define BN_ISA_NAME "avx512"
-#define BN_VEC_BYTES 64  // the target's native vector width
-#include "kernels_impl.hpp"
+// The "avx512" kernel table (flags from the file suffix; the entries are in
+// <operation>_avx512.cpp).
+#include "kernels/target_avx512.hpp"
+#include "kernels/table.hpp"

@@ -31,6 +31,8 @@ extern "C" {
 #endif
 
 #define BN_MAX_RANK 64
+/* Calls on fewer elements than this run on the calling thread (no OpenMP region). */
+#define BN_SERIAL_THRESHOLD 32768
 
 typedef enum bn_status {
   BN_OK = 0,
@@ -105,7 +107,7 @@ BN_API bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_t
                              double *sum_dy_xhat);
 
 /* Distributed training: the statistics' phases around the caller's sum over
- * ranks (shared/spec/distributed.md). The core itself never communicates.
+ * ranks (README.md, "Distributed training"). The core itself never communicates.
  *
  * Forward, phase 1: this rank's 3*C-value buffer, laid out as C counts n,
  * then C values n*(mean - K), then C values M2 + n*(mean - K)^2, with the

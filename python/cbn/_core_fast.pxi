@@ -1,0 +1,202 @@
+# Included by _core.pyx: the small common call of ops.batch_normalization and
+# ops.batch_norm_train (and the layer's plain calls), without the general validation.
+
+cdef enum:
+    FAST_MAX_CHANNELS = 64
+
+cdef extern from "numpy/arrayobject.h":
+    # A new array of a's shape and dtype with a's memory order (np.empty_like).
+    object PyArray_NewLikeArray(cnp.ndarray a, cnp.NPY_ORDER order, void *descr, int subok)
+
+
+cdef bint fast_param(object p, Py_ssize_t c, double *out, double default):
+    """Copy a per-channel parameter into out as float64: None (default), or a 1-D
+    float32/float64 ndarray of c values. False when p is anything else."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t i, stride
+    cdef char *data
+    if p is None:
+        for i in range(c):
+            out[i] = default
+        return True
+    if type(p) is not np.ndarray:
+        return False
+    a = <cnp.ndarray>p
+    if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != c:
+        return False
+    data = <char *>cnp.PyArray_DATA(a)
+    stride = cnp.PyArray_STRIDES(a)[0]
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64:
+        for i in range(c):
+            out[i] = (<double *>(data + i * stride))[0]
+    elif cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        for i in range(c):
+            out[i] = (<float *>(data + i * stride))[0]
+    else:
+        return False
+    return True
+
+
+cdef bint byte_extent(cnp.ndarray a, char **lo, char **hi):
+    """[lo, hi) spans every byte of a's elements; False when a has none."""
+    cdef char *first = <char *>cnp.PyArray_DATA(a)
+    cdef char *last = first
+    cdef int d
+    cdef Py_ssize_t reach
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] == 0:
+            return False
+        reach = (cnp.PyArray_DIMS(a)[d] - 1) * cnp.PyArray_STRIDES(a)[d]
+        if reach < 0:
+            first += reach
+        else:
+            last += reach
+    lo[0] = first
+    hi[0] = last + cnp.PyArray_ITEMSIZE(a)
+    return True
+
+
+cdef bint fast_out(object out, cnp.ndarray a):
+    """Whether out can take a's output on the fast path: a writeable ndarray of a's
+    dtype and shape that is a's own view (in place) or shares no byte with it."""
+    if type(out) is not np.ndarray:
+        return False
+    cdef cnp.ndarray o = <cnp.ndarray>out
+    cdef int d, rank = cnp.PyArray_NDIM(a)
+    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(a) or cnp.PyArray_NDIM(o) != rank \
+            or not cnp.PyArray_ISWRITEABLE(o):
+        return False
+    cdef bint same_view = cnp.PyArray_DATA(o) == cnp.PyArray_DATA(a)
+    for d in range(rank):
+        if cnp.PyArray_DIMS(o)[d] != cnp.PyArray_DIMS(a)[d]:
+            return False
+        same_view = same_view and cnp.PyArray_STRIDES(o)[d] == cnp.PyArray_STRIDES(a)[d]
+    if same_view:
+        return True
+    cdef char *a_lo
+    cdef char *a_hi
+    cdef char *o_lo
+    cdef char *o_hi
+    if not byte_extent(a, &a_lo, &a_hi) or not byte_extent(o, &o_lo, &o_hi):
+        return True
+    return o_hi <= a_lo or a_hi <= o_lo
+
+
+cdef int fast_axis(object x, object axis, object epsilon, object out) except -2:
+    """x's channel axis when (x, axis, epsilon, out) make a fast call — a float32 or
+    float64 ndarray, an int axis, a float epsilon >= 0, no ``out`` or an ``out`` that
+    is x's view or a separate buffer of its shape and dtype — else -1."""
+    if type(x) is not np.ndarray or type(axis) is not int or type(epsilon) is not float:
+        return -1
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    cdef int rank = cnp.PyArray_NDIM(a)
+    if (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64) or rank < 1 \
+            or rank > BN_MAX_RANK:
+        return -1
+    cdef int ax = axis
+    if ax < 0:
+        ax += rank
+    cdef double eps = epsilon
+    if ax < 0 or ax >= rank or not (0.0 <= eps < float("inf")):
+        return -1
+    if out is not None and not fast_out(out, a):
+        return -1
+    return ax
+
+
+cdef object heap_params(Py_ssize_t values):
+    """None when values float64s fit the caller's stack buffer of 4 * FAST_MAX_CHANNELS
+    (a heap array costs more than a tiny call), else a new array of them."""
+    return None if values <= 4 * FAST_MAX_CHANNELS else np.empty(values)
+
+
+cdef bn_status fast_core_call(bint train, const bn_tensor *x, const bn_tensor *y,
+                              const int32_t *axes, double *params, Py_ssize_t c,
+                              double eps) noexcept nogil:
+    """The core call of a fast call; params holds 4 * c values: (mean, variance, gamma,
+    beta) to normalize with, or (gamma, beta) then room for (mean, variance) to train."""
+    if train:
+        return bn_train_forward(x, y, axes, 1, NULL, params, params + c, eps, params + 2 * c,
+                                params + 3 * c)
+    return bn_normalize(x, y, axes, 1, params, params + c, params + 2 * c, params + 3 * c, eps)
+
+
+cdef cnp.ndarray stats_array(const double *values, Py_ssize_t c, int type_num):
+    """The c statistics as a new 1-D array of type_num (float32 or float64)."""
+    cdef cnp.npy_intp n = c
+    cdef cnp.ndarray a = cnp.PyArray_SimpleNew(1, &n, type_num)
+    cdef Py_ssize_t i
+    if type_num == cnp.NPY_FLOAT64:
+        for i in range(c):
+            (<double *>cnp.PyArray_DATA(a))[i] = values[i]
+    else:
+        for i in range(c):
+            (<float *>cnp.PyArray_DATA(a))[i] = <float>values[i]
+    return a
+
+
+cdef object fast_call(bint train, object x, object axis, object epsilon, object out,
+                      object mean, object variance, object gamma, object beta,
+                      bint keep_params):
+    """A fast call (see normalize_fast and train_fast), or None when it is not one."""
+    cdef int ax = fast_axis(x, axis, epsilon, out)
+    if ax < 0 or (not train and (mean is None or variance is None)):
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
+    cdef double small[4 * FAST_MAX_CHANNELS]
+    cdef object large = heap_params(4 * c)
+    cdef double *params = &small[0] if large is None else <double *>cnp.PyArray_DATA(large)
+    # The core's order: gamma, beta, then room for the statistics it computes (training),
+    # or mean, variance, gamma, beta (inference).
+    cdef double *gamma_beta = params if train else params + 2 * c
+    if not (fast_param(gamma, c, gamma_beta, 1.0) and fast_param(beta, c, gamma_beta + c, 0.0)):
+        return None
+    if not train and not (fast_param(mean, c, params, 0.0)
+                          and fast_param(variance, c, params + c, 0.0)):
+        return None
+    cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1) if out is None \
+        else <cnp.ndarray>out
+    cdef tensor_desc xd, yd
+    describe(&xd, a, False)
+    describe(&yd, y, False)
+    cdef int32_t axes[1]
+    axes[0] = ax
+    cdef double eps = epsilon
+    cdef bn_status st
+    if cnp.PyArray_SIZE(a) < BN_SERIAL_THRESHOLD:  # the core runs these on this thread anyway
+        st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
+    else:
+        with nogil:
+            st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
+    check(st)
+    cdef cnp.npy_intp dims[2]
+    if keep_params:
+        dims[0], dims[1] = 4, c
+        kept = cnp.PyArray_SimpleNew(2, dims, cnp.NPY_FLOAT64)
+        memcpy(cnp.PyArray_DATA(kept), params, 4 * c * sizeof(double))
+        return y, kept
+    if train:
+        return (y, stats_array(params + 2 * c, c, cnp.PyArray_TYPE(a)),
+                stats_array(params + 3 * c, c, cnp.PyArray_TYPE(a)))
+    return y
+
+
+def normalize_fast(object x, object mean, object variance, object gamma, object beta,
+                   object axis, object epsilon, object out=None, bint keep_params=False):
+    """``cbn.ops.batch_normalization`` for its common call — :func:`fast_axis`'s, with
+    1-D float32/float64 parameters — or None when the call is anything else (the
+    caller then takes the general path, which validates and explains). With
+    keep_params, returns (y, the float64 parameters used as a (4, C) array)."""
+    return fast_call(False, x, axis, epsilon, out, mean, variance, gamma, beta, keep_params)
+
+
+def train_fast(object x, object gamma, object beta, object axis, object epsilon,
+               object out=None, bint keep_params=False):
+    """``cbn.ops.batch_norm_train`` for its common call — :func:`fast_axis`'s, with
+    1-D float32/float64 gamma and beta (or None), no mask and no allreduce — as
+    ``(y, mean, variance)`` (statistics in float64 for float64 input, else float32),
+    or None when the call is anything else. With keep_params, returns (y, a float64
+    (4, C) array of the gamma and beta used and the mean and variance computed)."""
+    return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, keep_params)

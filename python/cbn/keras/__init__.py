@@ -1,0 +1,20 @@
+"""Keras 3 integration: :class:`BatchNormalization`, a ``keras.layers.Layer`` computed by
+cbn on the torch, JAX, TensorFlow and numpy backends, and :func:`convert`, which swaps
+it into an existing model. Needs Keras 3 (``pip install "cbn[keras]"``)."""
+
+from __future__ import annotations
+
+try:
+    import keras
+except ImportError as err:
+    raise ImportError(
+        'cbn.keras needs Keras 3: pip install "cbn[keras]" (keras with jax and tensorflow-cpu) '
+        "or install keras and one of its backends"
+    ) from err
+
+if not keras.__version__.startswith("3."):
+    raise ImportError(f"cbn.keras needs Keras 3; found keras {keras.__version__}")
+
+from ._layer import BatchNormalization, convert  # noqa: E402
+
+__all__ = ["BatchNormalization", "convert"]

@@ -1,0 +1,140 @@
+"""Drop-in replacements for torch's batch normalization modules on cbn's kernels.
+
+Each class subclasses its torch counterpart and replaces only ``forward``, so the
+constructors, parameters, buffers, ``state_dict`` layout, ``reset_parameters`` and
+``repr`` are torch's own; the forward calls the ``torch.ops.cbn`` operators.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._ops import infer, train
+from ._sync import sync_batch_norm_train
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
+
+_CHANNELS = [1]
+
+
+def _check_features(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> int:
+    """The number of values per channel; errors before any buffer changes."""
+    if x.shape[1] != module.num_features:
+        raise ValueError(
+            f"expected {module.num_features} channels (dimension 1) in the input of "
+            f"{type(module).__name__}({module.num_features}); received shape {tuple(x.shape)}"
+        )
+    per_channel = x.numel() // module.num_features
+    if module.training and per_channel <= 1:
+        raise ValueError(
+            f"expected more than 1 value per channel when training; received input of "
+            f"shape {tuple(x.shape)}"
+        )
+    return per_channel
+
+
+def _update_running_stats(
+    module: Any, mean: torch.Tensor, var: torch.Tensor, count: int
+) -> None:
+    """torch's update: exponential (momentum) or cumulative (momentum=None) average of
+    the batch mean and the unbiased batch variance."""
+    module.num_batches_tracked.add_(1)
+    running_mean, running_var = module.running_mean, module.running_var
+    unbiased = var.detach().to(running_var.dtype) * (count / (count - 1))
+    mean = mean.detach().to(running_mean.dtype)
+    if module.momentum is None:
+        running_mean.add_((mean - running_mean) / module.num_batches_tracked)
+        running_var.add_((unbiased - running_var) / module.num_batches_tracked)
+    else:
+        running_mean.lerp_(mean, module.momentum)
+        running_var.lerp_(unbiased, module.momentum)
+
+
+def _batch_norm(
+    module: Any, x: torch.Tensor, sync_group: object = None
+) -> torch.Tensor:
+    """The forward shared by every module; ``sync_group`` is set when the batch
+    statistics are to be reduced across the ranks of a process group."""
+    per_channel = _check_features(module, x)
+    if not module.training and module.running_mean is not None:
+        return infer(x, module.running_mean, module.running_var, module.weight, module.bias,
+                     _CHANNELS, module.eps)
+    if sync_group is None:
+        y, mean, var = train(x, module.weight, module.bias, _CHANNELS, module.eps)
+    else:
+        y, mean, var, per_channel = sync_batch_norm_train(x, module, sync_group)
+    if module.training and module.track_running_stats:
+        _update_running_stats(module, mean, var, per_channel)
+    return y
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on cbn's kernels: inputs ``(N, C)`` or ``(N, C, L)``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return _batch_norm(self, input)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on cbn's kernels: inputs ``(N, C, H, W)``, contiguous or
+    channels_last (the output keeps the input's memory format)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return _batch_norm(self, input)
+
+
+class BatchNorm3d(nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on cbn's kernels: inputs ``(N, C, D, H, W)``, contiguous
+    or channels_last_3d."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return _batch_norm(self, input)
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on CPU: in training, the batch statistics are those of
+    the union of every rank's batch (exact for uneven batches), reduced with one
+    ``torch.distributed`` all_reduce in the forward and one in the backward. Without an
+    initialized process group of more than one rank it is a plain batch norm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        group = self.process_group or torch.distributed.group.WORLD
+        synchronized = (
+            self.training and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(group) > 1
+        )
+        return _batch_norm(self, input, group if synchronized else None)
+
+
+_REPLACEMENTS = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
+}
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Make every ``torch.nn.BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` in ``module``
+    (itself included, recursively, in place) run on cbn, and return ``module``.
+
+    Each module keeps its identity, parameters, buffers, hooks, mode, device and dtype
+    (an optimizer built before the conversion still holds the same parameters): only its
+    class becomes the cbn subclass, which differs in ``forward`` alone. Subclasses of
+    torch's modules (``LazyBatchNorm2d``, user classes) are left as they are.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module; received {type(module).__name__}")
+    for sub in module.modules():
+        replacement = _REPLACEMENTS.get(type(sub))
+        if replacement is not None:
+            sub.__class__ = replacement
+    return module

@@ -1,0 +1,4 @@
+library(testthat)
+library(cbn)
+
+test_check("cbn")

@@ -1,0 +1,4 @@
+// The backward_sums kernels for the "scalar" target (flags from the file suffix).
+#include "kernels/target_scalar.hpp"
+#define BN_KERNEL_BACKWARD_SUMS
+#include "kernels/entry.hpp"

@@ -1,0 +1,41 @@
+// Defines the entry of the operation the including translation unit names
+// (BN_KERNEL_MOMENTS, BN_KERNEL_NORMALIZE, BN_KERNEL_BACKWARD_SUMS or
+// BN_KERNEL_BACKWARD_APPLY): the element type dispatch into that operation.
+#include "all.hpp"
+#include "entries.hpp"
+
+namespace bn_core {
+namespace BN_ISA_NS {
+
+#if defined(BN_KERNEL_MOMENTS)
+void moments_entry(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
+  with_element_type(p.dtype, [&](auto elem) {
+    moments_items<decltype(elem)>(p, item_begin, item_end, s);
+  });
+}
+#elif defined(BN_KERNEL_NORMALIZE)
+void normalize_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
+  with_element_type(p.dtype, [&](auto elem) {
+    normalize_items<decltype(elem)>(p, item_begin, item_end, a);
+  });
+}
+#elif defined(BN_KERNEL_BACKWARD_SUMS)
+void backward_sums_entry(const plan &p, int64_t item_begin, int64_t item_end,
+                         const backward_params &b, const backward_scratch &s) {
+  with_element_type(p.dtype, [&](auto elem) {
+    backward_sums_items<decltype(elem)>(p, item_begin, item_end, b, s);
+  });
+}
+#elif defined(BN_KERNEL_BACKWARD_APPLY)
+void backward_apply_entry(const plan &p, int64_t item_begin, int64_t item_end,
+                          const backward_params &b) {
+  with_element_type(p.dtype, [&](auto elem) {
+    backward_apply_items<decltype(elem)>(p, item_begin, item_end, b);
+  });
+}
+#else
+#error "define the operation (BN_KERNEL_MOMENTS, ...) before including kernels/entry.hpp"
+#endif
+
+}  // namespace BN_ISA_NS
+}  // namespace bn_core

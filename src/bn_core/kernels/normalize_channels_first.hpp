@@ -1,0 +1,79 @@
+// Normalize one line segment: a channels-first plane (one channel's contiguous
+// run), or any segment element by element (strided, or channels-last rows that
+// take no tile).
+// Part of the kernel source (kernels/all.hpp lists the parts in order).
+
+namespace bn_core {
+namespace BN_ISA_NS {
+namespace {
+
+// ---- normalize -------------------------------------------------------------------
+
+// One channel's contiguous run: plain stores up to a vector-aligned y, then
+// vectors (streaming with Stream). Vector stores that straddle two lines (NumPy's
+// large arrays start 16 bytes into a page) ran 10-20% slower at 1 thread
+// (64x1x256x256 out of place). ahead > 0: also prefetch x's lines that many bytes
+// on (a training forward's next chunk, fetched while this one runs from the caches).
+template <class E, bool Stream>
+void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, typename E::acc sc,
+                     typename E::acc b, int64_t ahead) {
+  using vec = typename E::vec;
+  constexpr int64_t W = E::lanes, align = W * E::size;
+  auto vector_at = [&](int64_t at) { return normalized<vec>(E::load_vec(x + at * E::size), mh, sc, b); };
+  const uintptr_t y_at = reinterpret_cast<uintptr_t>(y);
+  // Out of place (y never partly overlaps x), the elements before y's first
+  // aligned vector and after its last go in one unaligned vector each, which
+  // store some values twice: in scalar loops, (8,256,14,14) out of place took
+  // 1.15x as long at 1 thread and (32,512,7,7) 1.35x. In place that would
+  // normalize them twice; streamed, the vectors' plain stores into lines that
+  // are then streamed made (64,256,56,56) take 1.4x as long.
+  const bool overlap_stores = !Stream && x != y && len >= W && y_at % E::size == 0;
+  // A y off the element size never aligns: streamed, it is all plain stores.
+  const int64_t peel_end = Stream || y_at % E::size == 0 ? len : 0;
+  int64_t i = 0;
+  if (overlap_stores && y_at % align) {
+    E::template store_vec<false>(y, vector_at(0));
+    i = static_cast<int64_t>(align - y_at % align) / E::size;
+  }
+  for (; i < peel_end && (y_at + i * E::size) % align; ++i)
+    E::store(y + i * E::size, normalized(E::load(x + i * E::size), mh, sc, b));
+  for (; i + W <= len; i += W) {
+    if (ahead) __builtin_prefetch(x + i * E::size + ahead, 0, 2);
+    E::template store_vec<Stream>(y + i * E::size, vector_at(i));
+  }
+  if (overlap_stores && i < len) {
+    E::template store_vec<false>(y + (len - W) * E::size, vector_at(len - W));
+    i = len;
+  }
+  for (; i < len; ++i) E::store(y + i * E::size, normalized(E::load(x + i * E::size), mh, sc, b));
+}
+
+// One line segment. Contig: x and y unit-stride (and, for rows x C, unit
+// channel stride), so the compiler sees plain arrays.
+template <class E, bool Contig>
+void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_t len,
+                       const affine_params &a) {
+  using acc = typename E::acc;
+  const acc *__restrict mean_hi = static_cast<const acc *>(a.mean_hi);
+  const acc *__restrict scale = static_cast<const acc *>(a.scale);
+  const acc *__restrict bias = static_cast<const acc *>(a.bias);
+  const int64_t xs = Contig ? E::size : p.inner.x_stride;
+  const int64_t ys = Contig ? E::size : p.inner.y_stride;
+  if (!p.inner_is_channel) {
+    const acc mh = mean_hi[c0], sc = scale[c0], b = bias[c0];
+    if (Contig && p.stream_y) normalize_plane<E, true>(x, y, len, mh, sc, b, p.prefetch_ahead);
+    else if (Contig) normalize_plane<E, false>(x, y, len, mh, sc, b, p.prefetch_ahead);
+    else
+      for (int64_t i = 0; i < len; ++i) E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
+    return;
+  }
+  const int64_t ps = Contig ? 1 : p.inner.p_stride;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t c = c0 + j * ps;
+    E::store(y + j * ys, normalized(E::load(x + j * xs), mean_hi[c], scale[c], bias[c]));
+  }
+}
+
+}  // namespace
+}  // namespace BN_ISA_NS
+}  // namespace bn_core

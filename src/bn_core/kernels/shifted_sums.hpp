@@ -1,0 +1,71 @@
+// Shifted sums and Chan's merge: block sizes of the shifted sums Σ(x−K), Σ(x−K)²,
+// and their merge into float64 (count, mean, M2) per channel.
+// Part of the kernel source (kernels/all.hpp lists the parts in order).
+
+namespace bn_core {
+namespace BN_ISA_NS {
+namespace {
+
+// ---- moments: planes x L (the inner run is one channel) -------------------------
+
+constexpr int64_t kLanes = 16;        // independent partial sums: short chains, SIMD-friendly
+// Elements per shifted-sum block of a plane: two chains of 32 per vector lane,
+// so the float32 accuracy is the same on every ISA.
+template <class E> constexpr int64_t plane_block() { return 64 * E::lanes; }
+constexpr int64_t kRowBlock = 32;     // rows per shifted-sum block for rows x C: the fp32 chain length
+constexpr int64_t kChannelChunk = kRowsChannelChunk;  // channels per block (bounds scratch)
+
+// Sums of a folded super row's positions added up per channel: out[c] for
+// c < period gets the positions j = c (mod period) of in[0, len). out may be in.
+template <class T, class U>
+void fold_positions(const T *in, int64_t len, int64_t period, U *out) {
+  for (int64_t c = 0; c < period; ++c) out[c] = in[c];
+  for (int64_t j = period, c = 0; j < len; ++j) {  // c = j % period, counted (no division per position)
+    out[c] += in[j];
+    if (++c == period) c = 0;
+  }
+}
+
+// Chan's merge of the shifted sums Σ(x−K), Σ(x−K)² of n_b positions per channel
+// (rows of a block, blocks of a plane) into contiguous channels. Branch-free so the compiler
+// vectorizes it; n == 0 needs no case because a channel's mean is 0 until its
+// first merge. The shift follows the mean so later blocks stay well centred.
+template <class T, class K>
+void merge_shifted_sums(const T *s1, const T *s2, const K *k, double n_b, int64_t len,
+                        double *__restrict count, double *__restrict mean, double *__restrict m2,
+                        double *__restrict shift) {
+  const double inv_n_b = 1.0 / n_b;
+  for (int64_t j = 0; j < len; ++j) {
+    const double a = s1[j], b = s2[j];
+    const double mean_b = static_cast<double>(k[j]) + a * inv_n_b;
+    const double m2_b = b - a * a * inv_n_b;
+    const double total = count[j] + n_b;
+    const double delta = mean_b - mean[j];
+    mean[j] += delta * (n_b / total);
+    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * delta * (count[j] * n_b / total);
+    count[j] = total;
+    shift[j] = mean[j];
+  }
+}
+
+// A channel's consecutive blocks share one shift: their shifted sums add up, so
+// they merge once per this many blocks' positions, within a plane and across a
+// channel's planes (run_s1, run_s2, run_n). Merging after every block made the
+// next block's sums wait for the merge's divisions: statistics of cached 56x56
+// planes took 1.2x as long, and with a merge per plane (8,256,14,14) took
+// 1.2-1.3x and (32,512,7,7) 1.5x. The shift still follows the mean after each group.
+constexpr int64_t kBlocksPerShift = 8;
+
+// Merges channel c's pending shifted sums (taken relative to its shift).
+template <class E>
+void plane_merge_pending(int64_t c, const moments_scratch &s) {
+  if (s.run_n[c] == 0) return;
+  const typename E::acc shift = static_cast<typename E::acc>(s.shift[c]);
+  merge_shifted_sums(s.run_s1 + c, s.run_s2 + c, &shift, s.run_n[c], 1, s.count + c, s.mean + c, s.m2 + c,
+                     s.shift + c);
+  s.run_s1[c] = s.run_s2[c] = s.run_n[c] = 0;
+}
+
+}  // namespace
+}  // namespace BN_ISA_NS
+}  // namespace bn_core

@@ -1,0 +1,141 @@
+// SIMD primitives and element types: vectors as wide as the target's registers,
+// (streaming) stores, and per storage type (float32/64, float16, bfloat16) its loads
+// and conversions to the compute (accumulator) type.
+// Part of the kernel source (kernels/all.hpp lists the parts in order).
+
+namespace bn_core {
+namespace BN_ISA_NS {
+namespace {
+
+// ---- element types: storage <-> compute (accumulator) type -------------------
+
+// Vectors of the accumulator type as wide as the target's registers (wider
+// generic vectors are lowered through the stack).
+constexpr int64_t kVecBytes = BN_VEC_BYTES;
+using f32_vec = float __attribute__((vector_size(kVecBytes)));
+using f64_vec = double __attribute__((vector_size(kVecBytes)));
+using u16_half_vec = uint16_t __attribute__((vector_size(kVecBytes / 2)));
+using u32_vec = uint32_t __attribute__((vector_size(kVecBytes)));
+
+// Stores the vector v at p; with Stream, non-temporal (p must be aligned to
+// sizeof v), where the target has such a store for that width.
+template <bool Stream, class V>
+inline void put(char *p, V v) {
+#if defined(__AVX512F__)
+  if constexpr (Stream && sizeof(V) == 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i *>(p), reinterpret_cast<__m512i &>(v));
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (Stream && sizeof(V) == 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i *>(p), reinterpret_cast<__m256i &>(v));
+    return;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (Stream && sizeof(V) == 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i *>(p), reinterpret_cast<__m128i &>(v));
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Orders this thread's non-temporal stores before whatever follows.
+inline void end_streaming() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+struct f32_elem {
+  using acc = float;
+  using vec = f32_vec;
+  static constexpr int64_t size = 4, lanes = kVecBytes / 4;
+  static acc load(const char *p) { float v; std::memcpy(&v, p, 4); return v; }
+  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
+  static void store(char *p, acc v) { std::memcpy(p, &v, 4); }
+  template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
+};
+
+struct f64_elem {
+  using acc = double;
+  using vec = f64_vec;
+  static constexpr int64_t size = 8, lanes = kVecBytes / 8;
+  static acc load(const char *p) { double v; std::memcpy(&v, p, 8); return v; }
+  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
+  static void store(char *p, acc v) { std::memcpy(p, &v, 8); }
+  template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
+};
+
+struct f16_elem {
+  using acc = float;
+  using vec = f32_vec;
+  using half_vec = _Float16 __attribute__((vector_size(kVecBytes / 2)));
+  static constexpr int64_t size = 2, lanes = kVecBytes / 4;
+  static acc load(const char *p) { _Float16 h; std::memcpy(&h, p, 2); return static_cast<float>(h); }
+  static vec load_vec(const char *p) {
+    half_vec h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vec);
+  }
+  // The conversion rounds to nearest even.
+  static void store(char *p, acc v) { _Float16 h = static_cast<_Float16>(v); std::memcpy(p, &h, 2); }
+  template <bool Stream = false> static void store_vec(char *p, vec v) {
+    put<Stream>(p, __builtin_convertvector(v, half_vec));
+  }
+};
+
+struct bf16_elem {
+  using acc = float;
+  using vec = f32_vec;
+  static constexpr int64_t size = 2, lanes = kVecBytes / 4;
+  static acc load(const char *p) {
+    uint16_t b; std::memcpy(&b, p, 2);
+    const uint32_t u = static_cast<uint32_t>(b) << 16;
+    float v; std::memcpy(&v, &u, 4); return v;
+  }
+  static vec load_vec(const char *p) {
+    u16_half_vec b; std::memcpy(&b, p, sizeof b);
+    const u32_vec u = __builtin_convertvector(b, u32_vec) << 16;
+    vec v; std::memcpy(&v, &u, sizeof v); return v;
+  }
+  static void store(char *p, acc v) {
+    uint32_t u; std::memcpy(&u, &v, 4);
+    // Round to nearest even; NaN stays a (quiet) NaN instead of rounding to Inf.
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint16_t b = static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
+    std::memcpy(p, &b, 2);
+  }
+  template <bool Stream = false> static void store_vec(char *p, vec v) {  // store(), lane by lane
+    u32_vec u;
+    std::memcpy(&u, &v, sizeof u);
+    const u32_vec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32_vec bits = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;
+    put<Stream>(p, __builtin_convertvector(bits, u16_half_vec));
+  }
+};
+
+template <class I> inline I min_of(I a, I b) { return a < b ? a : b; }
+
+// A vector of compute-type values (parameters, partial sums, shifts) from their
+// array (the element types' load_vec reads and converts stored elements).
+template <class E>
+inline typename E::vec load_acc(const typename E::acc *p) {
+  typename E::vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Prefetches `bytes` from each of `rows` rows, `step` apart from `first`, one
+// line at a time (Write: for a store). Tiles that walk down rows fetch the next
+// block this way: the hardware prefetchers do not follow such walks.
+template <int Write>
+inline void prefetch_rows(const char *first, int64_t step, int64_t rows, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(first + r * step + at, Write, 2);
+}
+
+}  // namespace
+}  // namespace BN_ISA_NS
+}  // namespace bn_core
