@@ -72,9 +72,20 @@ def get_cache_sizes() -> tuple[int, int]:
     return _core.get_cache_bytes()
 
 
+def _team_summary() -> str:
+    # How calls share the threads: helpers that started late (another process
+    # had their core) make later calls run on the caller alone for a while.
+    s = _core.team_state()
+    now = f"caller alone for {s['caller_only_ms']:.0f} ms" if s["caller_only_ms"] else "full team"
+    return (f"{s['policy']}, {now}; {s['parallel_calls']} team calls "
+            f"({s['late_calls']} with late helpers), {s['caller_only_calls']} on the caller alone")
+
+
 def show_config(print_out: bool = True) -> dict[str, str | int]:
     """The build and runtime configuration: version, compiler, OpenMP, SIMD level
-    in use (and the best available), threads, cache sizes. Printed unless ``print_out=False``."""
+    in use (and the best available), threads, cache sizes, and how calls shared the
+    threads (``team``: calls run on the caller alone for a while after helpers
+    were late). Printed unless ``print_out=False``."""
     config: dict[str, str | int] = {
         "version": __version__,
         "build": _core.build_info(),
@@ -83,6 +94,7 @@ def show_config(print_out: bool = True) -> dict[str, str | int]:
         "threads": get_num_threads(),
         "cache_l2": get_cache_sizes()[0],
         "cache_l3": get_cache_sizes()[1],
+        "team": _team_summary(),
     }
     if print_out:
         for key, value in config.items():

@@ -61,3 +61,15 @@ cdef extern from "bn_core/bn_core.h" nogil:
     const char *bn_last_error()
     const char *bn_version()
     const char *bn_build_info()
+    ctypedef enum bn_team_policy:
+        BN_TEAM_ADAPTIVE
+        BN_TEAM_FULL
+        BN_TEAM_CALLER_ONLY
+    ctypedef struct bn_team_state:
+        bn_team_policy policy
+        double caller_only_ms
+        int64_t parallel_calls
+        int64_t late_calls
+        int64_t caller_only_calls
+    bn_status bn_set_team_policy(bn_team_policy policy)
+    void bn_get_team_state(bn_team_state *state)

@@ -335,3 +335,26 @@ def version():
 
 def build_info():
     return bn_build_info().decode()
+
+
+# ---- the team of threads under contention
+
+_TEAM_POLICIES = {"adaptive": BN_TEAM_ADAPTIVE, "full": BN_TEAM_FULL,
+                  "caller_only": BN_TEAM_CALLER_ONLY}
+
+
+def set_team_policy(str name):
+    """'adaptive' (default), 'full' (always the whole team) or 'caller_only'."""
+    if name not in _TEAM_POLICIES:
+        raise ValueError(f"team policy must be one of {sorted(_TEAM_POLICIES)}; received {name!r}")
+    check(bn_set_team_policy(_TEAM_POLICIES[name]))
+
+
+def team_state():
+    """The team policy, ms left on the caller alone, and the call counters."""
+    cdef bn_team_state s
+    bn_get_team_state(&s)
+    names = {v: k for k, v in _TEAM_POLICIES.items()}
+    return {"policy": names[s.policy], "caller_only_ms": s.caller_only_ms,
+            "parallel_calls": s.parallel_calls, "late_calls": s.late_calls,
+            "caller_only_calls": s.caller_only_calls}

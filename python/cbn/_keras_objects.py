@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._validate import BFLOAT16
+from ._validate import BFLOAT16, MAX_RANK, is_integer, short_repr
 
 #: Keras' ``backend.epsilon()``, used by its norm constraints.
 KERAS_EPSILON = 1e-7
@@ -27,25 +27,38 @@ KERAS_EPSILON = 1e-7
 def real_number(value, name: str, *, minimum: float | None = None) -> float:
     """``value`` as a finite float (not a bool), optionally ``>= minimum``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; received {value!r}")
-    out = float(value)
+        raise TypeError(f"{name} must be a real number; received {short_repr(value)}")
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float64's range
+        out = float("inf")
     if not np.isfinite(out) or (minimum is not None and out < minimum):
         bound = "" if minimum is None else f" and >= {minimum}"
-        raise ValueError(f"{name} must be finite{bound}; received {value!r}")
+        raise ValueError(f"{name} must be finite{bound}; received {short_repr(value)}")
     return out
 
 
 
 def construct_from_config(cls: type, config: Mapping[str, Any]):
     """``cls(**config)``, refusing keys its constructor does not take (naming them)."""
+    check_config_mapping(config, cls.__name__)
     accepted = inspect.signature(cls).parameters
-    unknown = sorted(set(config) - set(accepted))
+    unknown = sorted(set(config) - set(accepted), key=repr)
     if unknown:
         raise ValueError(
-            f"unknown keys {unknown} in the config of {cls.__name__}; "
+            f"unknown keys {short_repr(unknown)} in the config of {cls.__name__}; "
             f"expected a subset of {list(accepted)}"
         )
     return cls(**config)
+
+def check_config_mapping(config, owner: str) -> None:
+    """A config must be a mapping (a dict from ``get_config``), else ``TypeError``."""
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"the config of {owner} must be a dict (from get_config()); received "
+            f"{short_repr(config)} of type {type(config).__name__}"
+        )
+
 
 class KerasObject:
     """Base of the built-in objects: Keras-style ``get_config``/``from_config``.
@@ -79,7 +92,14 @@ class Initializer(KerasObject):
 
     def __call__(self, shape, dtype=None) -> np.ndarray:
         values = self._values(tuple(int(s) for s in shape))
-        return np.asarray(values, dtype=np.float32 if dtype is None else dtype)
+        with np.errstate(over="ignore"):
+            out = np.asarray(values, dtype=np.float32 if dtype is None else dtype)
+        if not np.isfinite(out).all():
+            raise ValueError(
+                f"{self!r} gives non-finite values in {out.dtype}; expected parameters whose "
+                "draws fit the weights' dtype"
+            )
+        return out
 
     def _values(self, shape: tuple[int, ...]) -> np.ndarray:
         raise NotImplementedError
@@ -115,10 +135,14 @@ class Constant(Initializer):
 def _seed(seed) -> int | None:
     """A seed as an int; also takes a serialized Keras ``SeedGenerator``."""
     if isinstance(seed, dict):
-        seed = seed.get("config", {}).get("seed")
+        config = seed.get("config", {})
+        seed = config.get("seed") if isinstance(config, dict) else config
     if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
         return None if seed is None else int(seed)
-    raise TypeError(f"seed must be an int or None; received {seed!r}")
+    raise TypeError(
+        "seed must be an int, None or a serialized SeedGenerator "
+        f"({{'config': {{'seed': int}}}}); received {short_repr(seed)}"
+    )
 
 
 class RandomInitializer(Initializer):
@@ -252,7 +276,12 @@ class _NormConstraint(Constraint):
     """Rescales ``w`` so its L2 norms along ``axis`` become ``_target(norms)``."""
 
     def __init__(self, axis=0):
-        self.axis = axis
+        if not is_integer(axis) and not (
+            isinstance(axis, (list, tuple)) and 0 < len(axis) <= MAX_RANK
+            and all(is_integer(a) for a in axis)
+        ):
+            raise TypeError(f"axis must be an int or a list of ints; received {short_repr(axis)}")
+        self.axis = [int(a) for a in axis] if isinstance(axis, (list, tuple)) else int(axis)
 
     def __call__(self, w) -> np.ndarray:
         w = np.asarray(w, dtype=np.float64)
@@ -278,7 +307,7 @@ class MaxNorm(_NormConstraint):
     aliases = ("max_norm",)
 
     def __init__(self, max_value: float = 2, axis=0):
-        self.max_value = max_value
+        self.max_value = real_number(max_value, "max_value", minimum=0.0)
         super().__init__(axis)
 
     def _target(self, norms):
@@ -292,9 +321,9 @@ class MinMaxNorm(_NormConstraint):
     aliases = ("min_max_norm",)
 
     def __init__(self, min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0, axis=0):
-        self.min_value = min_value
-        self.max_value = max_value
-        self.rate = rate
+        self.min_value = real_number(min_value, "min_value", minimum=0.0)
+        self.max_value = real_number(max_value, "max_value", minimum=self.min_value)
+        self.rate = real_number(rate, "rate")
         super().__init__(axis)
 
     def _target(self, norms):
@@ -348,7 +377,7 @@ class _Kind:
             return self._from_dict(identifier)
         raise TypeError(
             f"{self.what} must be a name, a Keras config dict or a callable; "
-            f"received {identifier!r} of type {type(identifier).__name__}"
+            f"received {short_repr(identifier)} of type {type(identifier).__name__}"
         )
 
     def _from_dict(self, identifier: dict) -> KerasObject:
@@ -358,7 +387,7 @@ class _Kind:
         if cls is None or not isinstance(config, dict):
             known = [c.__name__ for c in self.classes]
             raise ValueError(
-                f"cannot load the {self.what} config {identifier!r}: expected "
+                f"cannot load the {self.what} config {short_repr(identifier)}: expected "
                 f"{{'class_name': one of {known}, 'config': {{...}}}}; pass any other "
                 f"{self.what} as a callable"
             )

@@ -94,7 +94,7 @@ def backward_through(
         _core.backward_apply(grad_k, view.x, dx_k, *core_args, dx_scale, epsilon, total)
         sum_dy, sum_dy_xhat = np.split(local, 3)[1:]
     # ∂y/∂γ = (x̂·r + d)·a_scale + a_bias; each ghost batch adds its sums.
-    per_channel = (-1, channels)
+    per_channel = (view.ghosts, channels)  # -1 cannot be inferred when C = 0
     sum_dy = sum_dy.reshape(per_channel).sum(axis=0)
     sum_dy_xhat = sum_dy_xhat.reshape(per_channel).sum(axis=0)
     per_weight = {

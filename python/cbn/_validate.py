@@ -7,6 +7,7 @@ value and says what was expected.
 from __future__ import annotations
 
 import numbers
+import reprlib
 from collections.abc import Sequence
 
 import ml_dtypes
@@ -15,14 +16,43 @@ import numpy as np
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 #: dtypes the core reads and writes directly.
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
+#: The core's limit on dimensions (BN_MAX_RANK); no axis list can be longer.
+MAX_RANK = 64
 
 
-def as_array(x, name: str = "x") -> np.ndarray:
+def _short_reprs() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlist = r.maxtuple = r.maxdict = 8
+    r.maxstring = r.maxother = 60
+    return r
+
+
+#: Short reprs for messages about arbitrarily large user values.
+short_repr = _short_reprs().repr
+
+
+def _resolved_view_bits(x, name: str, writeable: bool):
+    """A PyTorch-style tensor whose lazy negation/conjugation bit is set exports its
+    storage through DLPack without the bit: read it resolved (a copy) as an input,
+    refuse it as an output (writes would not reach the tensor the caller sees)."""
+    flags = [bit for bit in ("neg", "conj") if getattr(x, f"is_{bit}", lambda: False)() is True]
+    if not flags:
+        return x
+    if writeable:
+        raise ValueError(
+            f"{name} has its lazy {'/'.join(flags)} bit set; pass a resolved tensor "
+            "(tensor.resolve_neg().resolve_conj()) as an output buffer"
+        )
+    return x.resolve_neg().resolve_conj()
+
+
+def as_array(x, name: str = "x", *, writeable: bool = False) -> np.ndarray:
     """View ``x`` as a NumPy array without copying.
 
     Accepts NumPy arrays, DLPack producers (a PyTorch CPU tensor), objects with
     ``__array__`` and buffer-protocol objects. Complex, object, string and other
-    non-real dtypes raise ``TypeError``.
+    non-real dtypes raise ``TypeError``. A tensor with a lazy negation or
+    conjugation bit is copied resolved, or refused when ``writeable`` (an output).
     """
     if isinstance(x, np.ndarray):
         arr = x
@@ -35,6 +65,7 @@ def as_array(x, name: str = "x") -> np.ndarray:
             "cbn.keras.BatchNormalization"
         )
     elif hasattr(x, "__dlpack__") and not isinstance(x, (bytes, bytearray, memoryview)):
+        x = _resolved_view_bits(x, name, writeable)
         try:
             arr = np.from_dlpack(x)
         except (BufferError, TypeError, RuntimeError):
@@ -88,10 +119,15 @@ def check_axis_arg(axis, name: str = "axis") -> int | list[int]:
             raise ValueError(
                 f"{name} must name at least one axis; received an empty {type(axis).__name__}"
             )
+        if len(axis) > MAX_RANK:
+            raise ValueError(
+                f"{name} has {len(axis)} entries; an input has at most {MAX_RANK} dimensions"
+            )
         bad = [a for a in axis if not is_integer(a)]
         if bad:
             raise TypeError(
-                f"{name} must contain only ints; received {axis!r} (bad entries: {bad!r})"
+                f"{name} must contain only ints; received {short_repr(axis)} "
+                f"(bad entries: {short_repr(bad)})"
             )
         out = [int(a) for a in axis]
         if len(set(out)) != len(out):
@@ -99,7 +135,7 @@ def check_axis_arg(axis, name: str = "axis") -> int | list[int]:
         return out
     raise TypeError(
         f"{name} must be an int or a list/tuple of ints; "
-        f"received {axis!r} of type {type(axis).__name__}"
+        f"received {short_repr(axis)} of type {type(axis).__name__}"
     )
 
 
@@ -177,7 +213,7 @@ def check_out(out, like: np.ndarray, dtype: np.dtype, name: str = "out") -> np.n
     """Validate an ``out=`` buffer: an ndarray of ``like``'s shape and ``dtype``,
     writeable, and either ``like`` itself (in place) or not overlapping it."""
     if not isinstance(out, np.ndarray):
-        out = as_array(out, name)
+        out = as_array(out, name, writeable=True)
     if out.shape != like.shape:
         raise ValueError(f"{name} has shape {out.shape}; expected the input's shape {like.shape}")
     if out.dtype != dtype:
@@ -193,13 +229,21 @@ def check_out(out, like: np.ndarray, dtype: np.dtype, name: str = "out") -> np.n
             f"{name} overlaps the input without being the same view; pass the input itself "
             "to normalize in place, or a separate buffer"
         )
+    if out.size > 1 and any(n > 1 and st == 0 for n, st in zip(out.shape, out.strides)):
+        raise ValueError(
+            f"{name} has a stride-0 (broadcast) axis, so several results would share one "
+            "element; expected a buffer with one element per position"
+        )
     return out
 
 
 def check_epsilon(epsilon) -> float:
     if isinstance(epsilon, (bool, np.bool_)) or not isinstance(epsilon, numbers.Real):
         raise TypeError(f"epsilon must be a real number; received {epsilon!r}")
-    eps = float(epsilon)
+    try:
+        eps = float(epsilon)
+    except OverflowError:
+        raise ValueError(f"epsilon must be finite and >= 0; received {short_repr(epsilon)}") from None
     if not eps >= 0.0 or eps == float("inf"):
         raise ValueError(f"epsilon must be finite and >= 0; received {epsilon!r}")
     return eps

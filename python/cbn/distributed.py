@@ -91,7 +91,7 @@ def sum_across_ranks(fn: Allreduce, buf: np.ndarray) -> np.ndarray:
     returning the summed array after checking what ``fn`` gave back."""
     result = fn(buf)
     if result is None:
-        return buf
+        return check_reduced(buf)
     if not isinstance(result, np.ndarray):
         raise TypeError(
             f"the allreduce callback returned {type(result).__name__}; expected None (the "
@@ -107,7 +107,34 @@ def sum_across_ranks(fn: Allreduce, buf: np.ndarray) -> np.ndarray:
             f"the allreduce callback returned an array of shape {result.shape}; expected "
             f"the buffer's shape {buf.shape}"
         )
-    return np.ascontiguousarray(result)
+    return check_reduced(np.ascontiguousarray(result))
+
+
+def check_reduced(total: np.ndarray) -> np.ndarray:
+    """The summed buffer's values, checked before any statistic is built from them.
+
+    Both phases' buffers start with C counts (sums of per-rank position counts:
+    finite, non-negative whole numbers) followed by 2·C sums that are finite
+    whenever every rank's data is. Anything else means a broken callback, or
+    NaN/Inf in some rank's batch, which would silently empty or poison the
+    statistics of every rank: ``ValueError`` instead, before any state changes.
+    """
+    counts, sums = np.split(total, [total.size // 3])
+    bad_count = ~np.isfinite(counts) | (counts < 0) | (np.abs(counts - np.rint(counts)) > 1e-6)
+    if bad_count.any():
+        i = int(np.flatnonzero(bad_count)[0])
+        raise ValueError(
+            f"the allreduce callback returned count {counts[i]!r} for channel {i}; expected "
+            "a finite, non-negative whole number (the sum of the ranks' counts)"
+        )
+    if not np.isfinite(sums).all():
+        i = int(np.flatnonzero(~np.isfinite(sums))[0]) % max(counts.size, 1)
+        raise ValueError(
+            f"the allreduce result has a non-finite sum for channel {i}: some rank's batch "
+            "holds NaN or Inf there, or the callback is broken; synchronized statistics "
+            "need finite data"
+        )
+    return total
 
 
 class MPIAllreduce:

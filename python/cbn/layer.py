@@ -27,6 +27,7 @@ from ._keras_objects import (
     INITIALIZERS,
     REGULARIZERS,
     DTypePolicy,
+    check_config_mapping,
     construct_from_config,
     get_policy,
     real_number,
@@ -640,6 +641,7 @@ class BatchNormalization:
         """A layer from :meth:`get_config`'s output, from Keras 3's or tf.keras 2's
         ``BatchNormalization.get_config()``, or from a whole serialized layer
         (``{"class_name": "BatchNormalization", "config": {...}, ...}``)."""
+        check_config_mapping(config, cls.__name__)
         return construct_from_config(cls, constructor_kwargs(config))
 
     # A lock cannot be copied or pickled: each copy gets its own.

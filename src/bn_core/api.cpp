@@ -13,18 +13,19 @@
 #include <vector>
 
 #include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
-#define BN_OMP(directive) _Pragma(#directive)
-#else
-#define BN_OMP(directive)
 #endif
 
 #include "bn_core/bn_core.h"
 #include "chan_merge.hpp"
 #include "dispatch.hpp"
 #include "plan.hpp"
+#include "team.hpp"
 
 #ifndef BN_CORE_VERSION
 #define BN_CORE_VERSION "0.0.0"
@@ -36,6 +37,15 @@ namespace {
 thread_local std::string last_error;
 std::atomic<int32_t> thread_override{0};  // 0: OpenMP's default
 std::atomic<int32_t> isa_choice{-1};      // -1: not chosen yet
+
+#if defined(__unix__) || defined(__APPLE__)
+// A forked child inherits the parent's OpenMP pool bookkeeping but none of its
+// threads: GNU OpenMP then waits forever in the child's first parallel region.
+// The child therefore runs on one thread (serially, no OpenMP region) until it
+// sets a thread count itself.
+void run_serially_after_fork() { thread_override.store(1, std::memory_order_relaxed); }
+[[maybe_unused]] const int fork_guard_registered = pthread_atfork(nullptr, nullptr, run_serially_after_fork);
+#endif
 
 // Below this many elements a call runs on the calling thread: waking the pool
 // costs microseconds, more than the work.
@@ -416,20 +426,6 @@ void item_range(const plan &p, int32_t t, int32_t team, int64_t &begin, int64_t 
   end = begin + base + (t < extra ? 1 : 0);
 }
 
-// Runs body(thread, team) on a team of `threads` (serially when 1).
-template <class F>
-void run_team(int32_t threads, F &&body) {
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    body(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  (void)threads;
-  body(0, 1);
-}
-
 // Per-thread moments state laid out for the kernels.
 class moments_state {
  public:
@@ -728,24 +724,34 @@ struct backward_call {
     const double *totals = training ? count : nullptr;
     if (sums) state.fill_xhat(mean, variance, epsilon);
     else state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
+    return passes(p, threads, state, totals) ? BN_OK : out_of_memory();
+  }
+
+  // The passes on a team; false: out of memory.
+  bool passes(const plan &p, int32_t threads, backward_state &state, const double *totals) const {
     const backward_params params = state.params();
     const kernel_table &k = kernels();
-    run_team(threads, [&](int32_t t, int32_t team) {
+    const auto sums_of = [&](int32_t slot) {
       int64_t b, e;
-      item_range(p, t, team, b, e);
-      if (sums) {
-        k.backward_sums(p, b, e, params, state.thread(t));
-        BN_OMP(omp barrier)
-        BN_OMP(omp single)
-        {
-          state.finish(team, p, count, sum_dy, sum_dy_xhat);
-          if (apply)
-            state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
-        }
-      }
-      if (apply) k.backward_apply(p, b, e, params);
-    });
-    return BN_OK;
+      item_range(p, slot, threads, b, e);
+      k.backward_sums(p, b, e, params, state.thread(slot));
+    };
+    const auto apply_to = [&](int32_t slot) {
+      int64_t b, e;
+      item_range(p, slot, threads, b, e);
+      k.backward_apply(p, b, e, params);
+    };
+    const auto merge = [&] {
+      state.finish(threads, p, count, sum_dy, sum_dy_xhat);
+      if (apply) state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
+    };
+    if (sums && apply) return run_two_phases(threads, sums_of, merge, apply_to);
+    if (!apply) {
+      if (!run_slots(threads, sums_of)) return false;
+      merge();
+      return true;
+    }
+    return run_slots(threads, apply_to);
   }
 };
 
@@ -770,16 +776,13 @@ bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, co
   moments_state state;
   if (!state.allocate(p, threads)) return out_of_memory();
   const kernel_table &k = kernels();
-  int32_t team_size = 1;
-  if (!p.empty) {
-    run_team(threads, [&](int32_t t, int32_t team) {
-      int64_t b, e;
-      item_range(p, t, team, b, e);
-      k.moments(p, b, e, state.thread(t));
-      if (t == 0) team_size = team;
-    });
-  }
-  state.finish(p.empty ? 0 : team_size, mean, variance, count);
+  const auto moments_of = [&](int32_t slot) {
+    int64_t b, e;
+    item_range(p, slot, threads, b, e);
+    k.moments(p, b, e, state.thread(slot));
+  };
+  if (!p.empty && !run_slots(threads, moments_of)) return out_of_memory();
+  state.finish(p.empty ? 0 : threads, mean, variance, count);
   return BN_OK;
 }
 
@@ -802,12 +805,12 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
   affine.fill(mean, variance, gamma, beta, epsilon);
   const affine_params params = affine.params();
   const kernel_table &k = kernels();
-  run_team(threads, [&](int32_t t, int32_t team) {
+  const auto normalize_of = [&](int32_t slot) {
     int64_t b, e;
-    item_range(p, t, team, b, e);
+    item_range(p, slot, threads, b, e);
     k.normalize(p, b, e, params);
-  });
-  return BN_OK;
+  };
+  return run_slots(threads, normalize_of) ? BN_OK : out_of_memory();
 }
 
 bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
@@ -858,19 +861,21 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     const affine_params params = affine.params();
     // One team: statistics, merge, then each thread normalizes the range it
     // just read (still warm in its cache).
-    run_team(threads, [&](int32_t t, int32_t team) {
+    const auto moments_of = [&](int32_t slot) {
       int64_t b, e;
-      item_range(whole, t, team, b, e);
-      k.moments(whole, b, e, state.thread(t));
-      BN_OMP(omp barrier)
-      BN_OMP(omp single)
-      {
-        state.finish(team, mean, variance, nullptr);
-        affine.fill(mean, variance, gamma, beta, epsilon);
-      }
+      item_range(whole, slot, threads, b, e);
+      k.moments(whole, b, e, state.thread(slot));
+    };
+    const auto merge = [&] {
+      state.finish(threads, mean, variance, nullptr);
+      affine.fill(mean, variance, gamma, beta, epsilon);
+    };
+    const auto normalize_of = [&](int32_t slot) {
+      int64_t b, e;
+      item_range(whole, slot, threads, b, e);
       k.normalize(whole, b, e, params);
-    });
-    return BN_OK;
+    };
+    return run_two_phases(threads, moments_of, merge, normalize_of) ? BN_OK : out_of_memory();
   }
   // Chunks: one team, each thread takes whole chunks (no barrier), so the result
   // does not depend on the thread count at all.
@@ -993,6 +998,14 @@ bn_status bn_set_num_threads(int32_t n) {
 }
 
 int32_t bn_get_num_threads(void) { return max_threads(); }
+
+bn_status bn_set_team_policy(bn_team_policy policy) {
+  if (!set_team_policy(enum_value(policy)))
+    return fail(BN_ERR_VALUE, "team policy " + std::to_string(enum_value(policy)) +
+                                  " is unknown; expected BN_TEAM_ADAPTIVE, BN_TEAM_FULL or "
+                                  "BN_TEAM_CALLER_ONLY");
+  return BN_OK;
+}
 
 bn_isa bn_get_isa(void) {
   (void)kernels();

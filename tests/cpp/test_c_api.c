@@ -1260,6 +1260,37 @@ static void test_settings(void) {
         bn_last_error());
 }
 
+/* The team policy: results bitwise the same whether the whole team or the caller
+ * alone ran a 2-thread call; an unknown policy is an error; calls are counted. */
+static void test_team_policy(void) {
+  enum { rows = 8192, cols = 16 };
+  static float x[rows * cols];
+  unsigned seed = 11;
+  for (int i = 0; i < rows * cols; ++i) x[i] = (float)(3.0 * uniform(&seed) + 1.0);
+  int64_t shape[2] = {rows, cols}, strides[2] = {cols * 4, 4};
+  const bn_tensor xt = {x, BN_FLOAT32, 2, shape, strides};
+  const int32_t axis = 1;
+  double mean[2][cols], var[2][cols];
+  const bn_team_policy policies[2] = {BN_TEAM_FULL, BN_TEAM_CALLER_ONLY};
+  bn_set_num_threads(2);
+  for (int i = 0; i < 2; ++i) {
+    CHECK(bn_set_team_policy(policies[i]) == BN_OK, "set team policy %d", i);
+    CHECK(bn_moments(&xt, &axis, 1, NULL, mean[i], var[i], NULL) == BN_OK, "moments: %s", bn_last_error());
+  }
+  CHECK(memcmp(mean[0], mean[1], sizeof mean[0]) == 0 && memcmp(var[0], var[1], sizeof var[0]) == 0,
+        "moments bitwise equal on the whole team and on the caller alone");
+  bn_team_state state;
+  bn_get_team_state(&state);
+  CHECK(state.policy == BN_TEAM_CALLER_ONLY && state.caller_only_calls >= 1 && state.caller_only_ms == 0.0,
+        "team state: policy %d, %lld calls on the caller", (int)state.policy, (long long)state.caller_only_calls);
+  bn_team_policy bad;
+  const int32_t bad_value = 7;
+  memcpy(&bad, &bad_value, sizeof bad);
+  CHECK_STATUS(bn_set_team_policy(bad), BN_ERR_VALUE, "unknown team policy");
+  CHECK(bn_set_team_policy(BN_TEAM_ADAPTIVE) == BN_OK, "adaptive again");
+  bn_set_num_threads(0);
+}
+
 int main(void) {
   test_formats();
   test_hand_values();
@@ -1268,6 +1299,7 @@ int main(void) {
   test_errors();
   test_errors_backward();
   test_settings();
+  test_team_policy();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;
 }

@@ -136,7 +136,10 @@ BN_API bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, cons
                                    const double *sum_dy, const double *sum_dy_xhat);
 
 /* Number of threads used by later calls; n <= 0 restores the default
- * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). */
+ * (OpenMP's, i.e. OMP_NUM_THREADS or the core count). A process created by
+ * fork() starts at 1 (the parent's OpenMP threads do not exist in it) until it
+ * calls bn_set_num_threads itself; n <= 0 there is safe only if the parent had
+ * not run a parallel region yet. */
 BN_API bn_status bn_set_num_threads(int32_t n);
 BN_API int32_t bn_get_num_threads(void);
 
@@ -159,6 +162,34 @@ BN_API const char *bn_last_error(void);
 BN_API const char *bn_version(void);
 /* Compiler and OpenMP the library was built with, e.g. "GCC 12.2.0; OpenMP 201511". */
 BN_API const char *bn_build_info(void);
+
+/* How many threads a call actually runs on. Work is cut into as many parts as
+ * bn_get_num_threads() allows (so results depend on that number only); the
+ * calling thread does every part no helper has started. When a helper had not
+ * started by the time the caller had done all the work (another process had its
+ * core), later calls run on the caller alone for 10 ms, doubling up to 1 s while
+ * probes find helpers late again. BN_TEAM_ADAPTIVE is the default;
+ * BN_TEAM_FULL always wakes the whole team, BN_TEAM_CALLER_ONLY never does.
+ * Results are bitwise the same under every policy. */
+typedef enum bn_team_policy {
+  BN_TEAM_ADAPTIVE = 0,
+  BN_TEAM_FULL = 1,
+  BN_TEAM_CALLER_ONLY = 2
+} bn_team_policy;
+
+typedef struct bn_team_state {
+  bn_team_policy policy;
+  double caller_only_ms;      /* time left running on the caller alone (0: team in use) */
+  int64_t parallel_calls;     /* calls run on a team of threads */
+  int64_t late_calls;         /* of those, calls where a helper started after all work was done */
+  int64_t caller_only_calls;  /* calls that could use a team but ran on the caller alone */
+} bn_team_state;
+
+/* Sets the policy and forgets late helpers seen so far; BN_ERR_VALUE for an
+ * unknown policy. */
+BN_API bn_status bn_set_team_policy(bn_team_policy policy);
+/* Counters are process-wide, since the library was loaded. */
+BN_API void bn_get_team_state(bn_team_state *state);
 
 #ifdef __cplusplus
 }
