@@ -58,7 +58,8 @@ cdef bint byte_extent(cnp.ndarray a, char **lo, char **hi):
 
 cdef bint fast_out(object out, cnp.ndarray a):
     """Whether out can take a's output on the fast path: a writeable ndarray of a's
-    dtype and shape that is a's own view (in place) or shares no byte with it."""
+    dtype and shape, with no stride-0 axis, that is a's own view (in place) or shares
+    no byte with it."""
     if type(out) is not np.ndarray:
         return False
     cdef cnp.ndarray o = <cnp.ndarray>out
@@ -70,6 +71,8 @@ cdef bint fast_out(object out, cnp.ndarray a):
     for d in range(rank):
         if cnp.PyArray_DIMS(o)[d] != cnp.PyArray_DIMS(a)[d]:
             return False
+        if cnp.PyArray_DIMS(o)[d] > 1 and cnp.PyArray_STRIDES(o)[d] == 0:
+            return False  # a broadcast output: the general path says why it is refused
         same_view = same_view and cnp.PyArray_STRIDES(o)[d] == cnp.PyArray_STRIDES(a)[d]
     if same_view:
         return True

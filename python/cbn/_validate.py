@@ -57,7 +57,7 @@ def as_array(x, name: str = "x", *, writeable: bool = False) -> np.ndarray:
     if isinstance(x, np.ndarray):
         arr = x
     elif type(x).__module__.startswith("torch") and hasattr(x, "requires_grad"):
-        arr = _torch_tensor_view(x, name)
+        arr = _torch_tensor_view(_resolved_view_bits(x, name, writeable), name)
     elif type(x).__name__ == "KerasTensor":
         raise TypeError(
             f"{name} is a symbolic KerasTensor (a Keras functional model under construction); "
@@ -229,7 +229,8 @@ def check_out(out, like: np.ndarray, dtype: np.dtype, name: str = "out") -> np.n
             f"{name} overlaps the input without being the same view; pass the input itself "
             "to normalize in place, or a separate buffer"
         )
-    if out.size > 1 and any(n > 1 and st == 0 for n, st in zip(out.shape, out.strides)):
+    broadcast_axes = [n > 1 and st == 0 for n, st in zip(out.shape, out.strides, strict=True)]
+    if out.size > 1 and any(broadcast_axes):
         raise ValueError(
             f"{name} has a stride-0 (broadcast) axis, so several results would share one "
             "element; expected a buffer with one element per position"
@@ -243,7 +244,9 @@ def check_epsilon(epsilon) -> float:
     try:
         eps = float(epsilon)
     except OverflowError:
-        raise ValueError(f"epsilon must be finite and >= 0; received {short_repr(epsilon)}") from None
+        raise ValueError(
+            f"epsilon must be finite and >= 0; received {short_repr(epsilon)}"
+        ) from None
     if not eps >= 0.0 or eps == float("inf"):
         raise ValueError(f"epsilon must be finite and >= 0; received {epsilon!r}")
     return eps

@@ -32,7 +32,7 @@ inline void cpu_relax() {
 
 }  // namespace
 
-thread_local bool slept_in_phase_wait = false;
+thread_local int32_t slots_run_for_others = 0;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch())
@@ -90,7 +90,6 @@ void phase_flag::wait() {
       cpu_relax();
     }
   } while (now_ns() < give_up);
-  slept_in_phase_wait = true;
   std::unique_lock<std::mutex> lock(mutex_);
   woken_.wait(lock, [this] { return is_set(); });
 }

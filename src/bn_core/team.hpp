@@ -9,17 +9,20 @@
 //
 // The end of an OpenMP parallel region still waits for every member, even one
 // the OS has not run yet (another process has its core). So a call notes
-// whether a helper was late: it had not even started by the time the caller
-// had done all the work, or the caller had to sleep waiting for a phase, or
-// waited over 100 us in all at the start and end of the region (the start
-// waits for every helper of the previous region to be back in the pool). After such a call the following
-// calls run on the caller alone for a while (10 ms, doubling while probes find
-// helpers late again, up to 1 s).
+// whether a helper was late: the caller had to run a slot that was a helper's
+// own (the helper had not even claimed it when the caller ran out of work), or
+// entering and leaving the region took longer than the caller's own work and
+// over 100 us (the start waits for every helper of the previous region to be
+// back in the pool). A member merely finishing its phase a little after
+// another is not late: uneven memory bandwidth does that on an idle machine.
+// After a late call the following calls run on the caller alone for a while
+// (10 ms, doubling while probes find helpers late again, up to 1 s).
 // Between phases members wait for each other with a short spin, then sleep,
 // so a waiting member never keeps a preempted one off the core for long.
 #ifndef BN_CORE_TEAM_HPP
 #define BN_CORE_TEAM_HPP
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -40,8 +43,8 @@ int32_t team_for(int32_t slots);
 // What a parallel call saw: `late` as defined above.
 void record_team_call(bool late);
 int64_t now_ns();  // a monotonic clock
-// Set by phase_flag::wait when the calling thread had to sleep.
-extern thread_local bool slept_in_phase_wait;
+// Slots the calling thread ran that were another member's own (slot_claims::run).
+extern thread_local int32_t slots_run_for_others;
 constexpr int64_t kLateStartEndNs = 100'000;
 void record_serial_call();
 // False for a value that is no bn_team_policy.
@@ -74,8 +77,11 @@ class slot_claims {
   void run(int32_t t, int32_t team, F &&fn) {
     for (int32_t s = t; s < slots_; s += team)
       if (claim(s)) fn(s);
-    for (int32_t s = next_free_hint_.load(std::memory_order_relaxed); s < slots_; ++s)
-      if (claim(s)) fn(s);
+    for (int32_t s = next_free_hint_.load(std::memory_order_relaxed); s < slots_; ++s) {
+      if (!claim(s)) continue;
+      if (s % team != t) ++slots_run_for_others;
+      fn(s);
+    }
     next_free_hint_.store(slots_, std::memory_order_release);
   }
 
@@ -97,7 +103,7 @@ void run_team(int32_t slots, F &&body) {
     std::atomic<int32_t> started{1};
     bool late = false;
     int64_t caller_work_ns = 0;
-    slept_in_phase_wait = false;
+    slots_run_for_others = 0;
     const int64_t region_start_ns = now_ns();
 #pragma omp parallel num_threads(threads)
     {
@@ -106,11 +112,12 @@ void run_team(int32_t slots, F &&body) {
       if (t) started.fetch_add(1, std::memory_order_relaxed);
       body(t, team);
       if (t == 0) {
-        late = started.load(std::memory_order_relaxed) < team || slept_in_phase_wait;
+        late = started.load(std::memory_order_relaxed) < team || slots_run_for_others > 0;
         caller_work_ns = now_ns() - work_start_ns;
       }
     }
-    record_team_call(late || now_ns() - region_start_ns - caller_work_ns > kLateStartEndNs);
+    const int64_t overhead_ns = now_ns() - region_start_ns - caller_work_ns;
+    record_team_call(late || overhead_ns > std::max(kLateStartEndNs, caller_work_ns));
     return;
   }
   if (slots > 1) record_serial_call();
