@@ -212,6 +212,17 @@ def _parallel_sized_moments() -> np.ndarray:
     return ops.moments(x, axis=-1)[0]
 
 
+def _one_thread_moments_after_a_parallel_call() -> np.ndarray:
+    """What the forked child (one thread) must compute, bitwise: results depend on the
+    thread count, so the parent computes them on one thread too, after a 2-thread call
+    has made its OpenMP pool."""
+    _parallel_sized_moments()
+    cbn.set_num_threads(1)
+    expected = _parallel_sized_moments()
+    cbn.set_num_threads(2)
+    return expected
+
+
 def _child_moments(queue) -> None:
     queue.put((cbn.get_num_threads(), _parallel_sized_moments().tolist()))
 
@@ -219,7 +230,7 @@ def _child_moments(queue) -> None:
 def test_os_fork_child_after_parallel_call_runs_on_one_thread():
     cbn.set_num_threads(2)
     try:
-        expected = _parallel_sized_moments()  # the parent's OpenMP pool now exists
+        expected = _one_thread_moments_after_a_parallel_call()
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: must not hang, must agree
@@ -250,7 +261,7 @@ def test_os_fork_child_after_parallel_call_runs_on_one_thread():
 def test_multiprocessing_fork_child_runs():
     cbn.set_num_threads(2)
     try:
-        expected = _parallel_sized_moments()
+        expected = _one_thread_moments_after_a_parallel_call()
         ctx = multiprocessing.get_context("fork")
         queue = ctx.Queue()
         proc = ctx.Process(target=_child_moments, args=(queue,))
