@@ -120,8 +120,8 @@ void run_team(int32_t slots, F &&body) {
     record_team_call(late || overhead_ns > std::max(kLateStartEndNs, caller_work_ns));
     return;
   }
-  if (slots > 1) record_serial_call();
 #endif
+  if (slots > 1) record_serial_call();  // also every multi-slot call of a build without OpenMP
   body(0, 1);
 }
 
