@@ -84,22 +84,26 @@ def as_array(x, name: str = "x", *, writeable: bool = False) -> np.ndarray:
 
 
 def _torch_tensor_view(t, name: str) -> np.ndarray:
-    """A PyTorch CPU tensor as a NumPy view (bfloat16 through its 16-bit pattern, which
-    DLPack to NumPy does not carry)."""
+    """A PyTorch CPU tensor as a NumPy view, refused when it requires grad."""
     if t.requires_grad:
         raise TypeError(
             f"{name} is a torch tensor that requires grad; cbn.ops computes on plain data and "
             f"records no autograd graph: pass {name}.detach() (cbn.ops.batch_norm_backward "
             "gives the gradients)"
         )
+    try:
+        return torch_numpy_view(t)
+    except (TypeError, RuntimeError):
+        return np.asarray(t)
+
+
+def torch_numpy_view(t) -> np.ndarray:
+    """The NumPy view of a CPU tensor's memory (no copy), bfloat16 as ml_dtypes' bfloat16."""
     if str(t.dtype) == "torch.bfloat16":
         import torch  # already imported by whoever made the tensor
 
-        return np.from_dlpack(t.view(torch.int16)).view(BFLOAT16)
-    try:
-        return np.from_dlpack(t)
-    except (BufferError, TypeError, RuntimeError):
-        return np.asarray(t)
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    return t.numpy()
 
 
 def is_integer(value) -> bool:

@@ -31,12 +31,11 @@ from __future__ import annotations
 import math
 from typing import overload
 
-import ml_dtypes
 import numpy as np
 import torch
 
 from .. import _core
-from .._validate import normalize_axes
+from .._validate import normalize_axes, torch_numpy_view
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "train", "infer"]
 
@@ -45,11 +44,8 @@ Tensor = torch.Tensor
 
 
 def as_numpy(t: Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor's memory (no copy; bfloat16 through ml_dtypes)."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+    """A NumPy view of a CPU tensor's memory (no copy), outside autograd."""
+    return torch_numpy_view(t.detach())
 
 
 def _check_data(t: Tensor, name: str) -> None:

@@ -49,25 +49,19 @@ inline void end_streaming() {
 #endif
 }
 
-struct f32_elem {
-  using acc = float;
-  using vec = f32_vec;
-  static constexpr int64_t size = 4, lanes = kVecBytes / 4;
-  static acc load(const char *p) { float v; std::memcpy(&v, p, 4); return v; }
+// float and double: loaded, accumulated and stored as themselves.
+template <class T, class Vec>
+struct native_elem {
+  using acc = T;
+  using vec = Vec;
+  static constexpr int64_t size = sizeof(T), lanes = kVecBytes / sizeof(T);
+  static acc load(const char *p) { T v; std::memcpy(&v, p, sizeof v); return v; }
   static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
-  static void store(char *p, acc v) { std::memcpy(p, &v, 4); }
+  static void store(char *p, acc v) { std::memcpy(p, &v, sizeof v); }
   template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
 };
-
-struct f64_elem {
-  using acc = double;
-  using vec = f64_vec;
-  static constexpr int64_t size = 8, lanes = kVecBytes / 8;
-  static acc load(const char *p) { double v; std::memcpy(&v, p, 8); return v; }
-  static vec load_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
-  static void store(char *p, acc v) { std::memcpy(p, &v, 8); }
-  template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
-};
+using f32_elem = native_elem<float, f32_vec>;
+using f64_elem = native_elem<double, f64_vec>;
 
 struct f16_elem {
   using acc = float;
