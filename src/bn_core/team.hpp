@@ -155,6 +155,10 @@ class two_phase_work {
 // fn(slot) for every slot, on a team; false: out of memory.
 template <class F>
 bool run_slots(int32_t slots, F &&fn) {
+  if (slots <= 1) {  // one slot: the caller runs it, with no claims to allocate
+    fn(0);
+    return true;
+  }
   slot_claims claims;
   if (!claims.allocate(slots)) return false;
   run_team(slots, [&](int32_t t, int32_t team) { claims.run(t, team, fn); });
@@ -165,6 +169,12 @@ bool run_slots(int32_t slots, F &&fn) {
 // on one team; false: out of memory.
 template <class First, class Merge, class Second>
 bool run_two_phases(int32_t slots, First &&first, Merge &&merge, Second &&second) {
+  if (slots <= 1) {
+    first(0);
+    merge();
+    second(0);
+    return true;
+  }
   two_phase_work work;
   if (!work.allocate(slots)) return false;
   run_team(slots, [&](int32_t t, int32_t team) { work.run(t, team, first, merge, second); });
