@@ -1,6 +1,6 @@
 // Chan et al.'s pairwise merge of (count, mean, M2) summaries: exact to
 // rounding whatever the two parts' sizes and means: the team's per-thread
-// partials (api.cpp; the kernels merge shifted sums with merge_shifted_sums).
+// partials (scratch.cpp; the kernels merge shifted sums with merge_shifted_sums).
 // `static` on purpose: no symbol shared between translation units.
 #ifndef BN_CORE_CHAN_MERGE_HPP
 #define BN_CORE_CHAN_MERGE_HPP

@@ -1,6 +1,12 @@
 // CPU feature detection (cpuid + xgetbv: the OS must also save the wide
-// registers) and the ISA -> kernel table mapping.
+// registers), the ISA -> kernel table mapping, and the process-wide choice.
 #include "dispatch.hpp"
+
+#include <atomic>
+#include <cstring>
+#include <string>
+
+#include "validate.hpp"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define BN_CORE_X86 1
@@ -8,6 +14,11 @@
 #endif
 
 namespace bn_core {
+namespace {
+
+std::atomic<int32_t> isa_choice{-1};  // -1: not chosen yet
+
+}  // namespace
 
 #if BN_CORE_X86
 namespace {
@@ -77,4 +88,57 @@ const kernel_table &kernels_for(bn_isa isa) {
   }
 }
 
+const kernel_table &active_kernels() {
+  int32_t isa = isa_choice.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    isa_choice.store(isa, std::memory_order_relaxed);
+  }
+  return kernels_for(static_cast<bn_isa>(isa));
+}
+
 }  // namespace bn_core
+
+using namespace bn_core;
+
+extern "C" {
+
+bn_isa bn_get_isa(void) {
+  (void)active_kernels();
+  return static_cast<bn_isa>(isa_choice.load(std::memory_order_relaxed));
+}
+
+bn_isa bn_best_isa(void) { return best_isa(); }
+
+const char *bn_isa_name(bn_isa isa) {
+  switch (enum_value(isa)) {
+    case BN_ISA_SCALAR: return "scalar";
+    case BN_ISA_AVX2: return "avx2";
+    case BN_ISA_AVX512: return "avx512";
+  }
+  return "unknown";
+}
+
+bn_status bn_set_isa(bn_isa isa) {
+  const int32_t value = enum_value(isa);
+  if (value != BN_ISA_SCALAR && value != BN_ISA_AVX2 && value != BN_ISA_AVX512)
+    return fail(BN_ERR_VALUE, "unknown SIMD level " + std::to_string(value));
+  if (!isa_supported(isa)) {
+    std::string have;
+    for (bn_isa i : {BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512})
+      if (isa_supported(i)) have += std::string(have.empty() ? "" : ", ") + bn_isa_name(i);
+    return fail(BN_ERR_UNSUPPORTED, std::string("this CPU lacks SIMD level ") + bn_isa_name(isa) +
+                                        " (available: " + have + ")");
+  }
+  isa_choice.store(isa, std::memory_order_relaxed);
+  return BN_OK;
+}
+
+bn_status bn_set_isa_by_name(const char *name) {
+  if (!name || !*name) return bn_set_isa(best_isa());
+  for (bn_isa i : {BN_ISA_SCALAR, BN_ISA_AVX2, BN_ISA_AVX512})
+    if (std::strcmp(name, bn_isa_name(i)) == 0) return bn_set_isa(i);
+  return fail(BN_ERR_VALUE, std::string("unknown SIMD level '") + name + "'; expected scalar, avx2 or avx512");
+}
+
+}  // extern "C"

@@ -1,0 +1,127 @@
+// The backward entry points: the local sums (Σdy, Σdy·x̂, the used count) and
+// dx from their totals, in one team when both run (as the training forward
+// does), or one pass each for a distributed call that reduces the sums between.
+#include <new>
+#include <vector>
+
+#include "bn_core/bn_core.h"
+#include "dispatch.hpp"
+#include "planning.hpp"
+#include "schedule.hpp"
+#include "scratch.hpp"
+#include "team.hpp"
+#include "validate.hpp"
+
+namespace bn_core {
+namespace {
+
+// A planned backward call (plan_call has checked it; p's y is dx).
+struct backward_call {
+  plan &p;
+  const double *mean, *variance, *gamma;
+  double epsilon;
+  bool training;
+  bool sums, apply;                       // which passes run
+  double *count, *sum_dy, *sum_dy_xhat;   // out of the sums pass, else into apply
+
+  bn_status run() const {
+    const int32_t threads = schedule(p);
+    backward_state state;
+    if (!state.allocate(p, sums ? threads : 0)) return out_of_memory();
+    if (sums && p.empty) state.finish(0, p, count, sum_dy, sum_dy_xhat);
+    if (p.empty) return BN_OK;
+    // Fixed statistics: no term through them (fill_dx without totals).
+    const double *totals = training ? count : nullptr;
+    if (sums) state.fill_xhat(mean, variance, epsilon);
+    else state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
+    return passes(threads, state, totals) ? BN_OK : out_of_memory();
+  }
+
+  // The passes on a team; false: out of memory.
+  bool passes(int32_t threads, backward_state &state, const double *totals) const {
+    const backward_params params = state.params();
+    const kernel_table &k = active_kernels();
+    const auto sums_of = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t slot) {
+      k.backward_sums(p, begin, end, params, state.slot(slot));
+    });
+    const auto apply_to = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
+      k.backward_apply(p, begin, end, params);
+    });
+    const auto merge = [&] {
+      state.finish(threads, p, count, sum_dy, sum_dy_xhat);
+      if (apply) state.fill_dx(mean, variance, gamma, epsilon, totals, sum_dy, sum_dy_xhat);
+    };
+    if (sums && apply) return run_two_phases(threads, sums_of, merge, apply_to);
+    if (!apply) {
+      if (!run_slots(threads, sums_of)) return false;
+      merge();
+      return true;
+    }
+    return run_slots(threads, apply_to);
+  }
+};
+
+}  // namespace
+}  // namespace bn_core
+
+using namespace bn_core;
+
+extern "C" {
+
+bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                      const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                      const double *mean, const double *variance, const double *gamma,
+                      double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat) {
+  plan p;
+  if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
+                                {{mean, "mean"}, {variance, "variance"}}, &epsilon},
+                               dx, dy, p))
+    return st;
+  // The sums are needed for dx in training; scratch when the caller skips them.
+  const int64_t channels = p.channels;
+  std::vector<double> scratch;
+  try {
+    scratch.assign(static_cast<size_t>(3 * channels + 1), 0.0);  // + 1: never a null data()
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
+  double *count = scratch.data();
+  if (!sum_dy) sum_dy = count + channels;
+  if (!sum_dy_xhat) sum_dy_xhat = count + 2 * channels;
+  return backward_call{p, mean, variance, gamma, epsilon, training != 0, true, true,
+                       count, sum_dy, sum_dy_xhat}.run();
+}
+
+bn_status bn_backward_sums(const bn_tensor *dy, const bn_tensor *x, const int32_t *axes,
+                           int32_t n_axes, const bn_tensor *mask, const double *mean,
+                           const double *variance, double epsilon, double *count, double *sum_dy,
+                           double *sum_dy_xhat) {
+  plan p;
+  if (bn_status st = plan_call({x, {{dy, "dy"}}, mask, axes, n_axes,
+                                {{mean, "mean"}, {variance, "variance"}, {count, "count"},
+                                 {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
+                                &epsilon},
+                               nullptr, dy, p))
+    return st;
+  return backward_call{p, mean, variance, nullptr, epsilon, true, true, false,
+                       count, sum_dy, sum_dy_xhat}.run();
+}
+
+bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                            const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                            const double *mean, const double *variance, const double *gamma,
+                            double epsilon, const double *count, const double *sum_dy,
+                            const double *sum_dy_xhat) {
+  plan p;
+  if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
+                                {{mean, "mean"}, {variance, "variance"}, {count, "count"},
+                                 {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
+                                &epsilon},
+                               dx, dy, p))
+    return st;
+  return backward_call{p, mean, variance, gamma, epsilon, true, false, true,
+                       const_cast<double *>(count), const_cast<double *>(sum_dy),
+                       const_cast<double *>(sum_dy_xhat)}.run();
+}
+
+}  // extern "C"

@@ -1,0 +1,221 @@
+// The forward entry points: statistics (bn_moments, and the partial/finalize
+// pair of a distributed call), normalization with given statistics, and the
+// training forward (statistics, then normalization while x is still cached).
+#include <algorithm>
+#include <atomic>
+#include <new>
+#include <vector>
+
+#include "bn_core/bn_core.h"
+#include "dispatch.hpp"
+#include "planning.hpp"
+#include "schedule.hpp"
+#include "scratch.hpp"
+#include "team.hpp"
+#include "validate.hpp"
+
+namespace bn_core {
+namespace {
+
+// The statistics of a planned call (count may be null).
+bn_status moments_of(plan &p, double *mean, double *variance, double *count) {
+  const int32_t threads = schedule(p);
+  moments_state state;
+  if (!state.allocate(p, threads)) return out_of_memory();
+  const kernel_table &k = active_kernels();
+  const auto moments = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t slot) {
+    k.moments(p, begin, end, state.slot(slot));
+  });
+  if (!p.empty && !run_slots(threads, moments)) return out_of_memory();
+  state.finish(p.empty ? 0 : threads, mean, variance, count);
+  return BN_OK;
+}
+
+// What a training forward produces from what.
+struct training {
+  const double *gamma, *beta;
+  double epsilon;
+  double *mean, *variance;
+};
+
+// One team: statistics, merge, then each slot normalizes the range it just
+// read (still warm in its thread's cache).
+bn_status train_in_one_team(const plan &whole, int32_t threads, const training &t) {
+  moments_state state;
+  affine_state affine;
+  if (!state.allocate(whole, threads) || !affine.allocate(whole)) return out_of_memory();
+  if (whole.empty) {
+    state.finish(0, t.mean, t.variance, nullptr);
+    return BN_OK;
+  }
+  const affine_params params = affine.params();
+  const kernel_table &k = active_kernels();
+  const auto moments = slot_items(whole, threads, [&](int64_t begin, int64_t end, int32_t slot) {
+    k.moments(whole, begin, end, state.slot(slot));
+  });
+  const auto merge = [&] {
+    state.finish(threads, t.mean, t.variance, nullptr);
+    affine.fill(t.mean, t.variance, t.gamma, t.beta, t.epsilon);
+  };
+  const auto normalize = slot_items(whole, threads, [&](int64_t begin, int64_t end, int32_t) {
+    k.normalize(whole, begin, end, params);
+  });
+  return run_two_phases(threads, moments, merge, normalize) ? BN_OK : out_of_memory();
+}
+
+// A chunk of whole channels: its plan and its first channel's index.
+struct chunk {
+  plan p;
+  int64_t first_channel;
+};
+
+// The plans of chunks of `per_chunk` channels along x's one channel axis;
+// false: out of memory.
+bool cut_into_chunks(const bn_tensor &x, const bn_tensor &y, const bn_tensor *mask, int32_t axis,
+                     const plan &whole, int64_t per_chunk, std::vector<chunk> &chunks) {
+  bool is_channel[BN_MAX_RANK] = {};
+  is_channel[axis] = true;
+  try {
+    for (int64_t c0 = 0; c0 < x.shape[axis]; c0 += per_chunk) {
+      const int64_t count = std::min(per_chunk, x.shape[axis] - c0);
+      const tensor_slice xs(x, axis, c0, count), ys(y, axis, c0, count);
+      const tensor_slice ms(mask ? *mask : x, axis, c0, count);
+      chunks.push_back(chunk{plan{}, c0});
+      plan &p = chunks.back().p;
+      make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, p);
+      p.stream_y = whole.stream_y;  // decided by the whole tensor's size
+      p.x_from = whole.x_from;
+    }
+  } catch (const std::bad_alloc &) {
+    return false;
+  }
+  return true;
+}
+
+// One team, each thread taking whole chunks (no barrier): statistics, then
+// normalize from the caches. The result does not depend on the thread count.
+bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const training &t) {
+  std::vector<moments_state> states;
+  std::vector<affine_state> affines;
+  try {
+    states.resize(static_cast<size_t>(threads));
+    affines.resize(static_cast<size_t>(threads));
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  }
+  for (int32_t i = 0; i < threads; ++i)
+    if (!states[i].allocate(chunks[0].p, 1) || !affines[i].allocate(chunks[0].p)) return out_of_memory();
+  const kernel_table &k = active_kernels();
+  std::atomic<size_t> next_chunk{0};
+  run_team(threads, [&](int32_t member, int32_t) {
+    moments_state &state = states[member];
+    affine_state &affine = affines[member];
+    const affine_params params = affine.params();
+    for (size_t i = next_chunk.fetch_add(1, std::memory_order_relaxed); i < chunks.size();) {
+      plan &p = chunks[i].p;
+      const int64_t c0 = chunks[i].first_channel, items = p.lines * p.segments;
+      state.reset(p);
+      k.moments(p, 0, items, state.slot(0));
+      state.finish(1, t.mean + c0, t.variance + c0, nullptr);
+      affine.fit(p);
+      affine.fill(t.mean + c0, t.variance + c0, t.gamma ? t.gamma + c0 : nullptr,
+                  t.beta ? t.beta + c0 : nullptr, t.epsilon);
+      // Claim the next chunk now and fetch it while this one is normalized from
+      // the caches: memory stays busy, and its statistics read it from there.
+      const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
+      if (following < chunks.size()) p.prefetch_ahead = chunks[following].p.x - p.x;
+      k.normalize(p, 0, items, params);
+      i = following;
+    }
+  });
+  return BN_OK;
+}
+
+}  // namespace
+}  // namespace bn_core
+
+using namespace bn_core;
+
+extern "C" {
+
+bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                     double *mean, double *variance, double *count) {
+  plan p;
+  if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, nullptr},
+                               nullptr, nullptr, p))
+    return st;
+  return moments_of(p, mean, variance, count);
+}
+
+bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes, int32_t n_axes,
+                       const double *mean, const double *variance, const double *gamma,
+                       const double *beta, double epsilon) {
+  plan p;
+  if (bn_status st = plan_call({x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
+                                &epsilon},
+                               y, nullptr, p))
+    return st;
+  if (p.empty) return BN_OK;
+  const int32_t threads = schedule(p);
+  p.stream_y = stream_output(p, (cache_bytes(3) + (threads - 1) * cache_bytes(2)) / 2);
+  affine_state affine;
+  if (!affine.allocate(p)) return out_of_memory();
+  affine.fill(mean, variance, gamma, beta, epsilon);
+  const affine_params params = affine.params();
+  const kernel_table &k = active_kernels();
+  const auto normalize = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
+    k.normalize(p, begin, end, params);
+  });
+  return run_slots(threads, normalize) ? BN_OK : out_of_memory();
+}
+
+bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                           int32_t n_axes, const bn_tensor *mask, const double *gamma,
+                           const double *beta, double epsilon, double *mean, double *variance) {
+  plan whole;
+  if (bn_status st = plan_call({x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
+                                &epsilon},
+                               y, nullptr, whole))
+    return st;
+  whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
+  const int32_t threads = schedule(whole);
+  const training t{gamma, beta, epsilon, mean, variance};
+  const int64_t per_chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
+  if (per_chunk == 0) return train_in_one_team(whole, threads, t);
+  std::vector<chunk> chunks;
+  const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
+  if (!cut_into_chunks(*x, *y, mask, axis, whole, per_chunk, chunks)) return out_of_memory();
+  return train_in_chunks(chunks, threads, t);
+}
+
+bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
+                             const bn_tensor *mask, const double *shift, double *partial) {
+  plan p;
+  if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{partial, "partial"}}, nullptr}, nullptr, nullptr, p))
+    return st;
+  const int64_t channels = p.channels;
+  double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
+  // s1/s2 hold mean and variance until they are turned into shifted sums.
+  if (bn_status st = moments_of(p, s1, s2, count)) return st;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double n = count[c], d = s1[c] - (shift ? shift[c] : 0.0);
+    s1[c] = n * d;
+    s2[c] = n * s2[c] + n * d * d;
+  }
+  return BN_OK;
+}
+
+bn_status bn_moments_finalize(int64_t channels, const double *partial, const double *shift,
+                              double *mean, double *variance) {
+  if (bn_status st = check_arrays({{partial, "partial"}, {mean, "mean"}, {variance, "variance"}})) return st;
+  if (channels < 0) return fail(BN_ERR_SHAPE, "channels is " + std::to_string(channels) + "; expected >= 0");
+  const double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double n = count[c];
+    mean[c] = n > 0 ? (shift ? shift[c] : 0.0) + s1[c] / n : 0.0;
+    variance[c] = n > 0 ? std::max(s2[c] - s1[c] * s1[c] / n, 0.0) / n : 0.0;
+  }
+  return BN_OK;
+}
+
+}  // extern "C"

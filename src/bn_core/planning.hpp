@@ -1,0 +1,27 @@
+// Planning: a call's tensors reduced to the canonical loop plan the kernels
+// walk (see plan.hpp), with contiguous rows of a few channels folded into one
+// periodic run.
+#ifndef BN_CORE_PLANNING_HPP
+#define BN_CORE_PLANNING_HPP
+
+#include "plan.hpp"
+#include "validate.hpp"
+
+namespace bn_core {
+
+int64_t element_size(bn_dtype dt);
+
+// Drops size-1 dims, turns negative x strides positive, orders dims by x stride
+// (memory order) and merges dims that walk memory as one. The innermost
+// remaining dim becomes the inner run. y, mask and dy may be null (dy is given
+// for backward calls only, y is dx there).
+void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, const bn_tensor *dy,
+               const bool is_channel[], plan &p);
+
+// Checks a call (check_call), then plans it: x with y (dx of a backward call),
+// the call's mask, and dy (backward calls only, else null).
+bn_status plan_call(const call_args &call, const bn_tensor *y, const bn_tensor *dy, plan &p);
+
+}  // namespace bn_core
+
+#endif

@@ -1,0 +1,158 @@
+#include "schedule.hpp"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "planning.hpp"
+
+namespace bn_core {
+namespace {
+
+std::atomic<int32_t> thread_override{0};  // 0: OpenMP's default
+std::atomic<int64_t> l2_override{0}, l3_override{0};
+
+#if defined(__unix__) || defined(__APPLE__)
+// A forked child inherits the parent's OpenMP pool bookkeeping but none of its
+// threads: GNU OpenMP then waits forever in the child's first parallel region.
+// The child therefore runs on one thread (serially, no OpenMP region) until it
+// sets a thread count itself.
+void run_serially_after_fork() { thread_override.store(1, std::memory_order_relaxed); }
+[[maybe_unused]] const int fork_guard_registered = pthread_atfork(nullptr, nullptr, run_serially_after_fork);
+#endif
+
+// Below this many elements a call runs on the calling thread: waking the pool
+// costs microseconds, more than the work.
+constexpr int64_t kParallelGrain = 32768;
+
+// Read from sysfs; sysconf is the fallback (it reports a VM's L3 wrongly here).
+int64_t sysfs_cache_bytes(int index) {
+  const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+  FILE *f = std::fopen(path.c_str(), "r");
+  if (!f) return 0;
+  long long value = 0;
+  char unit = 0;
+  const int read = std::fscanf(f, "%lld%c", &value, &unit);
+  std::fclose(f);
+  if (read < 1 || value <= 0) return 0;
+  return value * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+}
+
+int64_t sysconf_cache_bytes(int level) {
+#if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+  return sysconf(level == 2 ? _SC_LEVEL2_CACHE_SIZE : _SC_LEVEL3_CACHE_SIZE);
+#else
+  (void)level;
+  return 0;
+#endif
+}
+
+int64_t detect_cache_bytes(int level, int64_t fallback) {
+  int64_t v = sysfs_cache_bytes(level);  // sysfs index 2 is the L2, 3 the L3
+  if (v <= 0) v = sysconf_cache_bytes(level);
+  return v > 0 ? v : fallback;
+}
+
+int64_t detected_cache_bytes(int level) {
+  static const int64_t l2 = detect_cache_bytes(2, int64_t(1) << 20);
+  static const int64_t l3 = detect_cache_bytes(3, int64_t(8) << 20);
+  return level == 2 ? l2 : l3;
+}
+
+// Lines cut into segments when there are too few to share out among threads
+// (e.g. one huge channel, or one row of many channels).
+void cut_segments(plan &p, int32_t threads) {
+  p.segments = 1;
+  if (threads > 1 && p.lines < 4 * threads) {
+    const int64_t wanted = (4 * threads + p.lines - 1) / p.lines;
+    p.segments = std::max<int64_t>(1, std::min<int64_t>(wanted, p.inner.n / 256));
+  }
+}
+
+}  // namespace
+
+int32_t max_threads() {
+  const int32_t n = thread_override.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+void set_max_threads(int32_t n) { thread_override.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+int64_t cache_bytes(int level) {
+  const int64_t o = (level == 2 ? l2_override : l3_override).load(std::memory_order_relaxed);
+  return o > 0 ? o : detected_cache_bytes(level);
+}
+
+void set_cache_bytes(int64_t l2, int64_t l3) {
+  l2_override.store(l2 > 0 ? l2 : 0, std::memory_order_relaxed);
+  l3_override.store(l3 > 0 ? l3 : 0, std::memory_order_relaxed);
+}
+
+int32_t schedule(plan &p) {
+  if (p.empty) return 1;
+  const int64_t elements = p.lines * p.inner.n;
+  const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
+  const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
+  cut_segments(p, threads);
+  const int64_t bytes = elements * element_size(p.dtype);
+  p.x_from = bytes <= threads * cache_bytes(2) ? x_source::l2
+             : bytes <= cache_bytes(3)        ? x_source::l3
+                                              : x_source::memory;
+  return threads;
+}
+
+// Inference streams once x and y together fill the L3 and the other working
+// threads' L2s (AMD's L3 holds what the L2s evict), where plain stores would
+// read every line of y from memory before writing it. A training forward
+// streams once x and y together overflow the L3, so that x stays cached for
+// the normalize. The callers pass those sizes as min_bytes.
+bool stream_output(const plan &p, int64_t min_bytes) {
+  return p.y && p.y != p.x && !p.empty &&
+         p.lines * p.inner.n * element_size(p.dtype) >= min_bytes;
+}
+
+// A tensor larger than half the L3 would come back from memory for the second
+// read (normalize after statistics). Cut into chunks of whole channels, each
+// handled by one thread — statistics, then normalize while the chunk is still
+// cached — x is read from memory once. Only for channels-first layouts: a
+// channels-last chunk is a narrow strided column of every row. A chunk takes an
+// eighth of the L3 (less with more than 2 threads), so that each thread's chunk
+// and the next one it fetches fit together; smaller chunks (half an L2) and
+// larger ones (a quarter of the L3) both ran slower.
+int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
+  if (n_axes != 1) return 0;
+  const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
+  const int64_t channels = x.shape[axis], es = element_size(x.dtype);
+  if (std::abs(x.strides[axis]) == es) return 0;
+  int64_t elements = 1;
+  for (int32_t i = 0; i < x.rank; ++i) elements *= x.shape[i];
+  const int64_t bytes = elements * es, l3 = cache_bytes(3);
+  if (channels < 2 * threads || bytes <= l3 / 2) return 0;
+  const int64_t per_channel = bytes / channels;
+  if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached
+  const int64_t chunk = std::max<int64_t>(1, l3 / (4 * std::max(threads, 2)) / per_channel);
+  return std::min(chunk, channels / (2 * threads));  // enough chunks to share out
+}
+
+void item_range(const plan &p, int32_t slot, int32_t team, int64_t &begin, int64_t &end) {
+  const int64_t items = p.lines * p.segments;
+  const int64_t base = items / team, extra = items % team;
+  begin = base * slot + std::min<int64_t>(slot, extra);
+  end = begin + base + (slot < extra ? 1 : 0);
+}
+
+}  // namespace bn_core

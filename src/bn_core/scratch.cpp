@@ -1,0 +1,194 @@
+#include "scratch.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <new>
+#include <type_traits>
+
+#include "chan_merge.hpp"
+
+namespace bn_core {
+
+// ---- moments_state ---------------------------------------------------------------
+
+bool moments_state::allocate(const plan &p, int32_t slots) {
+  slots_ = slots;
+  buffer_.reset(new (std::nothrow) double[static_cast<size_t>(layout(p) * slots)]);
+  if (!buffer_) return false;
+  try {
+    shifts_missing_.resize(static_cast<size_t>(slots));
+  } catch (const std::bad_alloc &) {
+    return false;
+  }
+  reset(p);
+  return true;
+}
+
+void moments_state::reset(const plan &p) {
+  per_slot_ = layout(p);
+  for (int32_t s = 0; s < slots_; ++s) {
+    const moments_scratch m = slot(s);
+    std::fill(m.count, m.count + kChannelArrays * channels_, 0.0);
+    std::fill(m.shift_ok, m.shift_ok + channels_, uint8_t{0});
+  }
+  std::fill(shifts_missing_.begin(), shifts_missing_.end(), channels_);
+}
+
+void moments_state::finish(int32_t team, double *mean, double *variance, double *count) {
+  for (int64_t c = 0; c < channels_; ++c) {
+    double n = 0, mu = 0, m2 = 0;
+    for (int32_t s = 0; s < team; ++s) {
+      const moments_scratch m = slot(s);
+      chan_merge(n, mu, m2, m.count[c], m.mean[c], m.m2[c]);
+    }
+    mean[c] = n > 0 ? mu : 0.0;
+    variance[c] = n > 0 ? std::max(m2 / n, 0.0) : 0.0;
+    if (count) count[c] = n;
+  }
+}
+
+int64_t moments_state::layout(const plan &p) {
+  channels_ = p.channels;
+  block_ = p.inner_is_channel ? spaced_block_length(std::min(p.inner.n, kRowsChannelChunk)) : 0;
+  return kChannelArrays * channels_ + kBlockArrays * block_ + (channels_ + 7) / 8;
+}
+
+// A block array length of at least n doubles at which no two block arrays
+// start within 256 bytes of a nonzero multiple of 4 KB apart. The channels-last
+// walk from memory stores two of them and loads a third per vector, and a load
+// whose low 12 address bits match a pending store's waits for it (4K
+// aliasing): at 256 channels the arrays were 4 KB apart, and that walk lost
+// its advantage over the tiles.
+int64_t moments_state::spaced_block_length(int64_t n) {
+  constexpr int64_t page = 4096 / sizeof(double), near = 256 / sizeof(double);
+  for (int64_t len = n;; len += 8) {
+    bool apart = true;
+    for (int64_t i = 1; i < kBlockArrays; ++i) {
+      const int64_t o = i * len;
+      apart &= o < page - near || (o + near) % page >= 2 * near;
+    }
+    if (apart) return len;
+  }
+}
+
+// ---- channel_params ----------------------------------------------------------------
+
+template <int32_t Arrays>
+bool channel_params<Arrays>::allocate(const plan &p) {
+  wide_ = p.dtype == BN_FLOAT64;
+  fit(p);
+  stride_ = length_;
+  buffer_.reset(new (std::nothrow) double[static_cast<size_t>(Arrays * stride_)]);
+  return buffer_ != nullptr;
+}
+
+template <int32_t Arrays>
+void channel_params<Arrays>::fit(const plan &p) {
+  channels_ = p.channels;
+  length_ = p.period ? std::max(p.fold_len, channels_) : channels_;
+}
+
+template <int32_t Arrays>
+template <class Values>
+void channel_params<Arrays>::fill(const double *mean, Values &&values) {
+  if (wide_) fill_as<double>(mean, values);
+  else fill_as<float>(mean, values);
+}
+
+// Arrays is a constant so that this loop vectorizes (with -fno-math-errno and
+// -fno-trapping-math on this file: see CMakeLists.txt).
+template <int32_t Arrays>
+template <class acc, class Values>
+void channel_params<Arrays>::fill_as(const double *mean, Values &&values) {
+  acc *a = reinterpret_cast<acc *>(buffer_.get());
+  const int64_t stride = stride_;
+  for (int64_t c = 0; c < channels_; ++c) {
+    double v[Arrays];
+    const acc hi = static_cast<acc>(mean[c]);
+    v[0] = hi;
+    values(c, mean[c] - static_cast<double>(hi), v);
+    for (int32_t i = 0; i < Arrays; ++i) a[i * stride + c] = static_cast<acc>(v[i]);
+  }
+  for (int32_t i = 0; i < Arrays; ++i)
+    for (int64_t k = channels_; k < length_; ++k) a[i * stride + k] = a[i * stride + k - channels_];
+}
+
+template class channel_params<3>;
+template class channel_params<6>;
+
+// ---- affine_state ------------------------------------------------------------------
+
+void affine_state::fill(const double *mean, const double *variance, const double *gamma,
+                        const double *beta, double eps) {
+  // One loop per presence of gamma and beta, so that none branches inside (and vectorizes).
+  auto fill_with = [&](auto has_gamma, auto has_beta) {
+    params_.fill(mean, [&](int64_t c, double lo, double *v) {
+      const double scale = (has_gamma ? gamma[c] : 1.0) / std::sqrt(variance[c] + eps);
+      const double b = has_beta ? beta[c] : 0.0;
+      const double corrected = b - lo * scale;  // unconditional: a select vectorizes, a branch does not
+      v[1] = scale;
+      v[2] = lo == 0 ? b : corrected;  // lo = 0 (float64 data) keeps beta exact even at scale = inf
+    });
+  };
+  if (gamma && beta) fill_with(std::true_type{}, std::true_type{});
+  else if (gamma) fill_with(std::true_type{}, std::false_type{});
+  else if (beta) fill_with(std::false_type{}, std::true_type{});
+  else fill_with(std::false_type{}, std::false_type{});
+}
+
+// ---- backward_state ----------------------------------------------------------------
+
+bool backward_state::allocate(const plan &p, int32_t slots) {
+  channels_ = p.channels;
+  if (!params_.allocate(p)) return false;
+  length_ = params_.length();
+  try {
+    sums_.assign(static_cast<size_t>(3 * length_ * slots), 0.0);
+  } catch (const std::bad_alloc &) {
+    return false;
+  }
+  return true;
+}
+
+void backward_state::fill_xhat(const double *mean, const double *variance, double eps) {
+  params_.fill(mean, [&](int64_t c, double lo, double *v) {
+    v[1] = lo;
+    v[2] = 1.0 / std::sqrt(variance[c] + eps);
+    v[3] = v[4] = v[5] = 0.0;
+  });
+}
+
+void backward_state::fill_dx(const double *mean, const double *variance, const double *gamma,
+                             double eps, const double *count, const double *sum_dy,
+                             const double *sum_dy_xhat) {
+  params_.fill(mean, [&](int64_t c, double lo, double *v) {
+    const double s = 1.0 / std::sqrt(variance[c] + eps), gs = (gamma ? gamma[c] : 1.0) * s;
+    v[1] = lo;
+    const bool through_stats = count && count[c] > 0;
+    v[2] = s;
+    v[3] = gs;
+    v[4] = through_stats ? -gs * s * sum_dy_xhat[c] / count[c] : 0.0;
+    v[5] = through_stats ? -gs * sum_dy[c] / count[c] : 0.0;
+  });
+}
+
+void backward_state::finish(int32_t team, const plan &p, double *count, double *sum_dy,
+                            double *sum_dy_xhat) {
+  std::fill(sum_dy, sum_dy + channels_, 0.0);
+  std::fill(sum_dy_xhat, sum_dy_xhat + channels_, 0.0);
+  std::fill(count, count + channels_, 0.0);
+  for (int32_t s = 0; s < team; ++s) {
+    const backward_scratch b = slot(s);
+    for (int64_t k = 0; k < length_; ++k) {
+      sum_dy[k % channels_] += b.sum_dy[k];
+      sum_dy_xhat[k % channels_] += b.sum_dy_xhat[k];
+      count[k % channels_] += b.count[k];
+    }
+  }
+  if (!p.mask && !p.empty) {
+    const double per_channel = static_cast<double>(p.lines * p.inner.n / channels_);
+    std::fill(count, count + channels_, per_channel);
+  }
+}
+
+}  // namespace bn_core

@@ -1,0 +1,139 @@
+#include "validate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace bn_core {
+namespace {
+
+thread_local std::string last_error;
+
+const char *dtype_name(bn_dtype dt) {
+  switch (dt) {
+    case BN_FLOAT32: return "float32";
+    case BN_FLOAT64: return "float64";
+    case BN_FLOAT16: return "float16";
+    case BN_BFLOAT16: return "bfloat16";
+    case BN_UINT8: return "uint8";
+  }
+  return "unknown";
+}
+
+std::string shape_str(const bn_tensor &t) {
+  std::string s = "(";
+  for (int32_t i = 0; i < t.rank; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.rank == 1 ? ",)" : ")");
+}
+
+// Sizes multiply without overflow even when one is 0 (a channel count is a
+// product of some of them), and no byte offset inside t overflows.
+bool sizes_overflow(const bn_tensor &t) {
+  int64_t count = 1, nonzero_count = 1, span = 0;
+  bool overflow = false;
+  for (int32_t i = 0; i < t.rank; ++i) {
+    const int64_t n = t.shape[i], stride = t.strides[i];
+    overflow |= __builtin_mul_overflow(count, n, &count);
+    overflow |= __builtin_mul_overflow(nonzero_count, n ? n : 1, &nonzero_count);
+    if (n > 1) {
+      int64_t reach;
+      if (stride == std::numeric_limits<int64_t>::min()) overflow = true;
+      else overflow |= __builtin_mul_overflow(n - 1, stride < 0 ? -stride : stride, &reach) ||
+                       __builtin_add_overflow(span, reach, &span);
+    }
+  }
+  return overflow;
+}
+
+bn_status check_tensor(const bn_tensor *t, const char *name, bool is_mask) {
+  if (!t) return fail(BN_ERR_NULL, std::string(name) + " is NULL");
+  if (t->rank < 1 || t->rank > BN_MAX_RANK)
+    return fail(BN_ERR_RANK, std::string(name) + " has rank " + std::to_string(t->rank) + "; expected 1 to " +
+                                 std::to_string(BN_MAX_RANK));
+  if (!t->shape || !t->strides) return fail(BN_ERR_NULL, std::string(name) + " has a NULL shape or strides");
+  const int32_t dt = enum_value(t->dtype);
+  if (dt < BN_FLOAT32 || dt > BN_UINT8 || is_mask != (dt == BN_UINT8))
+    return fail(BN_ERR_DTYPE, std::string(name) + " has dtype " +
+                                  (dt >= 0 && dt <= BN_UINT8 ? dtype_name(t->dtype) : std::to_string(dt)) +
+                                  (is_mask ? "; expected uint8" : "; expected float32, float64, float16 or bfloat16"));
+  bool empty = false;
+  for (int32_t i = 0; i < t->rank; ++i) {
+    if (t->shape[i] < 0)
+      return fail(BN_ERR_SHAPE, std::string(name) + " has negative size " + std::to_string(t->shape[i]) + " at axis " +
+                                    std::to_string(i));
+    empty |= t->shape[i] == 0;
+  }
+  if (sizes_overflow(*t)) return fail(BN_ERR_OVERFLOW, std::string(name) + " " + shape_str(*t) + ": sizes or byte offsets overflow int64");
+  if (!empty && !t->data) return fail(BN_ERR_NULL, std::string(name) + " has NULL data");
+  return BN_OK;
+}
+
+bn_status check_axes(const int32_t *axes, int32_t n_axes, int32_t rank, bool is_channel[]) {
+  if (!axes) return fail(BN_ERR_NULL, "axes is NULL");
+  if (n_axes < 1 || n_axes > rank)
+    return fail(BN_ERR_AXIS, "n_axes is " + std::to_string(n_axes) + "; expected 1 to the rank " + std::to_string(rank));
+  std::fill(is_channel, is_channel + rank, false);
+  for (int32_t k = 0; k < n_axes; ++k) {
+    const int32_t a = axes[k];
+    if (a < -rank || a >= rank)
+      return fail(BN_ERR_AXIS, "axis " + std::to_string(a) + " is out of range for rank " + std::to_string(rank));
+    const int32_t axis = a < 0 ? a + rank : a;
+    if (is_channel[axis]) return fail(BN_ERR_AXIS, "axis " + std::to_string(a) + " is given twice");
+    is_channel[axis] = true;
+  }
+  return BN_OK;
+}
+
+// t has x's shape (a mask: broadcastable to it) and, unless a mask, x's dtype.
+bn_status check_like_x(const bn_tensor &x, const bn_tensor *t, const char *name, bool is_mask) {
+  if (bn_status st = check_tensor(t, name, is_mask)) return st;
+  if (t->rank != x.rank)
+    return fail(BN_ERR_SHAPE, std::string(name) + " has rank " + std::to_string(t->rank) + "; expected x's rank " + std::to_string(x.rank));
+  for (int32_t i = 0; i < x.rank; ++i) {
+    const bool ok = t->shape[i] == x.shape[i] || (is_mask && t->shape[i] == 1);
+    if (!ok)
+      return fail(BN_ERR_SHAPE, std::string(name) + " has shape " + shape_str(*t) + "; expected " +
+                                    (is_mask ? "a shape broadcastable to " : "") + "x's shape " + shape_str(x));
+  }
+  if (!is_mask && t->dtype != x.dtype)
+    return fail(BN_ERR_DTYPE, std::string(name) + " has dtype " + dtype_name(t->dtype) + "; expected x's dtype " + dtype_name(x.dtype));
+  return BN_OK;
+}
+
+bn_status check_epsilon(double eps) {
+  if (!(eps >= 0.0) || !std::isfinite(eps))
+    return fail(BN_ERR_VALUE, "epsilon is " + std::to_string(eps) + "; expected a finite value >= 0");
+  return BN_OK;
+}
+
+}  // namespace
+
+bn_status fail(bn_status status, const std::string &message) {
+  last_error = message;
+  return status;
+}
+
+bn_status out_of_memory() { return fail(BN_ERR_ALLOC, "out of memory for per-thread scratch"); }
+
+const char *last_error_message() { return last_error.c_str(); }
+
+bn_status check_arrays(std::initializer_list<named_array> arrays) {
+  for (const named_array &a : arrays)
+    if (!a.data) return fail(BN_ERR_NULL, std::string(a.name) + " is NULL");
+  return BN_OK;
+}
+
+bn_status check_call(const call_args &call, bool is_channel[]) {
+  if (bn_status st = check_tensor(call.x, "x", false)) return st;
+  const bn_tensor &x = *call.x;
+  for (const named_tensor &t : call.like_x)
+    if (bn_status st = check_like_x(x, t.tensor, t.name, false)) return st;
+  if (bn_status st = check_axes(call.axes, call.n_axes, x.rank, is_channel)) return st;
+  if (call.mask)
+    if (bn_status st = check_like_x(x, call.mask, "mask", true)) return st;
+  if (bn_status st = check_arrays(call.arrays)) return st;
+  if (call.epsilon) return check_epsilon(*call.epsilon);
+  return BN_OK;
+}
+
+}  // namespace bn_core

@@ -1,0 +1,64 @@
+// Validation of the C entry points' arguments, in one place: every call is
+// checked before anything is planned, allocated or written, and a failure
+// leaves its message for bn_last_error() and touches nothing.
+#ifndef BN_CORE_VALIDATE_HPP
+#define BN_CORE_VALIDATE_HPP
+
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <string>
+
+#include "bn_core/bn_core.h"
+
+namespace bn_core {
+
+// An enum argument's value read as the int32 a C caller passed: loading an
+// out-of-range value through the enum type is undefined behaviour in C++.
+template <class Enum>
+int32_t enum_value(const Enum &e) {
+  static_assert(sizeof(Enum) == sizeof(int32_t), "C enums are int-sized here");
+  int32_t v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
+
+// Records message as this thread's last error and returns status.
+bn_status fail(bn_status status, const std::string &message);
+bn_status out_of_memory();
+const char *last_error_message();
+
+struct named_tensor {
+  const bn_tensor *tensor;
+  const char *name;
+};
+
+struct named_array {
+  const void *data;
+  const char *name;
+};
+
+// What one entry point takes: x and its channel axes always; tensors that must
+// have x's shape and dtype (outputs and gradients); an optional mask (uint8,
+// broadcastable to x); per-channel arrays that must not be NULL; epsilon when
+// the call takes one.
+struct call_args {
+  const bn_tensor *x;
+  std::initializer_list<named_tensor> like_x;
+  const bn_tensor *mask;
+  const int32_t *axes;
+  int32_t n_axes;
+  std::initializer_list<named_array> arrays;
+  const double *epsilon;  // null: the call takes none
+};
+
+// Checks a call's arguments. On success is_channel[i] says whether x's axis i
+// is a channel axis.
+bn_status check_call(const call_args &call, bool is_channel[]);
+
+// Each array must be non-NULL.
+bn_status check_arrays(std::initializer_list<named_array> arrays);
+
+}  // namespace bn_core
+
+#endif
