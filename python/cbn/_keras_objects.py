@@ -359,7 +359,7 @@ class _Kind:
         table.update(self.extra_names)
         return table
 
-    def get(self, identifier):
+    def get(self, identifier: Any) -> Any:
         """Resolve a name, a Keras config dict or a callable; ``None`` stays ``None``."""
         if isinstance(identifier, type):  # a class, as Keras accepts: instantiate it
             return identifier()

@@ -11,7 +11,6 @@ the output exact for data whose mean is large relative to its spread.
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,9 +22,6 @@ from . import _core
 from ._ghost import KernelView as _KernelView
 from ._ghost import ghost_averages, kernel_view
 from ._keras_objects import (
-    CONSTRAINTS,
-    INITIALIZERS,
-    REGULARIZERS,
     DTypePolicy,
     check_config_mapping,
     construct_from_config,
@@ -33,6 +29,7 @@ from ._keras_objects import (
     real_number,
 )
 from ._layer_config import constructor_kwargs, layer_config
+from ._layer_options import LayerOptions, check_bool, layer_name
 from ._record import ForwardRecord as _ForwardRecord
 from ._record import backward_through
 from ._renorm import (
@@ -40,7 +37,6 @@ from ._renorm import (
     moving_updates,
     renorm_correction,
 )
-from ._renorm import check_renorm_clipping as _check_renorm_clipping
 from ._renorm import training_affine as _training_affine
 from ._validate import (
     as_array,
@@ -59,25 +55,6 @@ __all__ = ["BatchNormalization"]
 _TRAINABLE = ("gamma", "beta")
 _RENORM_WEIGHTS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
-_names_lock = threading.Lock()
-_name_counts: dict[str, int] = {}
-
-
-def _unique_name(cls: type) -> str:
-    """Keras' automatic names: ``batch_normalization``, ``batch_normalization_1``, ..."""
-    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
-    with _names_lock:
-        count = _name_counts.get(prefix, 0)
-        _name_counts[prefix] = count + 1
-    return prefix if count == 0 else f"{prefix}_{count}"
-
-
-def _check_bool(value: object, name: str, error: type[Exception] = TypeError) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise error(f"{name} must be a bool; received {value!r} of type {type(value).__name__}")
-    return bool(value)
-
-
 def _required(value: np.ndarray | None) -> np.ndarray:
     """``as_param``'s result for a value that is not None (it returns None only for None)."""
     assert value is not None
@@ -91,7 +68,7 @@ def _weight_property(name: str) -> property:
     return property(get, doc=f"The ``{name}`` weight (None before build or when disabled).")
 
 
-class BatchNormalization:
+class BatchNormalization(LayerOptions):
     """Batch normalization layer, compatible with ``keras.layers.BatchNormalization``.
 
     Training (``training=True`` and ``trainable``) normalizes with the batch
@@ -167,64 +144,20 @@ class BatchNormalization:
         self.axis = check_axis_arg(axis)
         self.momentum = real_number(momentum, "momentum")
         self.epsilon = check_epsilon(epsilon)
-        self.center = _check_bool(center, "center")
-        self.scale = _check_bool(scale, "scale")
-        self.beta_initializer = INITIALIZERS.get(beta_initializer)
-        self.gamma_initializer = INITIALIZERS.get(gamma_initializer)
-        self.moving_mean_initializer = INITIALIZERS.get(moving_mean_initializer)
-        self.moving_variance_initializer = INITIALIZERS.get(moving_variance_initializer)
-        for init_name in ("beta", "gamma", "moving_mean", "moving_variance"):
-            if getattr(self, f"{init_name}_initializer") is None:
-                raise ValueError(f"{init_name}_initializer must not be None")
-        self.beta_regularizer = REGULARIZERS.get(beta_regularizer)
-        self.gamma_regularizer = REGULARIZERS.get(gamma_regularizer)
-        self.beta_constraint = CONSTRAINTS.get(beta_constraint)
-        self.gamma_constraint = CONSTRAINTS.get(gamma_constraint)
-        self.synchronized = _check_bool(synchronized, "synchronized")
-        self.renorm = _check_bool(renorm, "renorm")
-        # Like Keras, the clipping is only validated (and None made {}) with renorm.
-        if self.renorm:
-            self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
-        else:
-            self.renorm_clipping = renorm_clipping  # type: ignore[assignment]  # as given
-        self.renorm_momentum = real_number(renorm_momentum, "renorm_momentum")
-        # every cbn path is the fused kernel, so unlike tf.keras 2 no combination
-        # of fused=True with other arguments or input ranks is refused.
-        if fused is not None and not isinstance(fused, (bool, np.bool_)):
-            raise TypeError(f"fused must be None, True or False; received {fused!r}")
-        self.fused = None if fused is None else bool(fused)
-        if virtual_batch_size is not None and not (
-            is_integer(virtual_batch_size) and virtual_batch_size > 0
-        ):
-            raise ValueError(
-                f"virtual_batch_size must be a positive int; received {virtual_batch_size!r}"
-            )
-        self.virtual_batch_size = virtual_batch_size
-        if adjustment is not None and not callable(adjustment):
-            raise TypeError(
-                "adjustment must be a callable adjustment(shape) -> (scale, bias) or None; "
-                f"received {adjustment!r}"
-            )
-        self.adjustment = adjustment
-        if allreduce is not None and not callable(allreduce):
-            raise TypeError(f"allreduce must be a callable or None; received {allreduce!r}")
-        self.allreduce = allreduce
-        self._trainable = _check_bool(trainable, "trainable", ValueError)
+        self._set_weight_options(center, scale, beta_initializer, gamma_initializer,
+                                 moving_mean_initializer, moving_variance_initializer,
+                                 beta_regularizer, gamma_regularizer, beta_constraint,
+                                 gamma_constraint)
+        self._set_training_options(synchronized, renorm, renorm_clipping, renorm_momentum,
+                                   fused, virtual_batch_size, adjustment, allreduce)
+        self._trainable = check_bool(trainable, "trainable", ValueError)
         self._policy = get_policy(dtype)
-        if virtual_batch_size is not None and adjustment is not None:
-            raise ValueError(
-                "virtual_batch_size and adjustment cannot be combined; "
-                f"received virtual_batch_size={virtual_batch_size!r} and adjustment={adjustment!r}"
-            )
-        if virtual_batch_size is not None and self.synchronized:
-            raise ValueError(
-                "synchronized=True cannot be combined with virtual_batch_size="
-                f"{virtual_batch_size!r}"
-            )
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None; received {name!r}")
-        self.name = name if name is not None else _unique_name(type(self))
+        self._check_ghost_batch_options()
+        self.name = layer_name(name, type(self))
+        self._init_state()
 
+    def _init_state(self) -> None:
+        """The state of an unbuilt layer that has not been called."""
         self.built = False
         self._weights: dict[str, np.ndarray] = {}
         self._axes: tuple[int, ...] = ()
@@ -268,7 +201,7 @@ class BatchNormalization:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
-        self._trainable = _check_bool(value, "trainable", ValueError)
+        self._trainable = check_bool(value, "trainable", ValueError)
 
     @property
     def weights(self) -> list[np.ndarray]:

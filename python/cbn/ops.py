@@ -47,14 +47,56 @@ def _prepare(
     return arr, axes, channel_shape(arr.shape, axes), check_epsilon(epsilon)
 
 
-def _stats_dtype(x: np.ndarray) -> np.dtype:
-    return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+def _channel_stats(
+    x: np.ndarray, cshape: tuple[int, ...], first: np.ndarray, second: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-channel float64 results in the channel shape, as float64 for float64 ``x``
+    and float32 otherwise."""
+    dtype = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+    return first.astype(dtype).reshape(cshape), second.astype(dtype).reshape(cshape)
 
 
-def _output(x: np.ndarray, out: ArrayLike | None) -> np.ndarray:
+def _output(x: np.ndarray, out: ArrayLike | None, dy: np.ndarray | None = None) -> np.ndarray:
+    """A new array like ``x``, or ``out`` checked: ``x``'s shape and dtype, and either ``x``
+    itself (in place) or not overlapping it; likewise for ``dy`` when given."""
     if out is None:
         return np.empty_like(x)
+    if dy is not None:
+        out = check_out(out, dy, x.dtype)
     return check_out(out, x, x.dtype)
+
+
+def _required_statistics(
+    mean: np.ndarray | None, variance: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if mean is None or variance is None:
+        raise TypeError("mean and variance are required arrays; received None")
+    return mean, variance
+
+
+def _gradient(dy: ArrayLike, x: np.ndarray) -> np.ndarray:
+    """``dy`` checked to have the input's shape, in the input's dtype."""
+    grad = as_array(dy, "dy")
+    if grad.shape != x.shape:
+        raise ValueError(f"dy has shape {grad.shape}; expected the input's shape {x.shape}")
+    return grad if grad.dtype == x.dtype else grad.astype(x.dtype)
+
+
+def _synchronized_backward(
+    allreduce: Allreduce, grad: np.ndarray, x: np.ndarray, dx: np.ndarray,
+    axes: tuple[int, ...], mask: np.ndarray | None, mean: np.ndarray, variance: np.ndarray,
+    gamma: np.ndarray | None, epsilon: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``dx`` through statistics of all ranks: this rank's backward sums are summed across
+    ranks in one call of ``allreduce``, then applied. Returns this rank's own ``Σdy`` and
+    ``Σdy·x̂``."""
+    sums = _core.backward_sums(grad, x, axes, mask, mean, variance, epsilon)
+    c = sums.shape[0] // 3
+    # Kept before the collective, which may sum in place: dγ, dβ are this rank's.
+    sum_dy, sum_dy_xhat = sums[c:2 * c].copy(), sums[2 * c:].copy()
+    _core.backward_apply(grad, x, dx, axes, mask, mean, variance, gamma, epsilon,
+                         sum_across_ranks(allreduce, sums))
+    return sum_dy, sum_dy_xhat
 
 
 def moments(
@@ -77,9 +119,7 @@ def moments(
     axes = normalize_axes(axis, arr.ndim)
     m = canonical_mask(mask, arr.shape)
     mean, var, _ = _core.moments(arr, axes, m)
-    cshape = channel_shape(arr.shape, axes)
-    dt = _stats_dtype(arr)
-    return mean.astype(dt).reshape(cshape), var.astype(dt).reshape(cshape)
+    return _channel_stats(arr, channel_shape(arr.shape, axes), mean, var)
 
 
 def batch_normalization(
@@ -113,8 +153,7 @@ def batch_normalization(
     arr, axes, cshape, eps = _prepare(x, axis, epsilon)
     mu, var, g, b = (as_param(v, cshape, n) for v, n in (
         (mean, "mean"), (variance, "variance"), (gamma, "gamma"), (beta, "beta")))
-    if mu is None or var is None:
-        raise TypeError("mean and variance are required arrays; received None")
+    mu, var = _required_statistics(mu, var)
     y = _output(arr, out)
     _core.normalize(arr, y, axes, mu, var, g, b, eps)
     return y
@@ -174,8 +213,7 @@ def batch_norm_train(
         partial = _core.moments_partial(arr, axes, m, k)
         mean, var = _core.moments_finalize(sum_across_ranks(allreduce, partial), k)
         _core.normalize(arr, y, axes, mean, var, g, b, eps)
-    dt = _stats_dtype(arr)
-    return y, mean.astype(dt).reshape(cshape), var.astype(dt).reshape(cshape)
+    return (y, *_channel_stats(arr, cshape, mean, var))
 
 
 def batch_norm_backward(
@@ -222,32 +260,17 @@ def batch_norm_backward(
     (array([0., 0.]), array([-1.]), array([1.]))
     """
     arr, axes, cshape, eps = _prepare(x, axis, epsilon)
-    grad = as_array(dy, "dy")
-    if grad.shape != arr.shape:
-        raise ValueError(f"dy has shape {grad.shape}; expected the input's shape {arr.shape}")
-    if grad.dtype != arr.dtype:
-        grad = grad.astype(arr.dtype)
-    mu = as_param(mean, cshape, "mean")
-    var = as_param(variance, cshape, "variance")
-    if mu is None or var is None:
-        raise TypeError("mean and variance are required arrays; received None")
+    grad = _gradient(dy, arr)
+    mu, var = _required_statistics(as_param(mean, cshape, "mean"),
+                                   as_param(variance, cshape, "variance"))
     g = as_param(gamma, cshape, "gamma")
     m = canonical_mask(mask, arr.shape)
     check_allreduce(allreduce)
-    if out is None:
-        dx = np.empty_like(arr)
-    else:
-        dx = check_out(out, grad, arr.dtype)
-        check_out(dx, arr, arr.dtype)
+    dx = _output(arr, out, grad)
     if allreduce is None or not training:
         sum_dy, sum_dy_xhat = _core.backward(grad, arr, dx, axes, m, mu, var, g, eps,
                                              bool(training))
     else:
-        sums = _core.backward_sums(grad, arr, axes, m, mu, var, eps)
-        c = sums.shape[0] // 3
-        # Kept before the collective, which may sum in place: dγ, dβ are this rank's.
-        sum_dy, sum_dy_xhat = sums[c:2 * c].copy(), sums[2 * c:].copy()
-        _core.backward_apply(grad, arr, dx, axes, m, mu, var, g, eps,
-                             sum_across_ranks(allreduce, sums))
-    dt = _stats_dtype(arr)
-    return dx, sum_dy_xhat.astype(dt).reshape(cshape), sum_dy.astype(dt).reshape(cshape)
+        sum_dy, sum_dy_xhat = _synchronized_backward(allreduce, grad, arr, dx, axes, m, mu,
+                                                     var, g, eps)
+    return (dx, *_channel_stats(arr, cshape, sum_dy_xhat, sum_dy))

@@ -10,9 +10,9 @@ import keras
 from keras import ops
 
 from .._keras_objects import real_number
+from .._layer_options import check_adjustment, check_bool
 from .._renorm import check_renorm_clipping as _check_renorm_clipping
 from .._validate import check_axis_arg, check_epsilon, normalize_axes, squeezed_shape
-from ..layer import _check_bool
 from ._kernels import kernels_for
 
 __all__ = ["BatchNormalization", "convert"]
@@ -67,8 +67,8 @@ class BatchNormalization(keras.layers.Layer):
         self.axis = check_axis_arg(axis)
         self.momentum = real_number(momentum, "momentum")
         self.epsilon = check_epsilon(epsilon)
-        self.center = _check_bool(center, "center")
-        self.scale = _check_bool(scale, "scale")
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
@@ -78,21 +78,16 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_constraint = keras.constraints.get(beta_constraint)
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
         self.renorm_momentum = real_number(renorm_momentum, "renorm_momentum")
-        if _check_bool(synchronized, "synchronized"):
+        if check_bool(synchronized, "synchronized"):
             raise _unsupported("synchronized", synchronized)
-        if _check_bool(renorm, "renorm"):
+        if check_bool(renorm, "renorm"):
             _check_renorm_clipping(renorm_clipping)
             raise _unsupported("renorm", renorm)
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False; received {fused!r}")
         if virtual_batch_size is not None:
             raise _unsupported("virtual_batch_size", virtual_batch_size)
-        if adjustment is not None and not callable(adjustment):
-            raise TypeError(
-                "adjustment must be a callable adjustment(shape) -> (scale, bias) or None; "
-                f"received {adjustment!r}"
-            )
-        self.adjustment = adjustment
+        self.adjustment = check_adjustment(adjustment)
         self.supports_masking = True
         self._kernels = kernels_for(keras.backend.backend())
         self._axes: tuple[int, ...] = ()
