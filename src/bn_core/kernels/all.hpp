@@ -9,6 +9,10 @@
 // first block), folded into float64 (count, mean, M2) with Chan's merge. Plain
 // sum speed, two-pass accuracy. Vocabulary (rows, planes, runs, tiles, folded
 // rows, segments): src/bn_core/README.md.
+//
+// Functions split out of a longer walk only so that it reads in parts are
+// [[gnu::always_inline]]: they compile as if written in their caller, so the
+// split leaves the inliner's choices, and the generated code, as they were.
 #if !defined(BN_ISA_NS) || !defined(BN_VEC_BYTES)
 #error "include kernels/target_<isa>.hpp before kernels/all.hpp"
 #endif

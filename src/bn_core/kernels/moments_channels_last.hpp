@@ -48,9 +48,8 @@ void row_sums_in_order(const char *x, int64_t len, const typename E::acc *shift,
 // Unmasked contiguous rows: tiles of K vectors of channels whose sums stay in
 // registers over all rows of the block (instead of loading and storing the
 // block sums per row). 3 registers per vector: 4 vectors fit the 16 registers of
-// AVX2, 8 the 32 of AVX-512, whose longer runs per row took (2048,2048)
-// statistics from the L3 0.30 -> 0.26 ms and (32,56,56,128) from memory
-// 1.77 -> 1.42 ms at 2 threads.
+// AVX2, 8 the 32 of AVX-512, whose longer runs per row read faster from the L3
+// and from memory.
 constexpr int kMomentsTileVectors = kVecBytes >= 64 ? 8 : 4;
 
 // Rows whose lines a tile prefetches at its own channels while it walks the
@@ -108,17 +107,16 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
 
 // Rows from memory, wider than one tile, in memory order: the sums of each
 // row's first vectors stay in registers across the block's rows and the rest of
-// each row goes through the block sums in L1. With AVX-512 that took
-// (64,56,56,256) statistics at 2 threads from 9.8-10.3 to 8.9-9.9 ms
-// (interleaved, run in either order); with AVX2 it was slower (8.0-9.0 ->
-// 8.7-10.3 ms), so there whole rows go through L1.
+// each row goes through the block sums in L1. That pays with the 32 registers
+// of AVX-512; with the 16 of AVX2 it was slower, so there whole rows go through
+// L1.
 constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
 
 // The register tile of that walk is twice a walking tile wide where the row
 // allows: 32 sums in the 32 registers (the shifts become memory operands, one
-// sum spills). Each row's stores to the block sums wait for its loads from
-// memory and filled the store queue: (64,56,56,256) statistics went 10.0-10.6 ->
-// 6.2-7.7 ms at 2 threads and 18.2-18.8 -> 9.2-9.8 ms at 1 (a read: 4.2-6.9).
+// sum spills): each row's stores to the block sums wait for its loads from
+// memory, and with half as many columns in registers they filled the store
+// queue.
 template <class E, int K>
 void rows_sums_in_order_from(const char *const *rows, int64_t n_rows, int64_t len,
                              const typename E::acc *shift, typename E::acc *s1, typename E::acc *s2) {
@@ -143,199 +141,325 @@ void rows_sums_in_order(const char *const *rows, int64_t n_rows, int64_t len, co
   }
 }
 
-// One block of rows over channels [j0, j0 + len) of their segment.
+// Shifts of a block's positions: the first `distinct` positions take their
+// channels' shifts (channel stride apart) and later positions repeat them, as
+// the positions of a folded super row repeat its channels.
+template <class A>
+[[gnu::always_inline]] inline
+void shifts_of_positions(const double *shift, int64_t stride, int64_t distinct, int64_t len, A *k) {
+  for (int64_t j = 0; j < distinct; ++j) k[j] = static_cast<A>(shift[j * stride]);
+  for (int64_t j = distinct; j < len; ++j) k[j] = k[j - distinct];
+}
+
+// One block of rows x C: up to kRowBlock rows sharing channels and length, each
+// pointed at the block's first position.
+struct rows_block {
+  const char *x[kRowBlock];
+  const uint8_t *m[kRowBlock];  // each row's mask (nullptr in unmasked calls)
+  const char *used[kRowBlock];  // without a per-element mask: the rows a per-row mask keeps
+  int64_t n_rows, n_used, len;
+  int64_t x_stride, m_stride;   // bytes between positions
+  bool contig;                  // positions are adjacent elements
+  bool masked;
+  bool per_element_mask;        // the mask varies along a row (m_stride != 0)
+  // Whether row r counts at all (a per-element mask decides per position).
+  bool kept(int64_t r) const { return !masked || per_element_mask || m[r][0] != 0; }
+};
+
+// Channels of a block's positions: position j has channel first + j * stride.
+// Folded super rows repeat their channels every period (and fit one chunk, so
+// their blocks start at position 0): their first period positions are all the
+// distinct channels.
+struct rows_block_channels {
+  int64_t first, stride, period, distinct;
+  int64_t at(int64_t j) const { return first + (period ? j % period : j) * stride; }
+};
+
+// The block of rows [rows_begin, rows_begin + n_rows) over positions [j0, j0 + len).
+template <class E>
+[[gnu::always_inline]] inline
+rows_block rows_block_at(const plan &p, const char *const *rows_begin, const uint8_t *const *rows_m_begin,
+                         int64_t n_rows, int64_t j0, int64_t len) {
+  rows_block b;
+  b.n_rows = n_rows;
+  b.len = len;
+  b.x_stride = p.inner.x_stride;
+  b.m_stride = p.inner.m_stride;
+  b.contig = b.x_stride == E::size;
+  b.masked = p.mask != nullptr;
+  b.per_element_mask = b.masked && b.m_stride != 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    b.x[r] = rows_begin[r] + j0 * b.x_stride;
+    b.m[r] = rows_m_begin[r] ? rows_m_begin[r] + j0 * b.m_stride : nullptr;
+  }
+  b.n_used = 0;
+  if (!b.per_element_mask)
+    for (int64_t r = 0; r < n_rows; ++r)
+      if (b.kept(r)) b.used[b.n_used++] = b.x[r];
+  return b;
+}
+
+// Whether some channel of the block has no shift yet.
+[[gnu::always_inline]] inline
+bool rows_block_lacks_shift(const rows_block_channels &ch, const moments_scratch &s) {
+  bool lacks = false;
+  if (*s.shifts_missing)
+    for (int64_t j = 0; j < ch.distinct; ++j) lacks |= !s.shift_ok[ch.first + j * ch.stride];
+  return lacks;
+}
+
+// Sums and counts of the block's kept elements per position, in float64
+// (s.block_sum, s.block_cnt). They only give a shift, which need not be exact,
+// so contiguous rows sum in float tiles (a scalar float64 loop cost more than
+// the block's shifted sums), relative to the first row so that values near the
+// float range do not overflow the sum.
+template <class E>
+[[gnu::always_inline]] inline
+void rows_block_plain_sums(const rows_block &b, const moments_scratch &s) {
+  using acc = typename E::acc;
+  const int64_t len = b.len;
+  if (b.contig && !b.per_element_mask && b.n_used > 0) {
+    acc *s1 = static_cast<acc *>(s.block_s1);
+    acc *s2 = static_cast<acc *>(s.block_s2);
+    acc *k = static_cast<acc *>(s.block_shift);
+    for (int64_t j = 0; j < len; ++j) { k[j] = E::load(b.used[0] + j * E::size); s1[j] = 0; s2[j] = 0; }
+    rows_tile_accumulate<E>(b.used, b.n_used, len, rows_ahead{}, k, s1, s2);
+    for (int64_t j = 0; j < len; ++j) {
+      s.block_sum[j] = static_cast<double>(k[j]) * static_cast<double>(b.n_used) + s1[j];
+      s.block_cnt[j] = static_cast<double>(b.n_used);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
+  for (int64_t r = 0; r < b.n_rows; ++r) {
+    if (!b.kept(r)) continue;
+    for (int64_t j = 0; j < len; ++j) {
+      if (b.per_element_mask && b.m[r][j * b.m_stride] == 0) continue;
+      s.block_sum[j] += E::load(b.x[r] + j * b.x_stride);
+      s.block_cnt[j] += 1;
+    }
+  }
+}
+
+// Channels without a shift take the block's mean: the two-pass start of their
+// shifted sums.
+template <class E>
+[[gnu::always_inline]] inline
+void rows_block_take_missing_shifts(const rows_block &b, const rows_block_channels &ch,
+                                    const moments_scratch &s) {
+  rows_block_plain_sums<E>(b, s);
+  for (int64_t j = 0; j < b.len; ++j) {
+    const int64_t c = ch.at(j);
+    if (!s.shift_ok[c] && s.block_cnt[j] > 0) {
+      s.shift[c] = s.block_sum[j] / s.block_cnt[j];
+      s.shift_ok[c] = 1;
+      --*s.shifts_missing;
+    }
+  }
+}
+
+// The block's shifted sums per position in s1, s2, and with a per-element mask
+// the kept positions in cnt.
+template <class E>
+[[gnu::always_inline]] inline
+void rows_block_shifted_sums(const rows_block &b, const typename E::acc *k, typename E::acc *s1,
+                             typename E::acc *s2, typename E::acc *cnt) {
+  const int64_t len = b.len, xs = b.x_stride, ms = b.m_stride;
+  for (int64_t j = 0; j < len; ++j) {
+    s1[j] = 0; s2[j] = 0; cnt[j] = 0;
+  }
+  if (b.per_element_mask) {
+    for (int64_t r = 0; r < b.n_rows; ++r) {
+      if (b.contig) row_accumulate<E, true, true>(b.x[r], xs, b.m[r], ms, len, k, s1, s2, cnt);
+      else row_accumulate<E, false, true>(b.x[r], xs, b.m[r], ms, len, k, s1, s2, cnt);
+    }
+  } else if (b.contig) {
+    rows_tile_accumulate<E>(b.used, b.n_used, len, rows_ahead{}, k, s1, s2);
+  } else {
+    for (int64_t r = 0; r < b.n_used; ++r)
+      row_accumulate<E, false, false>(b.used[r], xs, nullptr, 0, len, k, s1, s2, cnt);
+  }
+}
+
+// Chan's merge per distinct channel of a block whose positions are not its
+// channels one to one (folded, strided or masked per element): a folded super
+// row's positions of one channel share its shift, so their sums add up and the
+// channel merges once per block rather than once per position.
+template <class A>
+[[gnu::always_inline]] inline
+void rows_block_merge_per_channel(const rows_block &b, const rows_block_channels &ch, const A *k, A *s1,
+                                  A *s2, A *cnt, const moments_scratch &s) {
+  const int64_t len = b.len, distinct = ch.distinct;
+  double *sum1 = s.block_sum, *sum2 = s.block_cnt;
+  fold_positions(s1, len, distinct, sum1);  // only folded rows have more positions than channels
+  fold_positions(s2, len, distinct, sum2);
+  fold_positions(cnt, len, distinct, cnt);  // counts of at most 2^16 positions: exact in float
+  const double columns = ch.period ? static_cast<double>(len / ch.period) : 1.0;  // whole periods
+  const double rows_used = static_cast<double>(b.n_used);
+  for (int64_t j = 0; j < distinct; ++j) {
+    const double n_b = b.per_element_mask ? static_cast<double>(cnt[j]) : rows_used * columns;
+    if (n_b == 0) continue;
+    const int64_t c = ch.at(j);
+    merge_shifted_sums(sum1 + j, sum2 + j, k + j, n_b, 1, s.count + c, s.mean + c, s.m2 + c, s.shift + c);
+  }
+}
+
+// One block of rows x C (any stride, masked or not) over positions [j0, j0 + len)
+// of their segment, whose position 0 has channel p_begin: shifts for channels
+// that lack one, then the shifted sums, merged into the channels' statistics.
 template <class E>
 void rows_block_moments(const plan &p, const char *const *rows_begin,
                         const uint8_t *const *rows_m_begin, int64_t n_rows, int64_t p_begin,
                         int64_t j0, int64_t len, const moments_scratch &s) {
   using acc = typename E::acc;
-  const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride, ps = p.inner.p_stride;
-  const char *rows_x[kRowBlock];
-  const uint8_t *rows_m[kRowBlock];
-  for (int64_t r = 0; r < n_rows; ++r) {
-    rows_x[r] = rows_begin[r] + j0 * xs;
-    rows_m[r] = rows_m_begin[r] ? rows_m_begin[r] + j0 * ms : nullptr;
-  }
-  // Channel of position j. Folded super rows repeat their channels every period
-  // (and fit one chunk, so j0 = 0 there): their first period positions are all
-  // the distinct channels.
-  const int64_t c_first = p_begin + j0 * ps;
-  auto channel = [&](int64_t j) { return c_first + (p.period ? j % p.period : j) * ps; };
-  const int64_t distinct = p.period ? min_of(len, p.period) : len;
-  const bool masked = p.mask != nullptr;
-  const bool per_element_mask = masked && ms != 0;
+  const rows_block b = rows_block_at<E>(p, rows_begin, rows_m_begin, n_rows, j0, len);
+  const int64_t ps = p.inner.p_stride;
+  const rows_block_channels ch{p_begin + j0 * ps, ps, p.period, p.period ? min_of(len, p.period) : len};
   acc *s1 = static_cast<acc *>(s.block_s1);
   acc *s2 = static_cast<acc *>(s.block_s2);
   acc *cnt = static_cast<acc *>(s.block_n);
   acc *k = static_cast<acc *>(s.block_shift);
-  auto used_row = [&](int64_t r) { return !masked || per_element_mask || rows_m[r][0] != 0; };
-
-  const bool contig = xs == E::size;
-  const char *used[kRowBlock];
-  int64_t n_used = 0;
-  if (!per_element_mask)
-    for (int64_t r = 0; r < n_rows; ++r)
-      if (used_row(r)) used[n_used++] = rows_x[r];
-
-  bool need_shift = false;
-  if (*s.shifts_missing)
-    for (int64_t j = 0; j < distinct; ++j) need_shift |= !s.shift_ok[c_first + j * ps];
-  if (need_shift) {
-    // The block's mean gives each channel a shift. It need not be exact, so
-    // contiguous rows sum in float tiles (the scalar float64 loop cost more
-    // than the block's shifted sums), relative to the first row so that values
-    // near the float range do not overflow the sum.
-    if (contig && !per_element_mask && n_used > 0) {
-      for (int64_t j = 0; j < len; ++j) { k[j] = E::load(used[0] + j * E::size); s1[j] = 0; s2[j] = 0; }
-      rows_tile_accumulate<E>(used, n_used, len, rows_ahead{}, k, s1, s2);
-      for (int64_t j = 0; j < len; ++j) {
-        s.block_sum[j] = static_cast<double>(k[j]) * static_cast<double>(n_used) + s1[j];
-        s.block_cnt[j] = static_cast<double>(n_used);
-      }
-    } else {
-      for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
-      for (int64_t r = 0; r < n_rows; ++r) {
-        if (!used_row(r)) continue;
-        for (int64_t j = 0; j < len; ++j) {
-          if (per_element_mask && rows_m[r][j * ms] == 0) continue;
-          s.block_sum[j] += E::load(rows_x[r] + j * xs);
-          s.block_cnt[j] += 1;
-        }
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t c = channel(j);
-      if (!s.shift_ok[c] && s.block_cnt[j] > 0) {
-        s.shift[c] = s.block_sum[j] / s.block_cnt[j];
-        s.shift_ok[c] = 1;
-        --*s.shifts_missing;
-      }
-    }
-  }
-  for (int64_t j = 0; j < distinct; ++j) k[j] = static_cast<acc>(s.shift[c_first + j * ps]);
-  for (int64_t j = distinct; j < len; ++j) k[j] = k[j - distinct];
-  for (int64_t j = 0; j < len; ++j) {
-    s1[j] = 0; s2[j] = 0; cnt[j] = 0;
-  }
-  const double rows_used = static_cast<double>(n_used);
-  if (per_element_mask) {
-    for (int64_t r = 0; r < n_rows; ++r) {
-      if (contig) row_accumulate<E, true, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
-      else row_accumulate<E, false, true>(rows_x[r], xs, rows_m[r], ms, len, k, s1, s2, cnt);
-    }
-  } else {
-    if (contig) {
-      rows_tile_accumulate<E>(used, n_used, len, rows_ahead{}, k, s1, s2);
-    } else {
-      for (int64_t r = 0; r < n_used; ++r)
-        row_accumulate<E, false, false>(used[r], xs, nullptr, 0, len, k, s1, s2, cnt);
-    }
-  }
-  if (!per_element_mask && !p.period && ps == 1) {
-    if (rows_used > 0)
-      merge_shifted_sums(s1, s2, k, rows_used, len, s.count + c_first, s.mean + c_first,
-                         s.m2 + c_first, s.shift + c_first);
+  if (rows_block_lacks_shift(ch, s)) rows_block_take_missing_shifts<E>(b, ch, s);
+  shifts_of_positions(s.shift + ch.first, ps, ch.distinct, len, k);
+  rows_block_shifted_sums<E>(b, k, s1, s2, cnt);
+  if (b.per_element_mask || p.period || ps != 1) {
+    rows_block_merge_per_channel(b, ch, k, s1, s2, cnt, s);
     return;
   }
-  // Per distinct channel: a folded super row's columns of one channel share its
-  // shift, so their sums add up and the channel merges once per block (a merge
-  // per column chained 64 merges per channel and block at 3 channels, and the
-  // statistics of (32,224,224,3) took 1.2-1.4x as long).
-  double *sum1 = s.block_sum, *sum2 = s.block_cnt;
-  fold_positions(s1, len, distinct, sum1);  // only folded rows have more columns than channels
-  fold_positions(s2, len, distinct, sum2);
-  fold_positions(cnt, len, distinct, cnt);  // counts of at most 2^16 positions: exact in float
-  const double columns = p.period ? static_cast<double>(len / p.period) : 1.0;  // super rows hold whole periods
-  for (int64_t j = 0; j < distinct; ++j) {
-    const double n_b = per_element_mask ? static_cast<double>(cnt[j]) : rows_used * columns;
-    if (n_b == 0) continue;
-    const int64_t c = channel(j);
-    merge_shifted_sums(sum1 + j, sum2 + j, k + j, n_b, 1, s.count + c, s.mean + c, s.m2 + c, s.shift + c);
-  }
+  // Positions are the channels: one merge for the block's rows.
+  if (b.n_used > 0)
+    merge_shifted_sums(s1, s2, k, static_cast<double>(b.n_used), len, s.count + ch.first,
+                       s.mean + ch.first, s.m2 + ch.first, s.shift + ch.first);
 }
 
-// Unmasked contiguous rows x C over a run of rows, in super blocks: float tile
-// blocks of kRowBlock rows are folded into float64 per-channel sums, and Chan's
-// merge runs once per super block (per 32-row block it cost more than the
-// sums). A super block is bounded in bytes so that its channel chunks are
-// re-read from L2. The run's first block goes through rows_block_moments while
-// shifts are missing (their two-pass start). The rows of a folded plan are its
-// super rows (len a multiple of the period, within one channel chunk): each
-// position sums on its own, and the positions of a channel add up before the merge.
+// A super block of a run is bounded in bytes so that its channel chunks are
+// re-read from L2, and in rows.
 constexpr int64_t kSuperBlockBytes = 256 * 1024;
 constexpr int64_t kSuperBlockMaxRows = 1024;
 
+// A run of unmasked contiguous rows x C: n_rows rows x_row bytes apart from x,
+// over channels [c_first, c_first + len), and how its blocks walk them.
+struct rows_run {
+  const char *x;
+  int64_t x_row, n_rows, c_first, len;
+  // Rows wider than a tile that come from memory go one at a time in memory
+  // order (rows_sums_in_order): a tile walking down the block's rows, even
+  // prefetched, read memory slower than that.
+  bool by_row;
+  // Tiles prefetch the next block's rows at their channels, which pays from
+  // memory and from the L3 too; a tile spanning the whole row already walks
+  // memory in order, and rows in L2 need no prefetch.
+  bool prefetch_next;
+};
+
+// The run of rows x_row bytes apart from x, and how its blocks walk.
 template <class E>
-void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_rows, int64_t c_first,
-                      int64_t len, const moments_scratch &s) {
+[[gnu::always_inline]] inline
+rows_run rows_run_at(const plan &p, const char *x, int64_t x_row, int64_t n_rows, int64_t c_first,
+                     int64_t len) {
+  const bool one_tile = len <= kMomentsTileVectors * E::lanes;
+  return rows_run{x, x_row, n_rows, c_first, len, !one_tile && p.x_from == x_source::memory,
+                  !(one_tile || p.x_from == x_source::l2)};
+}
+
+// Points rows[0, nb) at the run's rows r0.. at position j0.
+template <class E>
+[[gnu::always_inline]] inline
+void point_run_rows(const rows_run &run, int64_t r0, int64_t nb, int64_t j0, const char **rows) {
+  for (int64_t r = 0; r < nb; ++r) rows[r] = run.x + (r0 + r) * run.x_row + j0 * E::size;
+}
+
+// Rows per super block. With one channel chunk each row is read once, so the
+// super block need not fit L2 and the merge runs once per kSuperBlockMaxRows
+// rows (its divisions per channel were a visible cost at 2048 channels).
+template <class E>
+[[gnu::always_inline]] inline
+int64_t super_block_rows(int64_t len) {
+  const int64_t by_bytes = len <= kChannelChunk ? kSuperBlockMaxRows
+                                                : kSuperBlockBytes / (len * E::size) / kRowBlock * kRowBlock;
+  return min_of(kSuperBlockMaxRows, by_bytes > kRowBlock ? by_bytes : kRowBlock);
+}
+
+// While shifts are missing, the run's first block goes through
+// rows_block_moments (their two-pass start). Returns the rows it took.
+template <class E>
+[[gnu::always_inline]] inline
+int64_t rows_run_first_block(const plan &p, const rows_run &run, const moments_scratch &s) {
+  const char *rows[kRowBlock];
+  const uint8_t *no_mask[kRowBlock] = {};
+  const int64_t nb = min_of(kRowBlock, run.n_rows);
+  point_run_rows<E>(run, 0, nb, 0, rows);
+  for (int64_t j0 = 0; j0 < run.len; j0 += kChannelChunk)
+    rows_block_moments<E>(p, rows, no_mask, nb, run.c_first, j0, min_of(kChannelChunk, run.len - j0), s);
+  return nb;
+}
+
+// The shifted sums of the run's block of rows [b0, b0 + nb) over positions
+// [j0, j0 + len) in s1, s2 (float, in L1).
+template <class E>
+[[gnu::always_inline]] inline
+void rows_run_block_sums(const rows_run &run, int64_t b0, int64_t nb, int64_t j0, int64_t len,
+                         const typename E::acc *k, typename E::acc *s1, typename E::acc *s2) {
+  const char *rows[kRowBlock];
+  point_run_rows<E>(run, b0, nb, j0, rows);
+  const rows_ahead next{rows[0] + nb * run.x_row, run.x_row,
+                        run.prefetch_next ? min_of(kRowBlock, run.n_rows - b0 - nb) : 0};
+  for (int64_t j = 0; j < len; ++j) { s1[j] = 0; s2[j] = 0; }
+  if (run.by_row)
+    rows_sums_in_order<E>(rows, nb, len, k, s1, s2);
+  else
+    rows_tile_accumulate<E>(rows, nb, len, next, k, s1, s2);
+}
+
+// The run's rows [r0, r1) (a super block) over the channel chunk at position j0:
+// its blocks' float sums added up in float64, then one merge per channel.
+template <class E>
+[[gnu::always_inline]] inline
+void rows_super_block_moments(const plan &p, const rows_run &run, int64_t r0, int64_t r1, int64_t j0,
+                              const moments_scratch &s) {
   using acc = typename E::acc;
   acc *s1 = static_cast<acc *>(s.block_s1);
   acc *s2 = static_cast<acc *>(s.block_s2);
   acc *k = static_cast<acc *>(s.block_shift);
-  const char *rows[kRowBlock];
-  const uint8_t *no_mask[kRowBlock] = {};
-  auto block_rows = [&](int64_t r0, int64_t nb, int64_t j0) {
-    for (int64_t r = 0; r < nb; ++r) rows[r] = x + (r0 + r) * x_row + j0 * E::size;
-  };
-  int64_t r0 = 0;
-  if (*s.shifts_missing) {
-    const int64_t nb = min_of(kRowBlock, n_rows);
-    block_rows(0, nb, 0);
-    for (int64_t j0 = 0; j0 < len; j0 += kChannelChunk)
-      rows_block_moments<E>(p, rows, no_mask, nb, c_first, j0, min_of(kChannelChunk, len - j0), s);
-    r0 = nb;
+  const int64_t cl = min_of(kChannelChunk, run.len - j0), c0 = run.c_first + j0;
+  const int64_t distinct = p.period ? p.period : cl;
+  double *__restrict sum1 = p.period ? s.block_sum : s.run_s1 + c0;
+  double *__restrict sum2 = p.period ? s.block_cnt : s.run_s2 + c0;
+  shifts_of_positions(s.shift + c0, 1, distinct, cl, k);
+  for (int64_t j = 0; j < cl; ++j) {
+    sum1[j] = 0;
+    sum2[j] = 0;
   }
-  const bool walks_in_order = len <= kMomentsTileVectors * E::lanes;
-  // Wider rows from memory go one at a time in memory order
-  // (rows_sums_in_order): (64,56,56,256) at 2 threads took 1.6x a plain read in
-  // tiles down the block's rows (prefetched), 1.5x this way with 8 vectors' sums
-  // in registers, 1.1-1.2x with 16.
-  const bool by_row = !walks_in_order && p.x_from == x_source::memory;
-  // One channel chunk reads each row once: its super block need not fit L2, and
-  // the merge (divisions per channel) then runs once per kSuperBlockMaxRows rows
-  // instead of per 32 at 2048 channels ((2048,2048) statistics from the L3:
-  // 0.35 -> 0.30 ms at 2 threads).
-  const int64_t by_bytes = len <= kChannelChunk ? kSuperBlockMaxRows
-                                                : kSuperBlockBytes / (len * E::size) / kRowBlock * kRowBlock;
-  const int64_t super_rows = min_of(kSuperBlockMaxRows, by_bytes > kRowBlock ? by_bytes : kRowBlock);
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    rows_run_block_sums<E>(run, b0, min_of(kRowBlock, r1 - b0), j0, cl, k, s1, s2);
+    for (int64_t j = 0; j < cl; ++j) {
+      sum1[j] += static_cast<double>(s1[j]);
+      sum2[j] += static_cast<double>(s2[j]);
+    }
+  }
+  if (p.period) {
+    fold_positions(sum1, cl, distinct, s.run_s1 + c0);
+    fold_positions(sum2, cl, distinct, s.run_s2 + c0);
+  }
+  merge_shifted_sums(s.run_s1 + c0, s.run_s2 + c0, k, static_cast<double>((r1 - r0) * (cl / distinct)),
+                     distinct, s.count + c0, s.mean + c0, s.m2 + c0, s.shift + c0);
+}
+
+// Unmasked contiguous rows x C over a run of rows, in super blocks: float tile
+// blocks of kRowBlock rows are folded into float64 per-channel sums, and Chan's
+// merge runs once per super block (per block of kRowBlock rows its divisions
+// cost more than the sums). The rows of a folded plan are its super rows (len a
+// multiple of the period, within one channel chunk): each position sums on its
+// own, and the positions of a channel add up before the merge.
+template <class E>
+void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_rows, int64_t c_first,
+                      int64_t len, const moments_scratch &s) {
+  const rows_run run = rows_run_at<E>(p, x, x_row, n_rows, c_first, len);
+  const int64_t super_rows = super_block_rows<E>(len);
+  int64_t r0 = *s.shifts_missing ? rows_run_first_block<E>(p, run, s) : 0;
   for (; r0 < n_rows; r0 += super_rows) {
     const int64_t r1 = min_of(n_rows, r0 + super_rows);
-    for (int64_t j0 = 0; j0 < len; j0 += kChannelChunk) {
-      const int64_t cl = min_of(kChannelChunk, len - j0), c0 = c_first + j0;
-      const int64_t distinct = p.period ? p.period : cl;
-      double *__restrict sum1 = p.period ? s.block_sum : s.run_s1 + c0;
-      double *__restrict sum2 = p.period ? s.block_cnt : s.run_s2 + c0;
-      for (int64_t j = 0; j < distinct; ++j) k[j] = static_cast<acc>(s.shift[c0 + j]);
-      for (int64_t j = distinct; j < cl; ++j) k[j] = k[j - distinct];
-      for (int64_t j = 0; j < cl; ++j) {
-        sum1[j] = 0;
-        sum2[j] = 0;
-      }
-      for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
-        const int64_t nb = min_of(kRowBlock, r1 - b0);
-        block_rows(b0, nb, j0);
-        // Tiles prefetch the next block (from the L3 too: without it,
-        // (32,56,56,64) took twice as long). One tile across the row walks
-        // memory in order.
-        const rows_ahead next{rows[0] + nb * x_row, x_row,
-                              walks_in_order || p.x_from == x_source::l2 ? 0 : min_of(kRowBlock, n_rows - b0 - nb)};
-        for (int64_t j = 0; j < cl; ++j) { s1[j] = 0; s2[j] = 0; }
-        if (by_row)
-          rows_sums_in_order<E>(rows, nb, cl, k, s1, s2);
-        else
-          rows_tile_accumulate<E>(rows, nb, cl, next, k, s1, s2);
-        for (int64_t j = 0; j < cl; ++j) {
-          sum1[j] += static_cast<double>(s1[j]);
-          sum2[j] += static_cast<double>(s2[j]);
-        }
-      }
-      if (p.period) {
-        fold_positions(sum1, cl, distinct, s.run_s1 + c0);
-        fold_positions(sum2, cl, distinct, s.run_s2 + c0);
-      }
-      merge_shifted_sums(s.run_s1 + c0, s.run_s2 + c0, k, static_cast<double>((r1 - r0) * (cl / distinct)),
-                         distinct, s.count + c0, s.mean + c0, s.m2 + c0, s.shift + c0);
-    }
+    for (int64_t j0 = 0; j0 < len; j0 += kChannelChunk) rows_super_block_moments<E>(p, run, r0, r1, j0, s);
   }
 }
 

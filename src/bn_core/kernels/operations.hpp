@@ -16,40 +16,38 @@ int64_t folded_row(const plan &p, int64_t max_len) {
   return row;
 }
 
+// Planes x L: each line segment is one channel's, masked per element, per
+// segment or not at all; pending sums merge once all segments are in.
 template <class E>
-void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
+[[gnu::always_inline]] inline
+void planes_moments_items(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
   const uint8_t *mask = p.mask;
-  if (!p.inner_is_channel) {
-    for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
-      const char *x = p.x + cur.x_off + seg.begin * p.inner.x_stride;
-      if (!mask) {
-        plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
-        return;
-      }
-      const uint8_t *m = mask + cur.m_off + seg.begin * p.inner.m_stride;
-      if (p.inner.m_stride == 0) {  // one mask value for the whole segment
-        if (*m) plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
-      } else {
-        plane_moments<E, true>(x, p.inner.x_stride, m, p.inner.m_stride, seg.len, cur.p_off, s);
-      }
-    });
-    for (int64_t c = 0; c < p.channels; ++c) plane_merge_pending<E>(c, s);
-    return;
-  }
+  for_each_item(p, item_begin, item_end, [&](const line_offsets &cur, segment seg) {
+    const char *x = p.x + cur.x_off + seg.begin * p.inner.x_stride;
+    if (!mask) {
+      plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
+      return;
+    }
+    const uint8_t *m = mask + cur.m_off + seg.begin * p.inner.m_stride;
+    if (p.inner.m_stride == 0) {  // one mask value for the whole segment
+      if (*m) plane_moments<E, false>(x, p.inner.x_stride, nullptr, 0, seg.len, cur.p_off, s);
+    } else {
+      plane_moments<E, true>(x, p.inner.x_stride, m, p.inner.m_stride, seg.len, cur.p_off, s);
+    }
+  });
+  for (int64_t c = 0; c < p.channels; ++c) plane_merge_pending<E>(c, s);
+}
+
+// Rows x C that are masked or strided (elements or channels not adjacent): up
+// to kRowBlock consecutive rows sharing channels and length are gathered into
+// one block for rows_block_moments. A folded plan's lines are cut into super rows of `row`
+// positions.
+template <class E>
+[[gnu::always_inline]] inline
+void rows_blocks_moments_items(const plan &p, int64_t item_begin, int64_t item_end, int64_t row,
+                               const moments_scratch &s) {
+  const uint8_t *mask = p.mask;
   const int64_t xs = p.inner.x_stride, ms = p.inner.m_stride;
-  // A folded plan walks super rows that one tile spans, so that it walks them in
-  // memory order: in two tiles, super rows of fold_len = 192 at 3 channels took
-  // 1.3x as long at 1 thread.
-  const int64_t row = p.period ? folded_row<E>(p, kMomentsTileVectors * E::lanes) : 0;
-  if (!mask && xs == E::size && p.inner.p_stride == 1) {
-    for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
-                                                                      int64_t n_rows, const loop_dim &step) {
-      rows_moments_run<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, n_rows,
-                          cur.p_off + seg.begin, seg.len, s);
-    });
-    return;
-  }
-  // Other rows x C: gather up to kRowBlock consecutive rows sharing channels and length.
   const char *rows_x[kRowBlock];
   const uint8_t *rows_m[kRowBlock];
   int64_t n_rows = 0, block_p = 0, block_len = 0;
@@ -78,6 +76,30 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
       push(x + k * xs, m ? m + k * ms : nullptr, cur.p_off, min_of(row, seg.len - k));
   });
   flush();
+}
+
+// Statistics of the items [item_begin, item_end): planes x L segment by
+// segment; unmasked contiguous rows x C in runs of rows; other rows x C in
+// gathered blocks.
+template <class E>
+void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s) {
+  if (!p.inner_is_channel) {
+    planes_moments_items<E>(p, item_begin, item_end, s);
+    return;
+  }
+  const int64_t xs = p.inner.x_stride;
+  // A folded plan walks super rows that one tile spans, so that it walks them in
+  // memory order (a super row split over two tiles is walked twice).
+  const int64_t row = p.period ? folded_row<E>(p, kMomentsTileVectors * E::lanes) : 0;
+  if (p.mask || xs != E::size || p.inner.p_stride != 1) {
+    rows_blocks_moments_items<E>(p, item_begin, item_end, row, s);
+    return;
+  }
+  for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
+                                                                    int64_t n_rows, const loop_dim &step) {
+    rows_moments_run<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, n_rows,
+                        cur.p_off + seg.begin, seg.len, s);
+  });
 }
 
 template <class E>
