@@ -1,8 +1,7 @@
 // The backward entry points: the local sums (Σdy, Σdy·x̂, the used count) and
 // dx from their totals, in one team when both run (as the training forward
 // does), or one pass each for a distributed call that reduces the sums between.
-#include <new>
-#include <vector>
+#include <memory>
 
 #include "bn_core/bn_core.h"
 #include "dispatch.hpp"
@@ -72,39 +71,39 @@ bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *
                       const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
                       const double *mean, const double *variance, const double *gamma,
                       double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat) {
-  plan p;
-  if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
-                                {{mean, "mean"}, {variance, "variance"}}, &epsilon},
-                               dx, dy, p))
-    return st;
-  // The sums are needed for dx in training; scratch when the caller skips them.
-  const int64_t channels = p.channels;
-  std::vector<double> scratch;
-  try {
-    scratch.assign(static_cast<size_t>(3 * channels + 1), 0.0);  // + 1: never a null data()
-  } catch (const std::bad_alloc &) {
-    return out_of_memory();
-  }
-  double *count = scratch.data();
-  if (!sum_dy) sum_dy = count + channels;
-  if (!sum_dy_xhat) sum_dy_xhat = count + 2 * channels;
-  return backward_call{p, mean, variance, gamma, epsilon, training != 0, true, true,
-                       count, sum_dy, sum_dy_xhat}.run();
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
+                                  {{mean, "mean"}, {variance, "variance"}}, &epsilon},
+                                 dx, dy, p))
+      return st;
+    // The sums are needed for dx in training; scratch when the caller skips them.
+    const int64_t channels = p.channels;
+    const std::unique_ptr<double[]> scratch = new_doubles(saturating_add(saturating_mul(3, channels), 1), true);
+    if (!scratch) return out_of_memory();
+    double *count = scratch.get();
+    if (!sum_dy) sum_dy = count + channels;
+    if (!sum_dy_xhat) sum_dy_xhat = count + 2 * channels;
+    return backward_call{p, mean, variance, gamma, epsilon, training != 0, true, true,
+                         count, sum_dy, sum_dy_xhat}.run();
+  });
 }
 
 bn_status bn_backward_sums(const bn_tensor *dy, const bn_tensor *x, const int32_t *axes,
                            int32_t n_axes, const bn_tensor *mask, const double *mean,
                            const double *variance, double epsilon, double *count, double *sum_dy,
                            double *sum_dy_xhat) {
-  plan p;
-  if (bn_status st = plan_call({x, {{dy, "dy"}}, mask, axes, n_axes,
-                                {{mean, "mean"}, {variance, "variance"}, {count, "count"},
-                                 {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
-                                &epsilon},
-                               nullptr, dy, p))
-    return st;
-  return backward_call{p, mean, variance, nullptr, epsilon, true, true, false,
-                       count, sum_dy, sum_dy_xhat}.run();
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call({x, {{dy, "dy"}}, mask, axes, n_axes,
+                                  {{mean, "mean"}, {variance, "variance"}, {count, "count"},
+                                   {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
+                                  &epsilon},
+                                 nullptr, dy, p))
+      return st;
+    return backward_call{p, mean, variance, nullptr, epsilon, true, true, false,
+                         count, sum_dy, sum_dy_xhat}.run();
+  });
 }
 
 bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
@@ -112,16 +111,18 @@ bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_te
                             const double *mean, const double *variance, const double *gamma,
                             double epsilon, const double *count, const double *sum_dy,
                             const double *sum_dy_xhat) {
-  plan p;
-  if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
-                                {{mean, "mean"}, {variance, "variance"}, {count, "count"},
-                                 {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
-                                &epsilon},
-                               dx, dy, p))
-    return st;
-  return backward_call{p, mean, variance, gamma, epsilon, true, false, true,
-                       const_cast<double *>(count), const_cast<double *>(sum_dy),
-                       const_cast<double *>(sum_dy_xhat)}.run();
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
+                                  {{mean, "mean"}, {variance, "variance"}, {count, "count"},
+                                   {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
+                                  &epsilon},
+                                 dx, dy, p))
+      return st;
+    return backward_call{p, mean, variance, gamma, epsilon, true, false, true,
+                         const_cast<double *>(count), const_cast<double *>(sum_dy),
+                         const_cast<double *>(sum_dy_xhat)}.run();
+  });
 }
 
 }  // extern "C"

@@ -14,7 +14,7 @@ using namespace bn_core;
 extern "C" {
 
 bn_status bn_set_cache_bytes(int64_t l2, int64_t l3) {
-  set_cache_bytes(l2, l3);
+  override_cache_bytes(l2, l3);
   return BN_OK;
 }
 

@@ -3,6 +3,8 @@
 // training forward (statistics, then normalization while x is still cached).
 #include <algorithm>
 #include <atomic>
+#include <limits>
+#include <string>
 #include <new>
 #include <vector>
 
@@ -69,40 +71,30 @@ struct chunk {
   int64_t first_channel;
 };
 
-// The plans of chunks of `per_chunk` channels along x's one channel axis;
-// false: out of memory.
-bool cut_into_chunks(const bn_tensor &x, const bn_tensor &y, const bn_tensor *mask, int32_t axis,
-                     const plan &whole, int64_t per_chunk, std::vector<chunk> &chunks) {
+// The plans of chunks of `per_chunk` channels along x's one channel axis.
+std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor &y, const bn_tensor *mask,
+                                   int32_t axis, const plan &whole, int64_t per_chunk) {
   bool is_channel[BN_MAX_RANK] = {};
   is_channel[axis] = true;
-  try {
-    for (int64_t c0 = 0; c0 < x.shape[axis]; c0 += per_chunk) {
-      const int64_t count = std::min(per_chunk, x.shape[axis] - c0);
-      const tensor_slice xs(x, axis, c0, count), ys(y, axis, c0, count);
-      const tensor_slice ms(mask ? *mask : x, axis, c0, count);
-      chunks.push_back(chunk{plan{}, c0});
-      plan &p = chunks.back().p;
-      make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, p);
-      p.stream_y = whole.stream_y;  // decided by the whole tensor's size
-      p.x_from = whole.x_from;
-    }
-  } catch (const std::bad_alloc &) {
-    return false;
+  std::vector<chunk> chunks;
+  for (int64_t c0 = 0; c0 < x.shape[axis]; c0 += per_chunk) {
+    const int64_t count = std::min(per_chunk, x.shape[axis] - c0);
+    const tensor_slice xs(x, axis, c0, count), ys(y, axis, c0, count);
+    const tensor_slice ms(mask ? *mask : x, axis, c0, count);
+    chunks.push_back(chunk{plan{}, c0});
+    plan &p = chunks.back().p;
+    make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, p);
+    p.stream_y = whole.stream_y;  // decided by the whole tensor's size
+    p.x_from = whole.x_from;
   }
-  return true;
+  return chunks;
 }
 
 // One team, each thread taking whole chunks (no barrier): statistics, then
 // normalize from the caches. The result does not depend on the thread count.
 bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const training &t) {
-  std::vector<moments_state> states;
-  std::vector<affine_state> affines;
-  try {
-    states.resize(static_cast<size_t>(threads));
-    affines.resize(static_cast<size_t>(threads));
-  } catch (const std::bad_alloc &) {
-    return out_of_memory();
-  }
+  std::vector<moments_state> states(static_cast<size_t>(threads));
+  std::vector<affine_state> affines(static_cast<size_t>(threads));
   for (int32_t i = 0; i < threads; ++i)
     if (!states[i].allocate(chunks[0].p, 1) || !affines[i].allocate(chunks[0].p)) return out_of_memory();
   const kernel_table &k = active_kernels();
@@ -140,69 +132,79 @@ extern "C" {
 
 bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
                      double *mean, double *variance, double *count) {
-  plan p;
-  if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, nullptr},
-                               nullptr, nullptr, p))
-    return st;
-  return moments_of(p, mean, variance, count);
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, nullptr},
+                                 nullptr, nullptr, p))
+      return st;
+    return moments_of(p, mean, variance, count);
+  });
 }
 
 bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes, int32_t n_axes,
                        const double *mean, const double *variance, const double *gamma,
                        const double *beta, double epsilon) {
-  plan p;
-  if (bn_status st = plan_call({x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
-                                &epsilon},
-                               y, nullptr, p))
-    return st;
-  if (p.empty) return BN_OK;
-  const int32_t threads = schedule(p);
-  p.stream_y = stream_output(p, (cache_bytes(3) + (threads - 1) * cache_bytes(2)) / 2);
-  affine_state affine;
-  if (!affine.allocate(p)) return out_of_memory();
-  affine.fill(mean, variance, gamma, beta, epsilon);
-  const affine_params params = affine.params();
-  const kernel_table &k = active_kernels();
-  const auto normalize = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
-    k.normalize(p, begin, end, params);
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call({x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
+                                  &epsilon},
+                                 y, nullptr, p))
+      return st;
+    if (p.empty) return BN_OK;
+    const int32_t threads = schedule(p);
+    p.stream_y = stream_output(p, (cache_bytes(3) + (threads - 1) * cache_bytes(2)) / 2);
+    affine_state affine;
+    if (!affine.allocate(p)) return out_of_memory();
+    affine.fill(mean, variance, gamma, beta, epsilon);
+    const affine_params params = affine.params();
+    const kernel_table &k = active_kernels();
+    const auto normalize = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
+      k.normalize(p, begin, end, params);
+    });
+    return run_slots(threads, normalize) ? BN_OK : out_of_memory();
   });
-  return run_slots(threads, normalize) ? BN_OK : out_of_memory();
 }
 
 bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
                            int32_t n_axes, const bn_tensor *mask, const double *gamma,
                            const double *beta, double epsilon, double *mean, double *variance) {
-  plan whole;
-  if (bn_status st = plan_call({x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
-                                &epsilon},
-                               y, nullptr, whole))
-    return st;
-  whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
-  const int32_t threads = schedule(whole);
-  const training t{gamma, beta, epsilon, mean, variance};
-  const int64_t per_chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
-  if (per_chunk == 0) return train_in_one_team(whole, threads, t);
-  std::vector<chunk> chunks;
-  const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
-  if (!cut_into_chunks(*x, *y, mask, axis, whole, per_chunk, chunks)) return out_of_memory();
-  return train_in_chunks(chunks, threads, t);
+  return guarded([&] {
+    plan whole;
+    if (bn_status st = plan_call({x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
+                                  &epsilon},
+                                 y, nullptr, whole))
+      return st;
+    whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
+    const int32_t threads = schedule(whole);
+    const training t{gamma, beta, epsilon, mean, variance};
+    const int64_t per_chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
+    if (per_chunk == 0) return train_in_one_team(whole, threads, t);
+    const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
+    std::vector<chunk> chunks = cut_into_chunks(*x, *y, mask, axis, whole, per_chunk);
+    return train_in_chunks(chunks, threads, t);
+  });
 }
 
 bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
                              const bn_tensor *mask, const double *shift, double *partial) {
-  plan p;
-  if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{partial, "partial"}}, nullptr}, nullptr, nullptr, p))
-    return st;
-  const int64_t channels = p.channels;
-  double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
-  // s1/s2 hold mean and variance until they are turned into shifted sums.
-  if (bn_status st = moments_of(p, s1, s2, count)) return st;
-  for (int64_t c = 0; c < channels; ++c) {
-    const double n = count[c], d = s1[c] - (shift ? shift[c] : 0.0);
-    s1[c] = n * d;
-    s2[c] = n * s2[c] + n * d * d;
-  }
-  return BN_OK;
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{partial, "partial"}}, nullptr}, nullptr, nullptr, p))
+      return st;
+    const int64_t channels = p.channels;
+    if (saturating_mul(3 * sizeof(double), channels) > std::numeric_limits<int64_t>::max() / 2)
+      return fail(BN_ERR_OVERFLOW, "x has " + std::to_string(channels) +
+                                       " channels; partial (3 of each) cannot be that large");
+    double *count = partial, *s1 = partial + channels, *s2 = partial + 2 * channels;
+    // s1/s2 hold mean and variance until they are turned into shifted sums.
+    if (bn_status st = moments_of(p, s1, s2, count)) return st;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double n = count[c], d = s1[c] - (shift ? shift[c] : 0.0);
+      s1[c] = n * d;
+      s2[c] = n * s2[c] + n * d * d;
+    }
+    return BN_OK;
+  });
 }
 
 bn_status bn_moments_finalize(int64_t channels, const double *partial, const double *shift,

@@ -101,7 +101,7 @@ int32_t merge_dims(loop_dim dims[], int32_t n) {
 
 }  // namespace
 
-int64_t element_size(bn_dtype dt) {
+int64_t element_bytes(bn_dtype dt) {
   return dt == BN_FLOAT64 ? 8 : dt == BN_FLOAT32 ? 4 : 2;
 }
 
@@ -128,7 +128,7 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   }
   p.inner_is_channel = p.inner.p_stride != 0;
   p.segments = 1;
-  fold_short_rows(p, element_size(x.dtype));
+  fold_short_rows(p, element_bytes(x.dtype));
 }
 
 bn_status plan_call(const call_args &call, const bn_tensor *y, const bn_tensor *dy, plan &p) {

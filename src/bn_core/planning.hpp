@@ -9,7 +9,7 @@
 
 namespace bn_core {
 
-int64_t element_size(bn_dtype dt);
+int64_t element_bytes(bn_dtype dt);  // of x, y and dy (masks are 1 byte)
 
 // Drops size-1 dims, turns negative x strides positive, orders dims by x stride
 // (memory order) and merges dims that walk memory as one. The innermost

@@ -14,6 +14,7 @@
 #endif
 
 #include "planning.hpp"
+#include "validate.hpp"
 
 namespace bn_core {
 namespace {
@@ -97,7 +98,7 @@ int64_t cache_bytes(int level) {
   return o > 0 ? o : detected_cache_bytes(level);
 }
 
-void set_cache_bytes(int64_t l2, int64_t l3) {
+void override_cache_bytes(int64_t l2, int64_t l3) {
   l2_override.store(l2 > 0 ? l2 : 0, std::memory_order_relaxed);
   l3_override.store(l3 > 0 ? l3 : 0, std::memory_order_relaxed);
 }
@@ -108,7 +109,7 @@ int32_t schedule(plan &p) {
   const int64_t by_size = std::max<int64_t>(1, elements / kParallelGrain);
   const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
   cut_segments(p, threads);
-  const int64_t bytes = elements * element_size(p.dtype);
+  const int64_t bytes = saturating_mul(elements, element_bytes(p.dtype));
   p.x_from = bytes <= threads * cache_bytes(2) ? x_source::l2
              : bytes <= cache_bytes(3)        ? x_source::l3
                                               : x_source::memory;
@@ -122,7 +123,7 @@ int32_t schedule(plan &p) {
 // the normalize. The callers pass those sizes as min_bytes.
 bool stream_output(const plan &p, int64_t min_bytes) {
   return p.y && p.y != p.x && !p.empty &&
-         p.lines * p.inner.n * element_size(p.dtype) >= min_bytes;
+         saturating_mul(p.lines * p.inner.n, element_bytes(p.dtype)) >= min_bytes;
 }
 
 // A tensor larger than half the L3 would come back from memory for the second
@@ -136,11 +137,15 @@ bool stream_output(const plan &p, int64_t min_bytes) {
 int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
   if (n_axes != 1) return 0;
   const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
-  const int64_t channels = x.shape[axis], es = element_size(x.dtype);
+  const int64_t channels = x.shape[axis], es = element_bytes(x.dtype);
   if (std::abs(x.strides[axis]) == es) return 0;
   int64_t elements = 1;
-  for (int32_t i = 0; i < x.rank; ++i) elements *= x.shape[i];
-  const int64_t bytes = elements * es, l3 = cache_bytes(3);
+  for (int32_t i = 0; i < x.rank; ++i) {
+    // A broadcast (stride-0) x is not that large in memory: nothing to keep cached.
+    if (x.shape[i] > 1 && x.strides[i] == 0) return 0;
+    elements *= x.shape[i];  // checked: no overflow
+  }
+  const int64_t bytes = saturating_mul(elements, es), l3 = cache_bytes(3);
   if (channels < 2 * threads || bytes <= l3 / 2) return 0;
   const int64_t per_channel = bytes / channels;
   if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached

@@ -18,7 +18,7 @@ void set_max_threads(int32_t n);  // n <= 0: OpenMP's default again
 // Per-core L2 and shared L3 in bytes (level 2 or 3): detected once, overridable
 // (a value <= 0 restores the detected size).
 int64_t cache_bytes(int level);
-void set_cache_bytes(int64_t l2, int64_t l3);
+void override_cache_bytes(int64_t l2, int64_t l3);
 
 // Threads for p (1 below the parallel grain), cutting long lines into segments
 // when there are too few lines to share out, and noting where x will be read

@@ -2,18 +2,26 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <new>
 #include <type_traits>
 
 #include "chan_merge.hpp"
+#include "validate.hpp"
 
 namespace bn_core {
+std::unique_ptr<double[]> new_doubles(int64_t count, bool zeroed) {
+  if (count < 0 || count > std::numeric_limits<int64_t>::max() / 16) return nullptr;
+  std::unique_ptr<double[]> doubles(new (std::nothrow) double[static_cast<size_t>(count)]);
+  if (doubles && zeroed) std::fill(doubles.get(), doubles.get() + count, 0.0);
+  return doubles;
+}
 
 // ---- moments_state ---------------------------------------------------------------
 
 bool moments_state::allocate(const plan &p, int32_t slots) {
   slots_ = slots;
-  buffer_.reset(new (std::nothrow) double[static_cast<size_t>(layout(p) * slots)]);
+  buffer_ = new_doubles(saturating_mul(layout(p), slots));
   if (!buffer_) return false;
   try {
     shifts_missing_.resize(static_cast<size_t>(slots));
@@ -50,7 +58,8 @@ void moments_state::finish(int32_t team, double *mean, double *variance, double 
 int64_t moments_state::layout(const plan &p) {
   channels_ = p.channels;
   block_ = p.inner_is_channel ? spaced_block_length(std::min(p.inner.n, kRowsChannelChunk)) : 0;
-  return kChannelArrays * channels_ + kBlockArrays * block_ + (channels_ + 7) / 8;
+  return saturating_add(saturating_add(saturating_mul(kChannelArrays, channels_), kBlockArrays * block_),
+                        channels_ / 8 + (channels_ % 8 != 0));  // the shift_ok bytes
 }
 
 // A block array length of at least n doubles at which no two block arrays
@@ -78,7 +87,7 @@ bool channel_params<Arrays>::allocate(const plan &p) {
   wide_ = p.dtype == BN_FLOAT64;
   fit(p);
   stride_ = length_;
-  buffer_.reset(new (std::nothrow) double[static_cast<size_t>(Arrays * stride_)]);
+  buffer_ = new_doubles(saturating_mul(Arrays, stride_));
   return buffer_ != nullptr;
 }
 
@@ -142,12 +151,8 @@ bool backward_state::allocate(const plan &p, int32_t slots) {
   channels_ = p.channels;
   if (!params_.allocate(p)) return false;
   length_ = params_.length();
-  try {
-    sums_.assign(static_cast<size_t>(3 * length_ * slots), 0.0);
-  } catch (const std::bad_alloc &) {
-    return false;
-  }
-  return true;
+  sums_ = new_doubles(saturating_mul(saturating_mul(3, length_), slots), true);
+  return sums_ != nullptr;
 }
 
 void backward_state::fill_xhat(const double *mean, const double *variance, double eps) {

@@ -12,6 +12,11 @@
 
 namespace bn_core {
 
+// count doubles (zeroed if asked), or null when they cannot be allocated: a
+// saturated count (see saturating_mul) or too little memory. Never throws: a
+// throwing allocation of an impossible size aborts under ASan.
+std::unique_ptr<double[]> new_doubles(int64_t count, bool zeroed = false);
+
 // Per-slot moments partials laid out for the kernels.
 class moments_state {
  public:
@@ -119,7 +124,7 @@ class backward_state {
   }
 
   backward_scratch slot(int32_t s) {
-    double *base = sums_.data() + 3 * length_ * s;
+    double *base = sums_.get() + 3 * length_ * s;
     return backward_scratch{base, base + length_, base + 2 * length_};
   }
 
@@ -130,7 +135,7 @@ class backward_state {
  private:
   int64_t channels_ = 0, length_ = 0;
   channel_params<6> params_;
-  std::vector<double> sums_;
+  std::unique_ptr<double[]> sums_;
 };
 
 }  // namespace bn_core

@@ -6,7 +6,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <stdexcept>
 #include <initializer_list>
+#include <limits>
+#include <new>
 #include <string>
 
 #include "bn_core/bn_core.h"
@@ -27,6 +31,37 @@ int32_t enum_value(const Enum &e) {
 bn_status fail(bn_status status, const std::string &message);
 bn_status out_of_memory();
 const char *last_error_message();
+
+// Runs an entry point's body so that no C++ exception crosses the C API: an
+// allocation the library cannot make is BN_ERR_ALLOC, anything else the
+// status below with its message.
+template <class Body>
+bn_status guarded(Body &&body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc &) {
+    return out_of_memory();
+  } catch (const std::length_error &) {
+    return out_of_memory();
+  } catch (const std::exception &e) {
+    return fail(BN_ERR_VALUE, std::string("internal error: ") + e.what());
+  } catch (...) {
+    return fail(BN_ERR_VALUE, "internal error");
+  }
+}
+
+// Sizes computed from a caller's descriptors saturate instead of wrapping
+// (operands >= 0): a saturated size reads as too large, so its allocation
+// fails with a status and a cache comparison takes the large-tensor path.
+inline int64_t saturating_mul(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+}
+
+inline int64_t saturating_add(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+}
 
 struct named_tensor {
   const bn_tensor *tensor;

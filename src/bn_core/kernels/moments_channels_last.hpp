@@ -75,7 +75,8 @@ void rows_tile_sums(const char *const *rows, int64_t n_rows, int64_t j, const ro
     a[q] = vec{};
     b[q] = vec{};
   }
-  prefetch_rows<0>(next.first + j * E::size, next.step, next.rows, K * W * E::size);
+  // No rows ahead: next.first is null, and null + offset is undefined.
+  if (next.rows > 0) prefetch_rows<0>(next.first + j * E::size, next.step, next.rows, K * W * E::size);
   for (int64_t r = 0; r < n_rows; ++r) {
 #pragma GCC unroll 16
     for (int q = 0; q < K; ++q) {
