@@ -50,6 +50,35 @@ def test_negative_bit_output_is_refused():
         ops.batch_normalization(x, np.zeros(2), np.ones(2), out=out)
 
 
+# ----------------------------------------------------------------------------- float64 range
+
+
+@pytest.mark.parametrize("value", [1.4e154, -1e200, 1e300])
+@pytest.mark.parametrize("shape, axis", [((4, 2), -1), ((3, 2, 70), 1)])
+def test_float64_statistics_of_huge_constant_data_are_exact(value, shape, axis):
+    # Issue 28 item 3: the first merge multiplied delta² = inf by a zero count.
+    x = np.full(shape, value)
+    mean, var = ops.moments(x, axis=axis)
+    assert np.all(mean == value) and np.all(var == 0.0)
+
+
+def test_float64_statistics_near_1e150_match_a_float64_reference():
+    rng = np.random.default_rng(5)
+    x = 1e150 * (1.0 + 0.2 * rng.standard_normal((300, 3)))
+    mean, var = ops.moments(x, axis=-1)
+    scaled = x / 1e150  # the reference in a comfortable range, scaled back
+    np.testing.assert_allclose(mean, 1e150 * scaled.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(var, 1e300 * scaled.var(axis=0), rtol=1e-11)
+
+
+def test_float64_layer_trained_on_1e200_keeps_finite_moving_statistics():
+    layer = cbn.BatchNormalization(dtype="float64", momentum=0.99)
+    y = layer(np.full((8, 3), 1e200), training=True)
+    np.testing.assert_allclose(layer.moving_mean, np.full(3, 0.01 * 1e200), rtol=1e-14)
+    np.testing.assert_allclose(layer.moving_variance, np.full(3, 0.99), rtol=1e-15)
+    np.testing.assert_array_equal(y, np.zeros((8, 3)))  # (x - mean) = 0, beta = 0
+
+
 # ----------------------------------------------------------------------------- C = 0
 
 

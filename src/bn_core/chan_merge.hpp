@@ -19,7 +19,7 @@ static inline void chan_merge(double &n, double &mean, double &m2, double n_b, d
   const double total = n + n_b;
   const double delta = mean_b - mean;
   mean += delta * (n_b / total);
-  m2 += m2_b + delta * delta * (n * n_b / total);
+  m2 += m2_b + delta * (delta * (n * n_b / total));  // delta² alone may overflow where the product does not
   n = total;
 }
 

@@ -29,7 +29,9 @@ void fold_positions(const T *in, int64_t len, int64_t period, U *out) {
 // Chan's merge of the shifted sums Σ(x−K), Σ(x−K)² of n_b positions per channel
 // (rows of a block, blocks of a plane) into contiguous channels. Branch-free so the compiler
 // vectorizes it; n == 0 needs no case because a channel's mean is 0 until its
-// first merge. The shift follows the mean so later blocks stay well centred.
+// first merge, and delta·(delta·0) is 0 even where delta² would overflow (a
+// first block of float64 data near 1e154 and beyond). The shift follows the
+// mean so later blocks stay well centred.
 template <class T, class K>
 void merge_shifted_sums(const T *s1, const T *s2, const K *k, double n_b, int64_t len,
                         double *__restrict count, double *__restrict mean, double *__restrict m2,
@@ -42,7 +44,7 @@ void merge_shifted_sums(const T *s1, const T *s2, const K *k, double n_b, int64_
     const double total = count[j] + n_b;
     const double delta = mean_b - mean[j];
     mean[j] += delta * (n_b / total);
-    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * delta * (count[j] * n_b / total);
+    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * (delta * (count[j] * n_b / total));
     count[j] = total;
     shift[j] = mean[j];
   }
