@@ -11,6 +11,7 @@ import os
 import time
 
 import cbn
+import ml_dtypes
 import numpy as np
 import pytest
 from cbn import ops
@@ -77,6 +78,124 @@ def test_float64_layer_trained_on_1e200_keeps_finite_moving_statistics():
     np.testing.assert_allclose(layer.moving_mean, np.full(3, 0.01 * 1e200), rtol=1e-14)
     np.testing.assert_allclose(layer.moving_variance, np.full(3, 0.99), rtol=1e-15)
     np.testing.assert_array_equal(y, np.zeros((8, 3)))  # (x - mean) = 0, beta = 0
+
+
+# ----------------------------------------------------------------------------- float32 range
+
+
+def _float64_reference(x, axis, mask=None):
+    """Mean and biased variance per channel of x (float64), over the used positions."""
+    x64 = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+    used = np.ones(x64.shape, bool) if mask is None else np.moveaxis(
+        np.broadcast_to(mask, x.shape), axis, -1).reshape(x64.shape)
+    n = used.sum(axis=0)
+    mean = np.where(used, x64, 0).sum(axis=0) / n
+    var = np.where(used, (x64 - mean) ** 2, 0).sum(axis=0) / n
+    return mean, var
+
+
+def test_float32_data_spanning_the_whole_range_normalizes_exactly():
+    # Issue 28 item 4: x − K overflowed float32 (mean NaN). The variance, 9e76, is
+    # beyond float32: returned as inf (NumPy's float32 variance too); y used float64.
+    x = np.array([[-3e38], [3e38]], np.float32)
+    y, mean, var = ops.batch_norm_train(x, epsilon=0.0)
+    np.testing.assert_allclose(mean, [0.0], atol=1e31)
+    assert var[0] == np.inf
+    np.testing.assert_allclose(y, [[-1.0], [1.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, axis", [((6000, 1), -1), ((6000, 3), -1), ((40, 3, 150), 1),
+                                         ((3, 4000), 0)])
+@pytest.mark.parametrize("deviation", [1e19, 1e20])
+def test_float32_deviations_beyond_2e18_give_exact_statistics(threads, shape, axis, deviation):
+    # Issue 28 item 4: float32 block sums of squares overflowed (variance inf, y = 0).
+    # At ±1e19 the variance fits float32; at ±1e20 it rounds to inf, y stays exact.
+    x = np.where(np.arange(np.prod(shape)).reshape(shape) % 2 == 0, deviation, -deviation)
+    x = x.astype(np.float32)
+    cbn.set_num_threads(threads)
+    try:
+        y, mean, var = ops.batch_norm_train(x, axis=axis, epsilon=0.0)
+        moments = ops.moments(x, axis=axis)
+    finally:
+        cbn.set_num_threads(0)
+    ref_mean, ref_var = _float64_reference(x, axis)
+    for m, v in [(mean, var), moments]:
+        np.testing.assert_allclose(m, ref_mean, atol=1e-6 * deviation)
+        with np.errstate(over="ignore"):
+            np.testing.assert_allclose(v, ref_var.astype(np.float32), rtol=1e-6)
+    channel_shape = [1] * x.ndim
+    channel_shape[axis] = -1
+    ref_y = (x.astype(np.float64) - ref_mean.reshape(channel_shape)) / np.sqrt(
+        ref_var.reshape(channel_shape))
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_float32_overflow_rescue_is_per_channel_and_respects_masks_and_strides(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 4)).astype(np.float32)
+    x[:, 1] *= 5e18  # squares of ~1e19 overflow the float32 block sums
+    x[:, 3] = 1.5e19 * np.sign(x[:, 3])
+    x = x.astype(dtype)[::-2]  # a negative-stride view
+    mask = rng.random(x.shape) < 0.7
+    mean, var = ops.moments(x, axis=-1, mask=mask)
+    ref_mean, ref_var = _float64_reference(x, -1, mask)
+    np.testing.assert_array_less(np.abs(mean - ref_mean), 1e-6 * np.sqrt(ref_var))
+    np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+
+
+def test_float32_rescue_in_the_cache_blocked_training_forward():
+    x = np.where(np.arange(16 * 8 * 300).reshape(16, 8, 300) % 3 == 0, 2e19, -1e19)
+    x = x.astype(np.float32)
+    cbn.set_cache_sizes(l2=4096, l3=65536)  # channels in chunks
+    try:
+        y, mean, var = ops.batch_norm_train(x, axis=1, epsilon=0.0)
+    finally:
+        cbn.set_cache_sizes()
+    ref_mean, ref_var = _float64_reference(x, 1)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-6)
+    ref_y = (x.astype(np.float64) - ref_mean[:, None]) / np.sqrt(ref_var[:, None])
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_nan_still_stays_in_its_own_channel():
+    x = np.ones((50, 3), np.float32)
+    x[:, 0] = 1e18 * np.arange(50)  # float32 block sums overflow: recomputed
+    x[7, 1] = np.nan
+    mean, var = ops.moments(x, axis=-1)
+    assert np.isnan(mean[1]) and np.isnan(var[1])
+    assert np.isfinite(mean[0]) and np.isfinite(var[0]) and mean[2] == 1.0 and var[2] == 0.0
+
+
+def test_nan_reaches_only_its_channel_and_masked_out_nan_nothing():
+    # Issue 28 item 10, as docs/behaviour.md "Numbers at the edges" states it.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((20, 3))
+    x[4, 0] = np.nan
+    x[6, 2] = np.nan
+    mask = np.ones(20, bool)
+    mask[6] = False  # channel 2's NaN is masked out; channel 0's is used
+    mask = np.broadcast_to(mask[:, None], x.shape)
+    layer = cbn.BatchNormalization(dtype="float64", momentum=0.5)
+    y = layer(x, training=True, mask=mask[:, 0])
+    assert np.all(np.isnan(y[:, 0])) and np.isnan(layer.moving_mean[0])
+    ref_mean, ref_var = _float64_reference(x[:, 1:], -1, mask[:, 1:])
+    np.testing.assert_allclose(layer.moving_mean[1:], 0.5 * ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(layer.moving_variance[1:], 0.5 + 0.5 * ref_var, rtol=1e-13)
+    np.testing.assert_allclose(y[mask[:, 2], 2], ((x[:, 2] - ref_mean[1]) / np.sqrt(
+        ref_var[1] + 1e-3))[mask[:, 2]], rtol=1e-12)
+
+
+def test_epsilon_zero_gives_nan_for_a_constant_channel_and_momentum_is_unchecked():
+    x = np.array([[1.0, 2.0], [1.0, 4.0]])
+    y, _, var = ops.batch_norm_train(x, epsilon=0.0)
+    assert var[0] == 0.0 and np.all(np.isnan(y[:, 0]))
+    np.testing.assert_allclose(y[:, 1], [-1.0, 1.0])
+    layer = cbn.BatchNormalization(momentum=1.5, dtype="float64")
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean, 1.5 * 0 - 0.5 * np.array([1.0, 3.0]))
 
 
 # ----------------------------------------------------------------------------- C = 0

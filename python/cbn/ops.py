@@ -51,9 +51,10 @@ def _channel_stats(
     x: np.ndarray, cshape: tuple[int, ...], first: np.ndarray, second: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two per-channel float64 results in the channel shape, as float64 for float64 ``x``
-    and float32 otherwise."""
+    and float32 otherwise (a float32 variance beyond 3.4e38 rounds to inf, as NumPy's)."""
     dtype = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
-    return first.astype(dtype).reshape(cshape), second.astype(dtype).reshape(cshape)
+    with np.errstate(over="ignore"):
+        return first.astype(dtype).reshape(cshape), second.astype(dtype).reshape(cshape)
 
 
 def _output(x: np.ndarray, out: ArrayLike | None, dy: np.ndarray | None = None) -> np.ndarray:

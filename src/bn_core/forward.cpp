@@ -29,7 +29,7 @@ bn_status moments_of(plan &p, double *mean, double *variance, double *count) {
     k.moments(p, begin, end, state.slot(slot));
   });
   if (!p.empty && !run_slots(threads, moments)) return out_of_memory();
-  state.finish(p.empty ? 0 : threads, mean, variance, count);
+  state.finish(p.empty ? 0 : threads, p, mean, variance, count);
   return BN_OK;
 }
 
@@ -47,7 +47,7 @@ bn_status train_in_one_team(const plan &whole, int32_t threads, const training &
   affine_state affine;
   if (!state.allocate(whole, threads) || !affine.allocate(whole)) return out_of_memory();
   if (whole.empty) {
-    state.finish(0, t.mean, t.variance, nullptr);
+    state.finish(0, whole, t.mean, t.variance, nullptr);
     return BN_OK;
   }
   const affine_params params = affine.params();
@@ -56,7 +56,7 @@ bn_status train_in_one_team(const plan &whole, int32_t threads, const training &
     k.moments(whole, begin, end, state.slot(slot));
   });
   const auto merge = [&] {
-    state.finish(threads, t.mean, t.variance, nullptr);
+    state.finish(threads, whole, t.mean, t.variance, nullptr);
     affine.fill(t.mean, t.variance, t.gamma, t.beta, t.epsilon);
   };
   const auto normalize = slot_items(whole, threads, [&](int64_t begin, int64_t end, int32_t) {
@@ -108,7 +108,7 @@ bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const tra
       const int64_t c0 = chunks[i].first_channel, items = p.lines * p.segments;
       state.reset(p);
       k.moments(p, 0, items, state.slot(0));
-      state.finish(1, t.mean + c0, t.variance + c0, nullptr);
+      state.finish(1, p, t.mean + c0, t.variance + c0, nullptr);
       affine.fit(p);
       affine.fill(t.mean + c0, t.variance + c0, t.gamma ? t.gamma + c0 : nullptr,
                   t.beta ? t.beta + c0 : nullptr, t.epsilon);

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "chan_merge.hpp"
+#include "float64_moments.hpp"
 #include "validate.hpp"
 
 namespace bn_core {
@@ -18,6 +19,7 @@ std::unique_ptr<double[]> new_doubles(int64_t count, bool zeroed) {
 }
 
 // ---- moments_state ---------------------------------------------------------------
+
 
 bool moments_state::allocate(const plan &p, int32_t slots) {
   slots_ = slots;
@@ -42,7 +44,11 @@ void moments_state::reset(const plan &p) {
   std::fill(shifts_missing_.begin(), shifts_missing_.end(), channels_);
 }
 
-void moments_state::finish(int32_t team, double *mean, double *variance, double *count) {
+void moments_state::finish(int32_t team, const plan &p, double *mean, double *variance,
+                           double *count) {
+  // Σ(mean + M2) over the channels: finite iff every term is (for float32 data
+  // no finite sum can overflow a double), at one addition a channel.
+  double total = 0.0;
   for (int64_t c = 0; c < channels_; ++c) {
     double n = 0, mu = 0, m2 = 0;
     for (int32_t s = 0; s < team; ++s) {
@@ -52,7 +58,19 @@ void moments_state::finish(int32_t team, double *mean, double *variance, double 
     mean[c] = n > 0 ? mu : 0.0;
     variance[c] = n > 0 ? std::max(m2 / n, 0.0) : 0.0;
     if (count) count[c] = n;
+    total += mu + m2;
   }
+  if (!std::isfinite(total) && float32_blocks_can_overflow(p.dtype))
+    redo_non_finite(p, mean, variance, count);
+}
+
+// The partials are merged: slot 0's arrays are free to serve as the flags and
+// sums of float64_moments.
+void moments_state::redo_non_finite(const plan &p, double *mean, double *variance, double *count) {
+  const moments_scratch s = slot(0);
+  for (int64_t c = 0; c < channels_; ++c)
+    s.shift_ok[c] = !(std::isfinite(mean[c]) && std::isfinite(variance[c]));
+  float64_moments(p, s.shift_ok, mean, variance, count, s.run_s1, s.run_n);
 }
 
 int64_t moments_state::layout(const plan &p) {

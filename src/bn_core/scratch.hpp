@@ -39,15 +39,17 @@ class moments_state {
                            block + 2 * L, block + 3 * L, block + 4 * L, block + 5 * L};
   }
 
-  // Merges the team's partials in slot order (deterministic for a given team);
-  // count may be null.
-  void finish(int32_t team, double *mean, double *variance, double *count);
+  // Merges the team's partials of p in slot order (deterministic for a given
+  // team); count may be null. Channels left non-finite by float32 blocks that
+  // overflowed are recomputed in float64 (float64_moments.hpp).
+  void finish(int32_t team, const plan &p, double *mean, double *variance, double *count);
 
  private:
   static constexpr int64_t kChannelArrays = 7;  // count, mean, m2, shift, run_s1, run_s2, run_n
   static constexpr int64_t kBlockArrays = 6;
 
   int64_t layout(const plan &p);
+  void redo_non_finite(const plan &p, double *mean, double *variance, double *count);
   static int64_t spaced_block_length(int64_t n);
 
   int32_t slots_ = 0;
