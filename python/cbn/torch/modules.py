@@ -41,16 +41,21 @@ def _update_running_stats(
 ) -> None:
     """torch's update: exponential (momentum) or cumulative (momentum=None) average of
     the batch mean and the unbiased batch variance."""
-    module.num_batches_tracked.add_(1)
-    running_mean, running_var = module.running_mean, module.running_var
-    unbiased = var.detach().to(running_var.dtype) * (count / (count - 1))
-    mean = mean.detach().to(running_mean.dtype)
+    buffers = module._buffers  # one lookup instead of three through Module.__getattr__
+    tracked, running_mean, running_var = (
+        buffers["num_batches_tracked"], buffers["running_mean"], buffers["running_var"])
+    tracked.add_(1)
+    mean, var = mean.detach(), var.detach()
+    if mean.dtype != running_mean.dtype:
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    unbiased = count / (count - 1)
     if module.momentum is None:
-        running_mean.add_((mean - running_mean) / module.num_batches_tracked)
-        running_var.add_((unbiased - running_var) / module.num_batches_tracked)
+        running_mean.add_((mean - running_mean) / tracked)
+        running_var.add_((var * unbiased - running_var) / tracked)
     else:
-        running_mean.lerp_(mean, module.momentum)
-        running_var.lerp_(unbiased, module.momentum)
+        momentum = module.momentum
+        running_mean.lerp_(mean, momentum)
+        running_var.mul_(1 - momentum).add_(var, alpha=momentum * unbiased)
 
 
 def _batch_norm(
