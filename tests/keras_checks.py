@@ -303,8 +303,9 @@ def test_ghost_batches_match_a_float64_reference():
     {"virtual_batch_size": 2},
     {"virtual_batch_size": 4, "renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.1}},
     {"virtual_batch_size": 2, "axis": [2, 3], "scale": False},
+    {"renorm": True, "renorm_momentum": 0.5, "adjustment": adjustment},
 ])
-def test_ghost_batches_match_the_numpy_layer(kwargs):
+def test_tfkeras2_extras_match_the_numpy_layer(kwargs):
     shape = (8, 3, 4, 2) if "axis" in kwargs else (8, 5, 3)
     numpy_layer, ours = cbn.BatchNormalization(**kwargs), cbn.keras.BatchNormalization(**kwargs)
     ours.build(shape)

@@ -193,7 +193,8 @@ class BatchNormalization(keras.layers.Layer):
             ops.shape(x), tuple(ops.shape(gamma)), x.dtype)
         if not self.renorm:
             # y = (x̂·a_scale + a_bias)·γ + β: the kernel's affine, which autodiff differentiates
-            scale, shift = training_affine(gamma, beta, 1.0, 0.0, a_scale, a_bias)
+            scale, shift = (gamma, beta) if self.adjustment is None else training_affine(
+                gamma, beta, 1.0, 0.0, a_scale, a_bias)
             y, mean, variance = self._batch_normalized(x, scale, shift, mask)
             self._update_moving(mean, variance)
             return y
