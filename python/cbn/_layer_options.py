@@ -75,7 +75,7 @@ def check_virtual_batch_size(virtual_batch_size: Any) -> int | None:
         raise ValueError(
             f"virtual_batch_size must be a positive int; received {virtual_batch_size!r}"
         )
-    return virtual_batch_size
+    return None if virtual_batch_size is None else int(virtual_batch_size)
 
 
 def check_ghost_batch_options(
