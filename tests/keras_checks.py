@@ -393,3 +393,30 @@ def test_bad_ghost_batches_raise_naming_cbn():
     assert keras.ops.convert_to_numpy(layer(x, training=False)).shape == x.shape
     with pytest.raises(ValueError, match="cbn.keras.BatchNormalization: axis=0"):
         cbn.keras.BatchNormalization(axis=0, virtual_batch_size=2).build((4, 3))
+
+
+def test_fold_merges_bn_after_dense_and_conv_and_keeps_predictions():
+    # Issue 24 item 4: folding against the unfolded model on this backend.
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)  # foldable
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(5, 3, activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)  # after an activation: kept
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(7)(x)
+    outputs = cbn.keras.BatchNormalization(epsilon=1e-2)(x)  # cbn's, foldable
+    model = keras.Model(inputs, outputs)
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.BatchNormalization, cbn.keras.BatchNormalization)):
+            channels = layer.moving_mean.shape[0]
+            layer.set_weights(random_weights(None, channels))
+    data = RNG.normal(size=(3, 6, 6, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(data, training=False))
+    folded = cbn.keras.fold(model)
+    got = keras.ops.convert_to_numpy(folded(data, training=False))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    kinds = [type(layer).__name__ for layer in folded.layers]
+    assert kinds.count("Folded") == 2 and kinds.count("BatchNormalization") == 1
+    with pytest.raises(TypeError, match="keras.Model"):
+        cbn.keras.fold("model")
