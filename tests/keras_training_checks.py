@@ -46,23 +46,38 @@ def gradients(layer, x, upstream, training):
     return [x.grad.numpy()] + [v.value.grad.numpy() for v in layer.trainable_variables]
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_gradients_match_keras(training):
+@pytest.mark.parametrize(("training", "kwargs"), [
+    (True, {}), (False, {}),
+    (True, {"renorm": True, "renorm_clipping": {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2}}),
+])
+def test_gradients_match_keras(training, kwargs):
+    from keras_checks import pair
+
     shape = (6, 5, 4)
-    layers = []
-    for cls in (keras.layers.BatchNormalization, cbn.keras.BatchNormalization):
-        layer = cls(momentum=0.5)
-        layer.build(shape)
-        layers.append(layer)
-    layers[0].set_weights([RNG.uniform(0.5, 1.5, 4).astype("float32"),
-                           RNG.normal(size=4).astype("float32"),
-                           RNG.normal(size=4).astype("float32"),
-                           RNG.uniform(0.5, 2.0, 4).astype("float32")])
-    layers[1].set_weights(layers[0].get_weights())
+    layers = pair(shape, momentum=0.5, **kwargs)
     x = RNG.normal(1.0, 2.0, shape).astype("float32")
     upstream = RNG.normal(size=shape).astype("float32")
     expected, got = (gradients(layer, x, upstream, training) for layer in layers)
     assert len(got) == 3
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"virtual_batch_size": 3},
+    {"virtual_batch_size": 2, "renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}},
+])
+def test_ghost_batch_gradients_match_the_numpy_layer(kwargs):
+    """The NumPy layer's backward (float64 per-channel sums) of the same composed formula."""
+    from keras_checks import ghost_pair
+
+    shape = (12, 4, 3)
+    numpy_layer, ours = ghost_pair(shape, **kwargs)
+    x = RNG.normal(1.0, 2.0, shape).astype("float32")
+    upstream = RNG.normal(size=shape).astype("float32")
+    got = gradients(ours, x, upstream, training=True)
+    numpy_layer(x, training=True)
+    expected = [numpy_layer.backward(upstream), *numpy_layer.gradients]
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
@@ -84,22 +99,24 @@ def test_gradients_with_adjustment_match_the_numpy_layer():
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
-def small_model(norm_cls, seed=3):
+def small_model(norm_cls, seed=3, **kwargs):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((6,)),
         keras.layers.Dense(8),
-        norm_cls(momentum=0.8),
+        norm_cls(momentum=0.8, **kwargs),
         keras.layers.Dense(2),
     ])
 
 
-def test_fit_matches_keras_weights_and_moving_statistics():
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True, "renorm_momentum": 0.5,
+                                         "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}])
+def test_fit_matches_keras_weights_and_moving_statistics(kwargs):
     x = RNG.normal(3.0, 2.0, (64, 6)).astype("float32")
     y = RNG.normal(size=(64, 2)).astype("float32")
     models = []
     for cls in (keras.layers.BatchNormalization, cbn.keras.BatchNormalization):
-        model = small_model(cls)
+        model = small_model(cls, **kwargs)
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
         models.append(model)
     models[1].set_weights(models[0].get_weights())
@@ -111,6 +128,26 @@ def test_fit_matches_keras_weights_and_moving_statistics():
                                rtol=1e-4, atol=1e-4)
     assert np.isclose(models[1].evaluate(x, y, verbose=0), models[0].evaluate(x, y, verbose=0),
                       rtol=1e-4)
+
+
+def test_ghost_batches_in_fit_update_moving_statistics_as_the_numpy_layer():
+    """fit's compiled step (a dynamic batch size on TensorFlow): the moving statistics
+    depend on the input batches only, so the NumPy layer fed the same batches agrees."""
+    x = RNG.normal(2.0, 3.0, (48, 5)).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), cbn.keras.BatchNormalization(
+        momentum=0.7, virtual_batch_size=4)])
+    model.compile(optimizer="sgd", loss="mse")
+    numpy_layer = cbn.BatchNormalization(momentum=0.7, virtual_batch_size=4)
+    numpy_layer.build(x.shape)
+    model.fit(x, x, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for start in range(0, 48, 16):
+        numpy_layer(x[start:start + 16], training=True)
+    norm = model.layers[0]
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(getattr(norm, name)),
+                                   getattr(numpy_layer, name), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="virtual_batch_size=4 must divide"):
+        model.fit(x[:10], x[:10], batch_size=10, verbose=0)
 
 
 def test_functional_subclassed_and_train_on_batch():

@@ -273,3 +273,19 @@ def test_concurrent_calls_from_python_threads(ref, threads):
     for i, result in enumerate(racing):
         for got, want in zip(result, serial[i % len(jobs)], strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "GOMP_SPINCOUNT=30000 (cbn's)"),
+    ({"GOMP_SPINCOUNT": "5"}, "GOMP_SPINCOUNT=5 (yours)"),
+    ({"OMP_WAIT_POLICY": "passive"}, "OMP_WAIT_POLICY=passive (yours)"),
+])
+def test_idle_spin_is_short_unless_the_user_chose_and_leaves_the_environment_alone(env, expected):
+    # Issue 25: idle OpenMP helpers stop spinning soon after a call. The variable cbn sets
+    # for its libgomp's load is removed again; a user's own choice stays.
+    code = ("import os, cbn; print(cbn.show_config(print_out=False)['idle_spin']); "
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == [expected, env.get("GOMP_SPINCOUNT", "None")]

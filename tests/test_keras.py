@@ -1,6 +1,7 @@
 """cbn.keras on every Keras backend. Keras reads KERAS_BACKEND once, at import, so each
-backend's checks (tests/keras_checks.py, tests/keras_training_checks.py) run in their own
-pytest process; this test fails with that process's report if any check fails."""
+backend's checks (tests/keras_checks.py, tests/keras_training_checks.py, and on TensorFlow
+tests/keras_sync_checks.py) run in their own pytest process; this test fails with that
+process's report if any check fails."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ HERE = Path(__file__).parent
 CHECKS = {backend: [HERE / "keras_checks.py", HERE / "keras_training_checks.py"]
           for backend in ("jax", "tensorflow", "torch")}
 CHECKS["numpy"] = [HERE / "keras_checks.py"]
+# synchronized=True is TensorFlow's; its checks come first, to configure the logical
+# devices of their MirroredStrategy before TensorFlow starts.
+CHECKS["tensorflow"].insert(0, HERE / "keras_sync_checks.py")
 
 
 @pytest.mark.parametrize("backend", list(CHECKS))

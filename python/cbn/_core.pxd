@@ -30,6 +30,10 @@ cdef extern from "bn_core/bn_core.h" nogil:
     bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
                            int32_t n_axes, const double *mean, const double *variance,
                            const double *gamma, const double *beta, double epsilon)
+    bn_status bn_fold(const bn_tensor *weight, const bn_tensor *weight_out, int32_t out_axis,
+                      const double *bias, const double *mean, const double *variance,
+                      const double *gamma, const double *beta, double epsilon,
+                      double *bias_out)
     bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
                                int32_t n_axes, const bn_tensor *mask, const double *gamma,
                                const double *beta, double epsilon, double *mean, double *variance)

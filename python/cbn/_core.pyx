@@ -105,6 +105,25 @@ cdef const double *param_ptr(object p, Py_ssize_t channels, str name) except? NU
     return <const double *>cnp.PyArray_DATA(a)
 
 
+cdef struct bn_params:
+    const double *mean
+    const double *variance
+    const double *gamma
+    const double *beta
+
+
+cdef int read_bn_params(bn_params *p, Py_ssize_t channels, mean, variance, gamma,
+                        beta) except -1:
+    """The statistics (required) and the optional gamma and beta of a normalization."""
+    p.mean = param_ptr(mean, channels, "mean")
+    p.variance = param_ptr(variance, channels, "variance")
+    p.gamma = param_ptr(gamma, channels, "gamma")
+    p.beta = param_ptr(beta, channels, "beta")
+    if p.mean == NULL or p.variance == NULL:
+        raise ValueError("mean and variance are required")
+    return 0
+
+
 cdef int check_output(cnp.ndarray y) except -1:
     if not y.flags.writeable:
         raise ValueError("the output array is read-only")
@@ -140,18 +159,35 @@ def normalize(cnp.ndarray x, cnp.ndarray y, tuple axes, mean, variance, gamma, b
     describe(&xd, x, False)
     describe(&yd, y, False)
     check_output(y)
-    cdef Py_ssize_t c = channel_count(x, axes)
-    cdef const double *mean_p = param_ptr(mean, c, "mean")
-    cdef const double *var_p = param_ptr(variance, c, "variance")
-    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
-    cdef const double *beta_p = param_ptr(beta, c, "beta")
-    if mean_p == NULL or var_p == NULL:
-        raise ValueError("mean and variance are required")
+    cdef bn_params bp
+    read_bn_params(&bp, channel_count(x, axes), mean, variance, gamma, beta)
     cdef bn_status st
     with nogil:
-        st = bn_normalize(&xd.t, &yd.t, ax.values, ax.count, mean_p, var_p, gamma_p, beta_p,
-                          epsilon)
+        st = bn_normalize(&xd.t, &yd.t, ax.values, ax.count, bp.mean, bp.variance, bp.gamma,
+                          bp.beta, epsilon)
     check(st)
+
+
+def fold(cnp.ndarray weight, cnp.ndarray out, int axis, bias, mean, variance, gamma, beta,
+         double epsilon):
+    """out = weight scaled per output channel (along axis); returns the new bias (float64)."""
+    cdef tensor_desc wd, od
+    describe(&wd, weight, False)
+    describe(&od, out, False)
+    check_output(out)
+    cdef Py_ssize_t c = weight.shape[axis]
+    cdef const double *bias_p = param_ptr(bias, c, "bias")
+    cdef bn_params bp
+    read_bn_params(&bp, c, mean, variance, gamma, beta)
+    cdef cnp.ndarray new_bias = np.empty(c)
+    cdef double *new_bias_p = <double *>cnp.PyArray_DATA(new_bias)
+    cdef bn_status st
+    cdef int32_t out_axis = axis
+    with nogil:
+        st = bn_fold(&wd.t, &od.t, out_axis, bias_p, bp.mean, bp.variance, bp.gamma, bp.beta,
+                     epsilon, new_bias_p)
+    check(st)
+    return new_bias
 
 
 def train_forward(cnp.ndarray x, cnp.ndarray y, tuple axes, mask, gamma, beta, double epsilon):

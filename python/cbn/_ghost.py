@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-__all__ = ["KernelView", "ghost_view", "kernel_view", "ghost_averages"]
+__all__ = ["KernelView", "check_ghost_axes", "ghost_view", "kernel_view", "ghost_averages"]
 
 
 class KernelView(NamedTuple):
@@ -28,6 +28,15 @@ class KernelView(NamedTuple):
     axes: tuple[int, ...]
     ghosts: int
     virtual_batch_size: int | None  # the ghost view's V; None: the arrays as called
+
+
+def check_ghost_axes(axis: object, axes: tuple[int, ...], virtual_batch_size: int | None) -> None:
+    """Ghost batches split axis 0, which therefore cannot be a normalized axis."""
+    if virtual_batch_size is not None and 0 in axes:
+        raise ValueError(
+            f"axis={axis!r} normalizes axis 0, which virtual_batch_size="
+            f"{virtual_batch_size} splits into ghost batches; choose other axes"
+        )
 
 
 def ghost_view(a: np.ndarray, virtual_batch_size: int) -> np.ndarray:

@@ -20,7 +20,14 @@ from ._renorm import check_renorm_clipping
 from ._validate import is_integer
 from .distributed import Allreduce
 
-__all__ = ["LayerOptions", "check_adjustment", "check_bool", "layer_name"]
+__all__ = [
+    "LayerOptions",
+    "check_adjustment",
+    "check_bool",
+    "check_ghost_batch_options",
+    "check_virtual_batch_size",
+    "layer_name",
+]
 
 _names_lock = threading.Lock()
 _name_counts: dict[str, int] = {}
@@ -58,6 +65,33 @@ def check_adjustment(
             f"received {adjustment!r}"
         )
     return adjustment
+
+
+def check_virtual_batch_size(virtual_batch_size: Any) -> int | None:
+    """tf.keras 2's ``virtual_batch_size``: a positive int or None."""
+    if virtual_batch_size is not None and not (
+        is_integer(virtual_batch_size) and virtual_batch_size > 0
+    ):
+        raise ValueError(
+            f"virtual_batch_size must be a positive int; received {virtual_batch_size!r}"
+        )
+    return None if virtual_batch_size is None else int(virtual_batch_size)
+
+
+def check_ghost_batch_options(
+    virtual_batch_size: int | None, adjustment: Any, synchronized: bool
+) -> None:
+    """Ghost batches combine with neither ``adjustment`` nor ``synchronized``."""
+    if virtual_batch_size is not None and adjustment is not None:
+        raise ValueError(
+            "virtual_batch_size and adjustment cannot be combined; "
+            f"received virtual_batch_size={virtual_batch_size!r} and adjustment={adjustment!r}"
+        )
+    if virtual_batch_size is not None and synchronized:
+        raise ValueError(
+            "synchronized=True cannot be combined with virtual_batch_size="
+            f"{virtual_batch_size!r}"
+        )
 
 
 class LayerOptions:
@@ -118,28 +152,11 @@ class LayerOptions:
         if fused is not None and not isinstance(fused, (bool, np.bool_)):
             raise TypeError(f"fused must be None, True or False; received {fused!r}")
         self.fused = None if fused is None else bool(fused)
-        if virtual_batch_size is not None and not (
-            is_integer(virtual_batch_size) and virtual_batch_size > 0
-        ):
-            raise ValueError(
-                f"virtual_batch_size must be a positive int; received {virtual_batch_size!r}"
-            )
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
         self.adjustment = check_adjustment(adjustment)
         if allreduce is not None and not callable(allreduce):
             raise TypeError(f"allreduce must be a callable or None; received {allreduce!r}")
         self.allreduce = allreduce
 
     def _check_ghost_batch_options(self) -> None:
-        """Ghost batches combine with neither ``adjustment`` nor ``synchronized``."""
-        virtual_batch_size, adjustment = self.virtual_batch_size, self.adjustment
-        if virtual_batch_size is not None and adjustment is not None:
-            raise ValueError(
-                "virtual_batch_size and adjustment cannot be combined; "
-                f"received virtual_batch_size={virtual_batch_size!r} and adjustment={adjustment!r}"
-            )
-        if virtual_batch_size is not None and self.synchronized:
-            raise ValueError(
-                "synchronized=True cannot be combined with virtual_batch_size="
-                f"{virtual_batch_size!r}"
-            )
+        check_ghost_batch_options(self.virtual_batch_size, self.adjustment, self.synchronized)

@@ -1,6 +1,7 @@
 """The per-channel corrections of a training call: batch renormalization (``r``, ``d``
 and its clipping), tf.keras 2's ``adjustment``, their composition into one affine, and
-the moving-average updates. All float64.
+the moving-average updates. The NumPy layer computes them in float64; ``cbn.keras``
+runs the same functions on backend tensors (``xp=keras.ops``), in Keras' float32.
 
 See "Batch renormalization" and "adjustment" in ``docs/behaviour.md``.
 """
@@ -52,9 +53,9 @@ def check_renorm_clipping(clipping: Any) -> dict[str, Any]:
     return dict(clipping)
 
 
-def ema(current: np.ndarray, batch: np.ndarray, momentum: float) -> np.ndarray:
-    """``current·m + batch·(1 − m)`` in float64."""
-    return current.astype(np.float64).reshape(-1) * momentum + batch * (1.0 - momentum)
+def ema(current: Any, batch: Any, momentum: float) -> Any:
+    """``current·m + batch·(1 − m)``."""
+    return current * momentum + batch * (1.0 - momentum)
 
 
 def training_affine(
@@ -79,20 +80,22 @@ def renorm_correction(
     renorm_stddev: np.ndarray,
     epsilon: float,
     clipping: Mapping[str, float | None],
+    xp: Any = np,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Batch renormalization's ``r`` and ``d`` from the pre-update renorm statistics,
-    clipped to ``[rmin, rmax]`` and ``[-dmax, dmax]``."""
-    stddev = np.sqrt(variance + epsilon)
-    renorm_stddev = np.maximum(renorm_stddev, np.sqrt(epsilon))
+    clipped to ``[rmin, rmax]`` and ``[-dmax, dmax]``; ``xp`` is the array module
+    (NumPy, or ``keras.ops`` for backend tensors)."""
+    stddev = xp.sqrt(variance + epsilon)
+    renorm_stddev = xp.maximum(renorm_stddev, float(np.sqrt(epsilon)))
     r = stddev / renorm_stddev
     d = (mean - renorm_mean) / renorm_stddev
     rmax, rmin, dmax = (clipping.get(key) for key in CLIPPING_KEYS)
     if rmin is not None:
-        r = np.maximum(r, rmin)
+        r = xp.maximum(r, rmin)
     if rmax is not None:
-        r = np.minimum(r, rmax)
+        r = xp.minimum(r, rmax)
     if dmax is not None:
-        d = np.clip(d, -dmax, dmax)
+        d = xp.clip(d, -dmax, dmax)
     return r, d
 
 
@@ -138,17 +141,23 @@ def moving_updates(
     momentum: float,
     epsilon: float,
     renorm_momentum: float | None,
+    xp: Any = np,
 ) -> dict[str, np.ndarray]:
     """The new moving statistics (and renorm's, when ``renorm_momentum`` is given) for
-    a batch's per-channel ``mean`` and ``variance``, computed from ``current``."""
+    a batch's per-channel ``mean`` and ``variance``, computed from ``current``: NumPy
+    weights (read as flat float64), or with ``xp=keras.ops`` tensors of the statistics'
+    dtype and shape."""
+    if xp is np:
+        current = {name: np.asarray(value, np.float64).reshape(-1)
+                   for name, value in current.items()}
     new = {"moving_mean": ema(current["moving_mean"], mean, momentum)}
     if renorm_momentum is None:
         new["moving_variance"] = ema(current["moving_variance"], variance, momentum)
         return new
-    stddev = np.sqrt(variance + epsilon)
+    stddev = xp.sqrt(variance + epsilon)
     moving_stddev = ema(current["moving_stddev"], stddev, momentum)
     new["moving_stddev"] = moving_stddev
-    new["moving_variance"] = np.maximum(moving_stddev**2 - epsilon, 0.0)
+    new["moving_variance"] = xp.maximum(moving_stddev * moving_stddev - epsilon, 0.0)
     new["renorm_mean"] = ema(current["renorm_mean"], mean, renorm_momentum)
     new["renorm_stddev"] = ema(current["renorm_stddev"], stddev, renorm_momentum)
     return new

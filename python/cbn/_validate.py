@@ -13,11 +13,13 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 
+from . import _core
+
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 #: dtypes the core reads and writes directly.
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
 #: The core's limit on dimensions (BN_MAX_RANK); no axis list can be longer.
-MAX_RANK = 64
+MAX_RANK = _core.MAX_RANK
 
 
 def _short_reprs() -> reprlib.Repr:

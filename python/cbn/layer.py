@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike
 
 from . import _core
 from ._ghost import KernelView as _KernelView
-from ._ghost import ghost_averages, kernel_view
+from ._ghost import check_ghost_axes, ghost_averages, kernel_view
 from ._keras_objects import (
     DTypePolicy,
     check_config_mapping,
@@ -310,11 +310,7 @@ class BatchNormalization(LayerOptions):
                 f"input_shape {shape} leaves a normalized axis (axis={self.axis!r}) undefined; "
                 "its size is needed to create the weights"
             )
-        if self.virtual_batch_size is not None and 0 in axes:
-            raise ValueError(  # ghost batches split axis 0
-                f"axis={self.axis!r} normalizes axis 0, which virtual_batch_size="
-                f"{self.virtual_batch_size} splits into ghost batches; choose other axes"
-            )
+        check_ghost_axes(self.axis, axes, self.virtual_batch_size)
         with self._lock:
             if self.built:
                 self._check_input_shape(shape)

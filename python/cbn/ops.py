@@ -26,7 +26,9 @@ from ._validate import (
 )
 from .distributed import Allreduce, check_allreduce, sum_across_ranks
 
-__all__ = ["moments", "batch_normalization", "batch_norm_train", "batch_norm_backward"]
+__all__ = [
+    "moments", "batch_normalization", "batch_norm_train", "batch_norm_backward", "fold",
+]
 
 
 def _input(x: ArrayLike) -> np.ndarray:
@@ -47,14 +49,18 @@ def _prepare(
     return arr, axes, channel_shape(arr.shape, axes), check_epsilon(epsilon)
 
 
+def _channel_result(x: np.ndarray, cshape: tuple[int, ...], values: np.ndarray) -> np.ndarray:
+    """Per-channel float64 results in the channel shape, as float64 for float64 ``x`` and
+    float32 otherwise (a float32 variance beyond 3.4e38 rounds to inf, as NumPy's)."""
+    dtype = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+    with np.errstate(over="ignore"):
+        return values.astype(dtype).reshape(cshape)
+
+
 def _channel_stats(
     x: np.ndarray, cshape: tuple[int, ...], first: np.ndarray, second: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two per-channel float64 results in the channel shape, as float64 for float64 ``x``
-    and float32 otherwise (a float32 variance beyond 3.4e38 rounds to inf, as NumPy's)."""
-    dtype = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
-    with np.errstate(over="ignore"):
-        return first.astype(dtype).reshape(cshape), second.astype(dtype).reshape(cshape)
+    return _channel_result(x, cshape, first), _channel_result(x, cshape, second)
 
 
 def _output(x: np.ndarray, out: ArrayLike | None, dy: np.ndarray | None = None) -> np.ndarray:
@@ -275,3 +281,44 @@ def batch_norm_backward(
         sum_dy, sum_dy_xhat = _synchronized_backward(allreduce, grad, arr, dx, axes, m, mu,
                                                      var, g, eps)
     return (dx, *_channel_stats(arr, cshape, sum_dy_xhat, sum_dy))
+
+
+def fold(
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    mean: ArrayLike,
+    variance: ArrayLike,
+    *,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    epsilon: float = 1e-3,
+    axis: int = -1,
+    out: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold an inference batch normalization into the linear layer before it.
+
+    Returns ``(new_weight, new_bias)`` such that the layer with them computes
+    ``bn(layer(x))``: with ``s = gamma / sqrt(variance + epsilon)`` per output channel,
+    ``new_weight = weight * s`` along ``axis`` (the weight's output-channel axis: ``-1``
+    for Keras' ``(in, out)`` and ``(kh, kw, in, out)``, ``0`` for PyTorch's ``(out, in)``
+    and ``(out, in, kh, kw)``) and ``new_bias = (bias - mean) * s + beta``. ``bias``,
+    ``gamma``, ``beta`` may be None (0, 1, 0). The factors are computed in float64;
+    ``new_weight`` has the weight's dtype (``out=weight`` folds in place), ``new_bias``
+    is float64 for float64 weights, float32 otherwise.
+
+    >>> import numpy as np, cbn
+    >>> w, b = cbn.ops.fold(np.array([[1.0, 2.0]]), None, mean=[1.0, 0.0],
+    ...                     variance=[4.0, 1.0], epsilon=0.0)
+    >>> w, b
+    (array([[0.5, 2. ]]), array([-0.5,  0. ]))
+    """
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be one int (the output-channel axis); received {axis!r}")
+    arr, axes, cshape, eps = _prepare(weight, axis, epsilon)
+    b, mu, var, g, be = (as_param(v, cshape, n) for v, n in (
+        (bias, "bias"), (mean, "mean"), (variance, "variance"), (gamma, "gamma"),
+        (beta, "beta")))
+    mu, var = _required_statistics(mu, var)
+    new_weight = _output(arr, out)
+    new_bias = _core.fold(arr, new_weight, axes[0], b, mu, var, g, be, eps)
+    return new_weight, _channel_result(arr, cshape, new_bias)

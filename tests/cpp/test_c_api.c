@@ -15,20 +15,7 @@
 #include <string.h>
 
 #include "bn_core/bn_core.h"
-
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    ++checks;                                              \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                        \
-      fprintf(stderr, "\n");                               \
-    }                                                      \
-  } while (0)
+#include "check.h"
 
 /* A failing call must return `expected` and leave a message. */
 #define CHECK_STATUS(call, expected, what)                                                   \

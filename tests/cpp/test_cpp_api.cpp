@@ -13,22 +13,9 @@
 #include <vector>
 
 #include "bn_core/bn_core.hpp"
+#include "check.h"
 
 namespace {
-
-int failures = 0;
-int checks = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    ++checks;                                              \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                   \
-      std::fprintf(stderr, "\n");                          \
-    }                                                      \
-  } while (0)
 
 // call() must throw bn_core::error with `expected` and a message containing `text`.
 void check_throws(const char *what, bn_core::status expected, const std::string &text,
@@ -355,6 +342,29 @@ void test_batch_norm() {
   CHECK(std::fabs(y[6] - 2 / std::sqrt(2.0 / 3)) < 1e-6, "masked position normalized too: %g", y[6]);
 }
 
+// fold: a (2 in, 3 out) dense weight in Keras' layout, folded in place; the
+// folded layer applied to x equals bn(dense(x)) computed here.
+void test_fold() {
+  double w[6] = {1, -2, 0.5, 3, 0.25, -1};
+  const double x[2] = {0.5, -1.5};
+  const std::vector<double> bias{0.1, 0.2, 0.3}, mean{1, -1, 0}, var{4, 1, 0.25}, gamma{2, 1, -1};
+  const double eps = 0.0;
+  double expected[3];
+  for (int o = 0; o < 3; ++o) {
+    const double z = x[0] * w[o] + x[1] * w[3 + o] + bias[o];
+    expected[o] = (z - mean[o]) / std::sqrt(var[o] + eps) * gamma[o];
+  }
+  const std::vector<double> new_bias =
+      bn_core::fold(const_tensor_view(w, {2, 3}), tensor_view(w, {2, 3}), -1, bias, mean, var, gamma, {}, eps);
+  for (int o = 0; o < 3; ++o) {
+    const double folded = x[0] * w[o] + x[1] * w[3 + o] + new_bias[o];
+    CHECK(std::fabs(folded - expected[o]) < 1e-14, "fold channel %d: %.17g vs %.17g", o, folded, expected[o]);
+  }
+  check_throws("fold mean length", BN_ERR_SHAPE, "mean", [&] {
+    bn_core::fold(const_tensor_view(w, {2, 3}), tensor_view(w, {2, 3}), -1, {}, {0.0}, var);
+  });
+}
+
 // Epsilon 0.3125 and gamma {2, 1}. Channel 0 {1, 2, 3, 4}: mean 2.5, variance 1.25,
 // s = 1/sqrt(1.5625) = 0.8, x̂ {-1.2, -0.4, 0.4, 1.2}; dy {0, 0, 0, 1}: Σdy 1, Σdy·x̂ 1.2,
 // dx = 1.6 (dy - (1 + 1.2 x̂)/4) = {0.176, -0.208, -0.592, 0.624}. Channel 1
@@ -483,6 +493,7 @@ int main() {
   test_backward_against_loop();
   test_batch_norm();
   test_batch_norm_backward();
+  test_fold();
   test_errors();
   test_settings();
   std::printf("%d passed, %d failed\n", checks - failures, failures);

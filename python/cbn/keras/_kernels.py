@@ -150,19 +150,30 @@ class _JaxKernels:
         return _jax_infer(axes, epsilon)(x, mean, variance, gamma, beta)
 
 
-def _tf_numpy_call(tf, function, inputs, outputs_like):
-    """``tf.numpy_function`` with the outputs' static shapes and dtypes of ``outputs_like``."""
+def tf_numpy_call(tf, function, inputs, output_specs):
+    """``tf.numpy_function`` whose outputs get the ``(dtype, static shape)`` pairs of
+    ``output_specs`` (a shape may hold None: a ghost count under a dynamic batch)."""
     results = tf.numpy_function(
-        function, inputs, [t.dtype for t in outputs_like], stateful=False
+        function, inputs, [dtype for dtype, _ in output_specs], stateful=False
     )
     if not isinstance(results, (list, tuple)):  # one output comes back bare
         results = [results]
-    for result, like in zip(results, outputs_like, strict=True):
-        result.set_shape(like.shape)
+    for result, (_, shape) in zip(results, output_specs, strict=True):
+        result.set_shape(shape)
     return results
 
 
-def _optional(masks: list):
+def tf_spec(tensor):
+    return tensor.dtype, tensor.shape
+
+
+def tf_stats_spec(tf, x, axes):
+    """The spec of the statistics of ``x`` over the channel ``axes``."""
+    return (tf.as_dtype(_stats_dtype(x.dtype.as_numpy_dtype)),
+            tf.TensorShape([x.shape[a] for a in axes]))
+
+
+def optional(masks: list):
     return masks[0] if masks else None
 
 
@@ -173,21 +184,20 @@ class _TensorFlowKernels:
 
         x, gamma, beta = (tf.convert_to_tensor(t) for t in (x, gamma, beta))
         masks = [] if mask is None else [tf.convert_to_tensor(mask)]
-        stats_like = tf.zeros(
-            _channel_shape(x.shape, axes), _stats_dtype(x.dtype.as_numpy_dtype)
-        )
+        stats = tf_stats_spec(tf, x, axes)
 
         @tf.custom_gradient
         def train(x, gamma, beta):
-            y, mean, var = _tf_numpy_call(
-                tf, lambda x, g, b, *m: np_train(x, g, b, _optional(m), axes, epsilon),
-                [x, gamma, beta, *masks], [x, stats_like, stats_like],
+            y, mean, var = tf_numpy_call(
+                tf, lambda x, g, b, *m: np_train(x, g, b, optional(m), axes, epsilon),
+                [x, gamma, beta, *masks], [tf_spec(x), stats, stats],
             )
 
             def grad(dy, *_statistics_cotangents):
-                return tuple(_tf_numpy_call(
-                    tf, lambda *a: np_backward(*a[:5], _optional(a[5:]), axes, epsilon, True),
-                    [dy, x, mean, var, gamma, *masks], [x, gamma, gamma],
+                return tuple(tf_numpy_call(
+                    tf, lambda *a: np_backward(*a[:5], optional(a[5:]), axes, epsilon, True),
+                    [dy, x, mean, var, gamma, *masks], [tf_spec(x), tf_spec(gamma),
+                                                        tf_spec(gamma)],
                 ))
 
             return (y, mean, var), grad
@@ -204,14 +214,15 @@ class _TensorFlowKernels:
 
         @tf.custom_gradient
         def infer(x, gamma, beta):
-            (y,) = _tf_numpy_call(
-                tf, lambda *a: np_infer(*a, axes, epsilon), [x, mean, variance, gamma, beta], [x]
+            (y,) = tf_numpy_call(
+                tf, lambda *a: np_infer(*a, axes, epsilon), [x, mean, variance, gamma, beta],
+                [tf_spec(x)],
             )
 
             def grad(dy):
-                return tuple(_tf_numpy_call(
+                return tuple(tf_numpy_call(
                     tf, lambda *a: np_backward(*a, None, axes, epsilon, False),
-                    [dy, x, mean, variance, gamma], [x, gamma, gamma],
+                    [dy, x, mean, variance, gamma], [tf_spec(x), tf_spec(gamma), tf_spec(gamma)],
                 ))
 
             return y, grad

@@ -9,34 +9,52 @@ import math
 import keras
 from keras import ops
 
+from .._ghost import check_ghost_axes
 from .._keras_objects import real_number
-from .._layer_options import check_adjustment, check_bool
-from .._renorm import check_renorm_clipping as _check_renorm_clipping
+from .._layer_options import (
+    check_adjustment,
+    check_bool,
+    check_ghost_batch_options,
+    check_virtual_batch_size,
+)
+from .._renorm import check_renorm_clipping, moving_updates, renorm_correction, training_affine
 from .._validate import check_axis_arg, check_epsilon, normalize_axes, squeezed_shape
+from ._ghost_batches import ghost_batches_train
 from ._kernels import kernels_for
 
 __all__ = ["BatchNormalization", "convert"]
 
+_RENORM_WEIGHTS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
-def _unsupported(argument: str, value) -> NotImplementedError:
-    return NotImplementedError(
-        f"cbn.keras.BatchNormalization does not support {argument}={value!r}; use "
-        "keras.layers.BatchNormalization, or cbn.BatchNormalization (the NumPy layer) "
-        "outside Keras models"
-    )
+
+def _clone_initializer(initializer):
+    """A fresh copy of a Keras initializer object (its own seed), as Keras does for the
+    renorm weights; other callables as they are."""
+    if isinstance(initializer, keras.initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
 
 
 @keras.saving.register_keras_serializable(package="cbn")
 class BatchNormalization(keras.layers.Layer):
     """Batch normalization computed by cbn, a drop-in ``keras.layers.BatchNormalization``.
 
-    Same arguments, weights (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``:
-    names, order, shapes, dtypes) and behaviour as Keras' layer; ``axis`` may also be a
-    list of ints (statistics per element of those axes, as tf.keras 2). tf.keras 2's
-    ``fused`` is accepted and ignored, its ``adjustment(shape) -> (scale, bias)`` (scalar or
-    per channel, applied to the normalized values before γ and β in training) is supported;
-    ``renorm``, ``virtual_batch_size`` and ``synchronized=True`` are not (they raise
-    ``NotImplementedError``: use ``keras.layers.BatchNormalization``).
+    Same arguments, weights (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``,
+    and with ``renorm=True`` ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``: names,
+    order, shapes, dtypes) and behaviour as Keras' layer, batch renormalization
+    (``renorm``, ``renorm_clipping``, ``renorm_momentum``) included; ``axis`` may also be a
+    list of ints (statistics per element of those axes, as tf.keras 2).
+
+    ``synchronized=True`` works where Keras' does, on the TensorFlow backend (elsewhere a
+    ``ValueError``, as Keras): inside a ``tf.distribute`` strategy the statistics are
+    those of the global batch (uneven replica batches and masks included; Keras ignores
+    ``synchronized`` with a mask), and the gradients go through them.
+
+    tf.keras 2's extras: ``fused`` is accepted and ignored; ``adjustment(shape) -> (scale,
+    bias)`` (scalar or per channel, applied to the normalized values before γ and β in
+    training); ``virtual_batch_size=V`` (ghost batch normalization: in training each
+    strided ghost batch ``{b : b mod (B/V) = g}`` is normalized with its own statistics,
+    the moving statistics get their averages; ``V`` must divide the batch size).
     """
 
     def __init__(
@@ -64,36 +82,54 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = check_axis_arg(axis)
-        self.momentum = real_number(momentum, "momentum")
-        self.epsilon = check_epsilon(epsilon)
-        self.center = check_bool(center, "center")
-        self.scale = check_bool(scale, "scale")
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
-        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
-        self.beta_constraint = keras.constraints.get(beta_constraint)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
-        self.renorm_momentum = real_number(renorm_momentum, "renorm_momentum")
-        if check_bool(synchronized, "synchronized"):
-            raise _unsupported("synchronized", synchronized)
-        if check_bool(renorm, "renorm"):
-            _check_renorm_clipping(renorm_clipping)
-            raise _unsupported("renorm", renorm)
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(f"fused must be None, True or False; received {fused!r}")
-        if virtual_batch_size is not None:
-            raise _unsupported("virtual_batch_size", virtual_batch_size)
-        self.adjustment = check_adjustment(adjustment)
+        try:
+            self.axis = check_axis_arg(axis)
+            self.momentum = real_number(momentum, "momentum")
+            self.epsilon = check_epsilon(epsilon)
+            self.center = check_bool(center, "center")
+            self.scale = check_bool(scale, "scale")
+            self.beta_initializer = keras.initializers.get(beta_initializer)
+            self.gamma_initializer = keras.initializers.get(gamma_initializer)
+            self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+            self.moving_variance_initializer = keras.initializers.get(
+                moving_variance_initializer)
+            self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+            self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+            self.beta_constraint = keras.constraints.get(beta_constraint)
+            self.gamma_constraint = keras.constraints.get(gamma_constraint)
+            self._set_training_options(synchronized, renorm, renorm_clipping, renorm_momentum,
+                                       fused, virtual_batch_size, adjustment)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"cbn.keras.BatchNormalization: {err}") from err
         self.supports_masking = True
         self._kernels = kernels_for(keras.backend.backend())
         self._axes: tuple[int, ...] = ()
 
+    def _set_training_options(self, synchronized, renorm, renorm_clipping, renorm_momentum,
+                              fused, virtual_batch_size, adjustment):
+        self.synchronized = check_bool(synchronized, "synchronized")
+        if self.synchronized and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "synchronized=True is only supported with the TensorFlow backend (as "
+                f"keras.layers.BatchNormalization); the backend is {keras.backend.backend()!r}"
+            )
+        self.renorm = check_bool(renorm, "renorm")
+        # As Keras: the clipping is validated (and None made {}) only with renorm.
+        self.renorm_clipping = (check_renorm_clipping(renorm_clipping) if self.renorm
+                                else renorm_clipping)
+        self.renorm_momentum = real_number(renorm_momentum, "renorm_momentum")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False; received {fused!r}")
+        self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
+        self.adjustment = check_adjustment(adjustment)
+        check_ghost_batch_options(self.virtual_batch_size, self.adjustment, self.synchronized)
+
     def build(self, input_shape):
         self._axes = normalize_axes(self.axis, len(input_shape))
+        try:
+            check_ghost_axes(self.axis, self._axes, self.virtual_batch_size)
+        except ValueError as err:
+            raise ValueError(f"cbn.keras.BatchNormalization: {err}") from None
         shape = tuple(input_shape[a] for a in self._axes)
         if any(size is None for size in shape):
             raise ValueError(
@@ -114,6 +150,17 @@ class BatchNormalization(keras.layers.Layer):
                                regularizer=self.beta_regularizer, constraint=self.beta_constraint)
         self.moving_mean = weight("moving_mean", self.moving_mean_initializer, False)
         self.moving_variance = weight("moving_variance", self.moving_variance_initializer, False)
+        if self.renorm:
+            # As Keras: the stddevs start at √(variance initializer), renorm_mean at the
+            # mean one, each from its own copy of the initializer.
+            def moving_stddev_initializer(shape, dtype=None):
+                return ops.sqrt(_clone_initializer(self.moving_variance_initializer)(
+                    shape, dtype=dtype))
+
+            self.moving_stddev = weight("moving_stddev", moving_stddev_initializer, False)
+            self.renorm_mean = weight(
+                "renorm_mean", _clone_initializer(self.moving_mean_initializer), False)
+            self.renorm_stddev = weight("renorm_stddev", moving_stddev_initializer, False)
         self.input_spec = keras.layers.InputSpec(
             ndim=len(input_shape), axes={a: input_shape[a] for a in self._axes}
         )
@@ -133,18 +180,56 @@ class BatchNormalization(keras.layers.Layer):
                 )
             if mask is not None:  # (B, ..., 1): broadcasts over the channels on every backend
                 mask = ops.expand_dims(ops.cast(mask, "bool"), -1)
-            if self.adjustment is not None:
-                # y = (x̂·a_scale + a_bias)·γ + β: the kernel's affine, which autodiff differentiates
-                a_scale, a_bias = self._adjustment_values(ops.shape(inputs), shape, dtype)
-                gamma, beta = gamma * a_scale, gamma * a_bias + beta
-            y, mean, variance = self._kernels.train(x, gamma, beta, mask, self._axes, self.epsilon)
-            self._update_moving(self.moving_mean, mean)
-            self._update_moving(self.moving_variance, variance)
+            y = self._train(x, gamma, beta, mask)
         else:
             mean = ops.cast(self.moving_mean, dtype)
             variance = ops.cast(self.moving_variance, dtype)
             y = self._kernels.infer(x, mean, variance, gamma, beta, self._axes, self.epsilon)
         return ops.cast(y, self.compute_dtype)
+
+    def _train(self, x, gamma, beta, mask):
+        """The training output; updates the moving statistics (and renorm's)."""
+        a_scale, a_bias = (1.0, 0.0) if self.adjustment is None else self._adjustment_values(
+            ops.shape(x), tuple(ops.shape(gamma)), x.dtype)
+        if not self.renorm:
+            # y = (x̂·a_scale + a_bias)·γ + β: the kernel's affine, which autodiff differentiates
+            scale, shift = (gamma, beta) if self.adjustment is None else training_affine(
+                gamma, beta, 1.0, 0.0, a_scale, a_bias)
+            y, mean, variance = self._batch_normalized(x, scale, shift, mask)
+            self._update_moving(mean, variance)
+            return y
+        # r and d need the batch statistics: the kernel gives x̂ with them, then
+        # y = ((x̂·r + d)·a_scale + a_bias)·γ + β in backend ops, r and d constants (Keras).
+        x_hat, mean, variance = self._batch_normalized(
+            x, ops.ones_like(gamma), ops.zeros_like(beta), mask)
+        current = self._current(("renorm_mean", "renorm_stddev"), mean.dtype)
+        r, d = (ops.stop_gradient(ops.cast(v, x.dtype)) for v in renorm_correction(
+            ops.stop_gradient(mean), ops.stop_gradient(variance), current["renorm_mean"],
+            current["renorm_stddev"], self.epsilon, self.renorm_clipping, xp=ops))
+        scale, shift = training_affine(gamma, beta, r, d, a_scale, a_bias)
+        self._update_moving(mean, variance)
+        rank = len(x.shape)
+        return x_hat * self._broadcastable(scale, rank) + self._broadcastable(shift, rank)
+
+    def _batch_normalized(self, x, gamma, beta, mask):
+        """``(y, mean, variance)`` of the training kernel: per ghost batch with
+        ``virtual_batch_size``, over all replicas with ``synchronized``."""
+        if self.virtual_batch_size is not None:
+            return ghost_batches_train(self._kernels.train, x, gamma, beta, mask, self._axes,
+                                       self.epsilon, self.virtual_batch_size)
+        if self.synchronized:
+            from ._tf_synchronized import train_synchronized
+
+            shift = ops.cast(self.moving_mean, "float64")
+            return train_synchronized(x, gamma, beta, mask, self._axes, self.epsilon, shift)
+        return self._kernels.train(x, gamma, beta, mask, self._axes, self.epsilon)
+
+    def _broadcastable(self, per_channel, rank):
+        """A channel-shaped tensor reshaped to broadcast against an input of ``rank``."""
+        shape = [1] * rank
+        for axis, size in zip(self._axes, ops.shape(per_channel), strict=True):
+            shape[axis] = size
+        return ops.reshape(per_channel, shape)
 
     def _adjustment_values(self, input_shape, channel_shape, dtype):
         """tf.keras 2's ``adjustment(input_shape) -> (scale, bias)``, each a scalar or one
@@ -169,9 +254,20 @@ class BatchNormalization(keras.layers.Layer):
                 )
         return values
 
-    def _update_moving(self, variable, batch_value):
-        batch_value = ops.cast(ops.stop_gradient(batch_value), variable.dtype)
-        variable.assign(variable * self.momentum + batch_value * (1.0 - self.momentum))
+    def _current(self, names, dtype):
+        return {name: ops.cast(getattr(self, name), dtype) for name in names}
+
+    def _update_moving(self, mean, variance):
+        """Keras' moving-average updates (with renorm, of its statistics too)."""
+        mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
+        names = ("moving_mean", "moving_variance") + (_RENORM_WEIGHTS if self.renorm else ())
+        new = moving_updates(
+            self._current(names, mean.dtype), mean, variance, momentum=self.momentum,
+            epsilon=self.epsilon, renorm_momentum=self.renorm_momentum if self.renorm else None,
+            xp=ops)
+        for name, value in new.items():
+            variable = getattr(self, name)
+            variable.assign(ops.cast(value, variable.dtype))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -192,11 +288,13 @@ class BatchNormalization(keras.layers.Layer):
             "gamma_regularizer": serialize(self.gamma_regularizer),
             "beta_constraint": serialize(self.beta_constraint),
             "gamma_constraint": serialize(self.gamma_constraint),
-            "synchronized": False,
-            "renorm": False,
-            "renorm_clipping": None,
+            "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
         }
+        if self.virtual_batch_size is not None:  # tf.keras 2's key, absent from Keras 3
+            config["virtual_batch_size"] = self.virtual_batch_size
         return {**super().get_config(), **config}
 
 

@@ -81,6 +81,23 @@ BN_API bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int3
                               int32_t n_axes, const double *mean, const double *variance,
                               const double *gamma, const double *beta, double epsilon);
 
+/* Folding: an inference batch normalization that follows a linear layer (dense
+ * or convolution) merged into that layer, so that linear'(x) = bn(linear(x)).
+ * Per output channel o, with s = gamma[o] / sqrt(variance[o] + epsilon):
+ *   weight_out[..., o, ...] = weight[..., o, ...] * s
+ *   bias_out[o] = (bias[o] - mean[o]) * s + beta[o]
+ * out_axis is weight's output-channel axis (negative counts from the end): 0 for
+ * PyTorch's (out, in, kh, kw), -1 for Keras' (kh, kw, in, out) and (in, out).
+ * Its size C is the length of bias, mean, variance, gamma, beta and bias_out;
+ * bias, gamma and beta may be NULL (0, 1 and 0). weight_out has weight's dtype
+ * and shape and may be weight itself; bias_out may be any of the arrays. The
+ * factors are computed in float64; the weights are scaled in their compute type
+ * (float64 for float64 weights, else float32) and rounded to their dtype. */
+BN_API bn_status bn_fold(const bn_tensor *weight, const bn_tensor *weight_out, int32_t out_axis,
+                         const double *bias, const double *mean, const double *variance,
+                         const double *gamma, const double *beta, double epsilon,
+                         double *bias_out);
+
 /* Training forward: batch moments (masked as bn_moments) then normalization
  * of every position with them, in one call. mean/variance receive the batch
  * statistics (C values each). */

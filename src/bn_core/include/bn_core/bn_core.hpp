@@ -274,6 +274,27 @@ inline void normalize(const const_tensor_view &x, const tensor_view &y, const ax
                              detail::channel_input(beta, channels, "beta", true), epsilon));
 }
 
+// Folding (bn_fold): weight_out (may be weight itself) receives the linear
+// layer's weights scaled per output channel; returns its new bias. Empty bias,
+// gamma or beta: 0, 1 and 0.
+inline std::vector<double> fold(const const_tensor_view &weight, const tensor_view &weight_out,
+                                int32_t out_axis, const std::vector<double> &bias,
+                                const std::vector<double> &mean, const std::vector<double> &variance,
+                                const std::vector<double> &gamma = {},
+                                const std::vector<double> &beta = {}, double epsilon = 1e-3) {
+  const bn_tensor wt = weight.c_tensor(), ot = weight_out.c_tensor();
+  const int64_t channels = detail::channel_count(wt, axis_list{out_axis});
+  std::vector<double> new_bias;
+  double spare;
+  double *out = detail::channel_output(new_bias, channels, spare);
+  detail::check(bn_fold(&wt, &ot, out_axis, detail::channel_input(bias, channels, "bias", true),
+                        detail::channel_input(mean, channels, "mean", false),
+                        detail::channel_input(variance, channels, "variance", false),
+                        detail::channel_input(gamma, channels, "gamma", true),
+                        detail::channel_input(beta, channels, "beta", true), epsilon, out));
+  return new_bias;
+}
+
 // Training: the batch statistics (masked as in moments(); count is left empty)
 // and y normalized with them, in one pass.
 inline statistics train_forward(const const_tensor_view &x, const tensor_view &y, const axis_list &axes,
