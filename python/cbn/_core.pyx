@@ -227,35 +227,46 @@ cdef double *out_ptr(cnp.ndarray a):
     return <double *>cnp.PyArray_DATA(a)
 
 
-cdef int describe_grad(tensor_desc *dyd, tensor_desc *xd, tensor_desc *dxd, cnp.ndarray dy,
-                       cnp.ndarray x, object dx) except -1:
-    """The backward operands: dy and x, and the output dx unless it is None."""
-    describe(dyd, dy, False)
-    describe(xd, x, False)
+# The operands of a backward call described to the core: dy, x, the output dx
+# (absent: None), the optional mask, and the per-channel mean, variance and gamma
+# (absent: None, passed as NULL), checked in that order.
+cdef struct grad_operands:
+    tensor_desc dy, x, dx, mask
+    bn_tensor *mask_p
+    Py_ssize_t channels
+    const double *mean
+    const double *variance
+    const double *gamma
+
+
+cdef int describe_grad(grad_operands *g, cnp.ndarray dy, cnp.ndarray x, object dx, tuple axes,
+                       mask, mean, variance, gamma) except -1:
+    describe(&g.dy, dy, False)
+    describe(&g.x, x, False)
     if dx is not None:
-        describe(dxd, dx, False)
+        describe(&g.dx, dx, False)
         check_output(dx)
+    g.mask_p = optional_mask(&g.mask, mask)
+    g.channels = channel_count(x, axes)
+    g.mean = param_ptr(mean, g.channels, "mean")
+    g.variance = param_ptr(variance, g.channels, "variance")
+    g.gamma = param_ptr(gamma, g.channels, "gamma")
     return 0
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, mean, variance,
              gamma, double epsilon, bint training):
     """dx (written into dx, which may be dy) and per-channel (Σdy, Σdy·x̂) as float64."""
-    cdef tensor_desc dyd, xd, dxd, md
+    cdef grad_operands g
     cdef _Axes ax = _Axes(axes)
-    describe_grad(&dyd, &xd, &dxd, dy, x, dx)
-    cdef bn_tensor *mp = optional_mask(&md, mask)
-    cdef Py_ssize_t c = channel_count(x, axes)
-    cdef const double *mean_p = param_ptr(mean, c, "mean")
-    cdef const double *var_p = param_ptr(variance, c, "variance")
-    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
-    cdef cnp.ndarray sum_dy = np.empty(c), sum_dy_xhat = np.empty(c)
+    describe_grad(&g, dy, x, dx, axes, mask, mean, variance, gamma)
+    cdef cnp.ndarray sum_dy = np.empty(g.channels), sum_dy_xhat = np.empty(g.channels)
     cdef double *s1 = out_ptr(sum_dy)
     cdef double *s2 = out_ptr(sum_dy_xhat)
     cdef bn_status st
     with nogil:
-        st = bn_backward(&dyd.t, &xd.t, &dxd.t, ax.values, ax.count, mp, mean_p, var_p, gamma_p,
-                         epsilon, training, s1, s2)
+        st = bn_backward(&g.dy.t, &g.x.t, &g.dx.t, ax.values, ax.count, g.mask_p, g.mean,
+                         g.variance, g.gamma, epsilon, training, s1, s2)
     check(st)
     return sum_dy, sum_dy_xhat
 
@@ -290,19 +301,16 @@ def moments_finalize(partial, shift):
 def backward_sums(cnp.ndarray dy, cnp.ndarray x, tuple axes, mask, mean, variance,
                   double epsilon):
     """This rank's 3·C float64 buffer: used counts, Σdy, Σdy·x̂."""
-    cdef tensor_desc dyd, xd, md
+    cdef grad_operands g
     cdef _Axes ax = _Axes(axes)
-    describe_grad(&dyd, &xd, NULL, dy, x, None)
-    cdef bn_tensor *mp = optional_mask(&md, mask)
-    cdef Py_ssize_t c = channel_count(x, axes)
-    cdef const double *mean_p = param_ptr(mean, c, "mean")
-    cdef const double *var_p = param_ptr(variance, c, "variance")
+    describe_grad(&g, dy, x, None, axes, mask, mean, variance, None)
+    cdef Py_ssize_t c = g.channels
     cdef cnp.ndarray sums = np.empty(3 * c)
     cdef double *out = out_ptr(sums)
     cdef bn_status st
     with nogil:
-        st = bn_backward_sums(&dyd.t, &xd.t, ax.values, ax.count, mp, mean_p, var_p, epsilon,
-                              out, out + c, out + 2 * c)
+        st = bn_backward_sums(&g.dy.t, &g.x.t, ax.values, ax.count, g.mask_p, g.mean, g.variance,
+                              epsilon, out, out + c, out + 2 * c)
     check(st)
     return sums
 
@@ -310,19 +318,15 @@ def backward_sums(cnp.ndarray dy, cnp.ndarray x, tuple axes, mask, mean, varianc
 def backward_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, mean,
                    variance, gamma, double epsilon, sums):
     """dx through statistics whose backward_sums buffer (summed over ranks) is sums."""
-    cdef tensor_desc dyd, xd, dxd, md
+    cdef grad_operands g
     cdef _Axes ax = _Axes(axes)
-    describe_grad(&dyd, &xd, &dxd, dy, x, dx)
-    cdef bn_tensor *mp = optional_mask(&md, mask)
-    cdef Py_ssize_t c = channel_count(x, axes)
-    cdef const double *mean_p = param_ptr(mean, c, "mean")
-    cdef const double *var_p = param_ptr(variance, c, "variance")
-    cdef const double *gamma_p = param_ptr(gamma, c, "gamma")
+    describe_grad(&g, dy, x, dx, axes, mask, mean, variance, gamma)
+    cdef Py_ssize_t c = g.channels
     cdef const double *sums_p = param_ptr(sums, 3 * c, "sums")
     cdef bn_status st
     with nogil:
-        st = bn_backward_apply(&dyd.t, &xd.t, &dxd.t, ax.values, ax.count, mp, mean_p, var_p,
-                               gamma_p, epsilon, sums_p, sums_p + c, sums_p + 2 * c)
+        st = bn_backward_apply(&g.dy.t, &g.x.t, &g.dx.t, ax.values, ax.count, g.mask_p, g.mean,
+                               g.variance, g.gamma, epsilon, sums_p, sums_p + c, sums_p + 2 * c)
     check(st)
 
 

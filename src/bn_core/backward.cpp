@@ -14,7 +14,7 @@
 namespace bn_core {
 namespace {
 
-// A planned backward call (plan_call has checked it; p's y is dx).
+// A planned backward call (planned_call has checked it; p's y is dx).
 struct backward_call {
   plan &p;
   const double *mean, *variance, *gamma;
@@ -71,12 +71,9 @@ bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *
                       const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
                       const double *mean, const double *variance, const double *gamma,
                       double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
-                                  {{mean, "mean"}, {variance, "variance"}}, &epsilon},
-                                 dx, dy, p))
-      return st;
+  const call_args call{x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
+                       &epsilon};
+  return planned_call(call, dx, dy, [&](plan &p) {
     // The sums are needed for dx in training; scratch when the caller skips them.
     const int64_t channels = p.channels;
     const std::unique_ptr<double[]> scratch = new_doubles(saturating_add(saturating_mul(3, channels), 1), true);
@@ -93,14 +90,11 @@ bn_status bn_backward_sums(const bn_tensor *dy, const bn_tensor *x, const int32_
                            int32_t n_axes, const bn_tensor *mask, const double *mean,
                            const double *variance, double epsilon, double *count, double *sum_dy,
                            double *sum_dy_xhat) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({x, {{dy, "dy"}}, mask, axes, n_axes,
-                                  {{mean, "mean"}, {variance, "variance"}, {count, "count"},
-                                   {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
-                                  &epsilon},
-                                 nullptr, dy, p))
-      return st;
+  const call_args call{x, {{dy, "dy"}}, mask, axes, n_axes,
+                       {{mean, "mean"}, {variance, "variance"}, {count, "count"}, {sum_dy, "sum_dy"},
+                        {sum_dy_xhat, "sum_dy_xhat"}},
+                       &epsilon};
+  return planned_call(call, nullptr, dy, [&](plan &p) {
     return backward_call{p, mean, variance, nullptr, epsilon, true, true, false,
                          count, sum_dy, sum_dy_xhat}.run();
   });
@@ -111,14 +105,11 @@ bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, const bn_te
                             const double *mean, const double *variance, const double *gamma,
                             double epsilon, const double *count, const double *sum_dy,
                             const double *sum_dy_xhat) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
-                                  {{mean, "mean"}, {variance, "variance"}, {count, "count"},
-                                   {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}},
-                                  &epsilon},
-                                 dx, dy, p))
-      return st;
+  const call_args call{x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes,
+                       {{mean, "mean"}, {variance, "variance"}, {count, "count"}, {sum_dy, "sum_dy"},
+                        {sum_dy_xhat, "sum_dy_xhat"}},
+                       &epsilon};
+  return planned_call(call, dx, dy, [&](plan &p) {
     return backward_call{p, mean, variance, gamma, epsilon, true, false, true,
                          const_cast<double *>(count), const_cast<double *>(sum_dy),
                          const_cast<double *>(sum_dy_xhat)}.run();

@@ -18,13 +18,9 @@ extern "C" bn_status bn_fold(const bn_tensor *weight, const bn_tensor *weight_ou
                              int32_t out_axis, const double *bias, const double *mean,
                              const double *variance, const double *gamma, const double *beta,
                              double epsilon, double *bias_out) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({weight, {{weight_out, "weight_out"}}, nullptr, &out_axis, 1,
-                                  {{mean, "mean"}, {variance, "variance"}, {bias_out, "bias_out"}},
-                                  &epsilon},
-                                 weight_out, nullptr, p))
-      return st;
+  const call_args call{weight, {{weight_out, "weight_out"}}, nullptr, &out_axis, 1,
+                       {{mean, "mean"}, {variance, "variance"}, {bias_out, "bias_out"}}, &epsilon};
+  return planned_call(call, weight_out, nullptr, [&](plan &p) {
     const int64_t channels = p.channels;
     // scale, then the normalization's mean 0 and variance 1, then the new bias
     // (written to bias_out only once the weights are done: it may alias an input).

@@ -132,24 +132,15 @@ extern "C" {
 
 bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
                      double *mean, double *variance, double *count) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, nullptr},
-                                 nullptr, nullptr, p))
-      return st;
-    return moments_of(p, mean, variance, count);
-  });
+  const call_args call{x, {}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, nullptr};
+  return planned_call(call, nullptr, nullptr, [&](plan &p) { return moments_of(p, mean, variance, count); });
 }
 
 bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes, int32_t n_axes,
                        const double *mean, const double *variance, const double *gamma,
                        const double *beta, double epsilon) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
-                                  &epsilon},
-                                 y, nullptr, p))
-      return st;
+  const call_args call{x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, &epsilon};
+  return planned_call(call, y, nullptr, [&](plan &p) {
     if (p.empty) return BN_OK;
     const int32_t threads = schedule(p);
     p.stream_y = stream_output(p, (cache_bytes(3) + (threads - 1) * cache_bytes(2)) / 2);
@@ -168,12 +159,8 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
 bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
                            int32_t n_axes, const bn_tensor *mask, const double *gamma,
                            const double *beta, double epsilon, double *mean, double *variance) {
-  return guarded([&] {
-    plan whole;
-    if (bn_status st = plan_call({x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
-                                  &epsilon},
-                                 y, nullptr, whole))
-      return st;
+  const call_args call{x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, &epsilon};
+  return planned_call(call, y, nullptr, [&](plan &whole) {
     whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
     const int32_t threads = schedule(whole);
     const training t{gamma, beta, epsilon, mean, variance};
@@ -187,10 +174,8 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
 
 bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
                              const bn_tensor *mask, const double *shift, double *partial) {
-  return guarded([&] {
-    plan p;
-    if (bn_status st = plan_call({x, {}, mask, axes, n_axes, {{partial, "partial"}}, nullptr}, nullptr, nullptr, p))
-      return st;
+  const call_args call{x, {}, mask, axes, n_axes, {{partial, "partial"}}, nullptr};
+  return planned_call(call, nullptr, nullptr, [&](plan &p) {
     const int64_t channels = p.channels;
     if (saturating_mul(3 * sizeof(double), channels) > std::numeric_limits<int64_t>::max() / 2)
       return fail(BN_ERR_OVERFLOW, "x has " + std::to_string(channels) +

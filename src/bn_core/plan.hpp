@@ -78,8 +78,11 @@ struct moments_scratch {
   double *run_n;     // planes x L: the positions those sums hold
   uint8_t *shift_ok; // 1 once shift holds a value of that channel
   int64_t *shifts_missing;  // channels whose shift_ok is still 0 (skips the check when 0)
-  double *block_sum; // kind "rows x C": per-channel pre-pass sums, then a block's folded sums
-  double *block_cnt;
+  // Rows x C, float64 per block position: the shift pre-pass's sums and counts
+  // (rows_block_plain_sums), else a block's or super block's shifted sums
+  // Σ(x−K), Σ(x−K)² before its positions are folded per channel.
+  double *block_f64_a;
+  double *block_f64_b;
   void *block_s1;    // accumulator-typed (float for <=32-bit data, double for float64)
   void *block_s2;
   void *block_n;

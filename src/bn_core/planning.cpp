@@ -7,8 +7,9 @@ namespace bn_core {
 namespace {
 
 // Rows of C contiguous channels shorter than this many bytes are folded into
-// one periodic run: walking them one short line at a time costs more than the
-// data (C = 3 ran at a tenth of the memory bandwidth).
+// one periodic run: walking them one short line at a time pays a line's set-up
+// (odometer step, loop entry, scalar tail) for a few elements, far more than
+// reading their bytes costs (bench/DESIGN.md, 'planning.cpp').
 constexpr int64_t kFoldRowBytes = 128;
 constexpr int64_t kFoldMinElements = 128;
 constexpr int64_t kFoldLanes = 16;  // the widest vector: 16 floats
@@ -20,23 +21,23 @@ void fold_short_rows(plan &p, int64_t es) {
   p.fold_len = 0;
   if (!p.inner_is_channel || p.n_outer == 0 || p.empty) return;
   const loop_dim &in = p.inner, &row = p.outer[p.n_outer - 1];
-  const int64_t c = in.n;
-  const bool one_channel_dim = p.channels == c && in.p_stride == 1 && p.p_base == 0;
-  const bool rows_contiguous = in.x_stride == es && row.x_stride == c * es && row.p_stride == 0;
-  const bool y_contiguous = !p.y || (in.y_stride == es && row.y_stride == c * es);
-  const bool dy_contiguous = !p.dy || (in.d_stride == es && row.d_stride == c * es);
+  const int64_t row_channels = in.n;  // C
+  const bool one_channel_dim = p.channels == row_channels && in.p_stride == 1 && p.p_base == 0;
+  const bool rows_contiguous = in.x_stride == es && row.x_stride == row_channels * es && row.p_stride == 0;
+  const bool y_contiguous = !p.y || (in.y_stride == es && row.y_stride == row_channels * es);
+  const bool dy_contiguous = !p.dy || (in.d_stride == es && row.d_stride == row_channels * es);
   // A mask must be per element and laid out like x (a row-wide mask is not folded).
-  const bool mask_contiguous = !p.mask || (in.m_stride != 0 && row.m_stride == c * in.m_stride);
+  const bool mask_contiguous = !p.mask || (in.m_stride != 0 && row.m_stride == row_channels * in.m_stride);
   if (!one_channel_dim || !rows_contiguous || !y_contiguous || !dy_contiguous || !mask_contiguous ||
-      c * es > kFoldRowBytes)
+      row_channels * es > kFoldRowBytes)
     return;
-  int64_t len = c * kFoldLanes / gcd(c, kFoldLanes);
+  int64_t len = row_channels * kFoldLanes / gcd(row_channels, kFoldLanes);
   while (len < kFoldMinElements) len *= 2;
-  if (row.n * c < 4 * len) return;  // too few rows to repay the replicated parameters
-  p.inner = loop_dim{row.n * c, es, p.y ? es : 0, in.m_stride, 1, p.dy ? es : 0};
+  if (row.n * row_channels < 4 * len) return;  // too few rows to repay the replicated parameters
+  p.inner = loop_dim{row.n * row_channels, es, p.y ? es : 0, in.m_stride, 1, p.dy ? es : 0};
   p.lines /= row.n;
   --p.n_outer;
-  p.period = c;
+  p.period = row_channels;
   p.fold_len = len;
 }
 

@@ -22,6 +22,17 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
 // the call's mask, and dy (backward calls only, else null).
 bn_status plan_call(const call_args &call, const bn_tensor *y, const bn_tensor *dy, plan &p);
 
+// An entry point: body(p) on the plan of the call (plan_call's arguments), run
+// only once the call is checked, and guarded (no exception crosses the C API).
+template <class Body>
+bn_status planned_call(const call_args &call, const bn_tensor *y, const bn_tensor *dy, Body &&body) noexcept {
+  return guarded([&] {
+    plan p;
+    if (bn_status st = plan_call(call, y, dy, p)) return st;
+    return body(p);
+  });
+}
+
 }  // namespace bn_core
 
 #endif

@@ -132,8 +132,10 @@ bool stream_output(const plan &p, int64_t min_bytes) {
 // cached — x is read from memory once. Only for channels-first layouts: a
 // channels-last chunk is a narrow strided column of every row. A chunk takes an
 // eighth of the L3 (less with more than 2 threads), so that each thread's chunk
-// and the next one it fetches fit together; smaller chunks (half an L2) and
-// larger ones (a quarter of the L3) both ran slower.
+// and the next one it fetches fit together with room to spare: larger chunks
+// are partly evicted before the normalize reads them again, smaller ones repeat
+// a chunk's fixed costs (planning, merge, parameters) more often
+// (bench/DESIGN.md, 'Chunks of an eighth of the L3').
 int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
   if (n_axes != 1) return 0;
   const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];

@@ -84,8 +84,8 @@ int64_t moments_state::layout(const plan &p) {
 // start within 256 bytes of a nonzero multiple of 4 KB apart. The channels-last
 // walk from memory stores two of them and loads a third per vector, and a load
 // whose low 12 address bits match a pending store's waits for it (4K
-// aliasing): at 256 channels the arrays were 4 KB apart, and that walk lost
-// its advantage over the tiles.
+// aliasing): at 256 channels unspaced arrays are exactly 4 KB apart
+// (bench/DESIGN.md, 'scratch.cpp').
 int64_t moments_state::spaced_block_length(int64_t n) {
   constexpr int64_t page = 4096 / sizeof(double), near = 256 / sizeof(double);
   for (int64_t len = n;; len += 8) {

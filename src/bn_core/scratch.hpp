@@ -26,17 +26,18 @@ class moments_state {
   // Partials laid out for p (no larger than the allocated plan), with what the
   // kernels accumulate into zeroed: the per-channel arrays and shift_ok. The
   // kernels set their block arrays before use, so those are left as they are
-  // (zeroing them cost a third of a one-row call of 1024 channels).
+  // (zeroing them would write 6 arrays of up to kRowsChannelChunk doubles per
+  // slot, far more than a short call's data; bench/DESIGN.md, 'Moments scratch').
   void reset(const plan &p);
 
   moments_scratch slot(int32_t s) {
     double *base = buffer_.get() + per_slot_ * s;
-    const int64_t C = channels_, L = block_;
+    const int64_t C = channels_, n = block_;  // n: the length of each block array
     double *block = base + kChannelArrays * C;
     return moments_scratch{base, base + C, base + 2 * C, base + 3 * C, base + 4 * C, base + 5 * C, base + 6 * C,
-                           reinterpret_cast<uint8_t *>(block + 6 * L),
-                           &shifts_missing_[static_cast<size_t>(s)], block, block + L,
-                           block + 2 * L, block + 3 * L, block + 4 * L, block + 5 * L};
+                           reinterpret_cast<uint8_t *>(block + 6 * n),
+                           &shifts_missing_[static_cast<size_t>(s)], block, block + n,
+                           block + 2 * n, block + 3 * n, block + 4 * n, block + 5 * n};
   }
 
   // Merges the team's partials of p in slot order (deterministic for a given

@@ -32,6 +32,12 @@ bn_status fail(bn_status status, const std::string &message);
 bn_status out_of_memory();
 const char *last_error_message();
 
+// Whether e says an allocation could not be made: std::bad_alloc, or the
+// std::length_error of a container asked for more than its max_size().
+inline bool is_allocation_failure(const std::exception &e) {
+  return dynamic_cast<const std::bad_alloc *>(&e) || dynamic_cast<const std::length_error *>(&e);
+}
+
 // Runs an entry point's body so that no C++ exception crosses the C API: an
 // allocation the library cannot make is BN_ERR_ALLOC, anything else the
 // status below with its message.
@@ -39,11 +45,8 @@ template <class Body>
 bn_status guarded(Body &&body) noexcept {
   try {
     return body();
-  } catch (const std::bad_alloc &) {
-    return out_of_memory();
-  } catch (const std::length_error &) {
-    return out_of_memory();
   } catch (const std::exception &e) {
+    if (is_allocation_failure(e)) return out_of_memory();
     return fail(BN_ERR_VALUE, std::string("internal error: ") + e.what());
   } catch (...) {
     return fail(BN_ERR_VALUE, "internal error");

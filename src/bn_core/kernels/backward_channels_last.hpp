@@ -8,18 +8,18 @@ namespace {
 
 // Σdy and Σdy·x̂ of unmasked contiguous rows x C: tiles of channels keep float
 // partial sums in registers over blocks of kRowBlock rows, folded into the
-// float64 sums per block (summed per element in float64 through memory, they
-// took 10 instructions per element). A tile has 5 values per vector: with
-// AVX2, 2 vectors fit the 16 registers. With AVX-512, 16 vectors (256 float32
-// channels) put the sums in the 32 registers and the parameters become memory
-// operands; each tile walks as many channels as possible in memory order. With
-// 4 vectors, backward of (8,56,56,256) and (64,56,56,256) at 2 threads took
-// 1.3-1.55x as long (interleaved in either order), (2048,2048) and (256,1024)
-// the same.
+// float64 sums per block (summed per element in float64 through memory, each
+// element would add a conversion and the loads and stores of its two sums to
+// its arithmetic). A tile has 5 values per vector: with AVX2, 2 vectors fit
+// the 16 registers. With AVX-512, 16 vectors (256 float32 channels) put the
+// sums in the 32 registers and the parameters become memory operands (L1 hits
+// that cost no register); each tile then walks as many channels as possible in
+// memory order, so a row is read in few long runs rather than many short ones
+// (bench/DESIGN.md, 'kernels/backward_channels_last.hpp').
 constexpr int kGradTileVectors = kVecBytes >= 64 ? 16 : 2;
 // Rows a backward tile walks before the next tile: a few streams, which the
-// prefetchers follow (tiles down 32-row blocks of 512-channel rows ran 3x
-// slower in the normalize).
+// prefetchers follow; a tile walking down many rows reads a short piece of each,
+// more streams than they track (bench/DESIGN.md).
 constexpr int64_t kGradRowBlock = 8;
 
 // Rows a tile of `tile` channels walks before the next tile. One tile covering
@@ -94,12 +94,12 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
   auto param = [c](const void *p, int q) { return load_acc<E>(static_cast<const acc *>(p) + c + q * W); };
-  vec mh[K], ml[K], ds[K], xc[K], sh[K];
+  vec mh[K], ml[K], dy_sc[K], xc[K], sh[K];
 #pragma GCC unroll 16
   for (int q = 0; q < K; ++q) {
     mh[q] = param(b.mean_hi, q);
     ml[q] = param(b.mean_lo, q);
-    ds[q] = param(b.dy_scale, q);
+    dy_sc[q] = param(b.dy_scale, q);
     xc[q] = param(b.xc_scale, q);
     sh[q] = param(b.shift, q);
   }
@@ -108,7 +108,7 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
     for (int q = 0; q < K; ++q) {
       const int64_t at = q * W * E::size;
       const vec centred = (E::load_vec(x + r * x_row + at) - mh[q]) - ml[q];
-      E::store_vec(dx + r * y_row + at, ds[q] * E::load_vec(dy + r * d_row + at) + (xc[q] * centred + sh[q]));
+      E::store_vec(dx + r * y_row + at, dy_sc[q] * E::load_vec(dy + r * d_row + at) + (xc[q] * centred + sh[q]));
     }
   }
 }

@@ -65,7 +65,8 @@ void plane_grad_sums_contiguous(const char *x, const char *dy, int64_t len, type
       a1 += d1; b1 += d1 * xhat(i + W);
     }
     // One more vector, then the one ending at the run's end (its lanes already
-    // summed dropped): short planes (14x14) spent much of their time in a scalar tail.
+    // summed dropped): a scalar tail is up to W - 1 dependent float64 adds, a
+    // large share of a short plane (14x14 = 12 vectors + 4).
     if (i + W <= end) {
       const vec d = E::load_vec(dy + i * E::size);
       a0 += d; b0 += d * xhat(i);
@@ -108,16 +109,16 @@ void grad_sums_segment(const plan &p, const grad_segment &g, const backward_para
                                     s.sum_dy[c], s.sum_dy_xhat[c]);
       return;
     }
-    double a = 0, h = 0, n = 0;
+    double dy_total = 0, dy_xhat_total = 0, used_total = 0;
     for (int64_t i = 0; i < len; ++i) {
       const double d = E::load(dy + i * ds);
-      a += d;
-      h += d * static_cast<double>(((E::load(x + i * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c]);
-      if (Masked) n += used(i);
+      dy_total += d;
+      dy_xhat_total += d * static_cast<double>(((E::load(x + i * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c]);
+      if (Masked) used_total += used(i);
     }
-    s.sum_dy[c] += a;
-    s.sum_dy_xhat[c] += h;
-    if (Masked) s.count[c] += n;
+    s.sum_dy[c] += dy_total;
+    s.sum_dy_xhat[c] += dy_xhat_total;
+    if (Masked) s.count[c] += used_total;
     return;
   }
   const int64_t ps = Contig ? 1 : p.inner.p_stride;
@@ -126,9 +127,9 @@ void grad_sums_segment(const plan &p, const grad_segment &g, const backward_para
   for (int64_t j = 0; j < len; ++j) {
     const int64_t c = g.c0 + j * ps;
     const acc d = E::load(dy + j * ds);
-    const acc h = ((E::load(x + j * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c];
+    const acc xhat = ((E::load(x + j * xs) - mean_hi[c]) - mean_lo[c]) * invstd[c];
     sum_dy[c] += static_cast<double>(d);
-    sum_dy_xhat[c] += static_cast<double>(d) * static_cast<double>(h);
+    sum_dy_xhat[c] += static_cast<double>(d) * static_cast<double>(xhat);
     if (Masked) count[c] += used(j);
   }
 }
@@ -152,20 +153,21 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
   const int64_t len = g.len, c0 = g.c0;
   auto used = [&](int64_t i) { return Masked ? acc(m[i * ms] != 0) : acc(1); };
   if (!p.inner_is_channel) {
-    const acc mh = mean_hi[c0], ml = mean_lo[c0], a = dy_scale[c0], xc = xc_scale[c0], sh = shift[c0];
+    const acc mh = mean_hi[c0], ml = mean_lo[c0], dy_sc = dy_scale[c0], xc = xc_scale[c0], sh = shift[c0];
     int64_t i = 0;
-    // Explicit vectors: the autovectorized loop's set-up cost short planes
-    // (14x14) about as much as their work.
+    // Explicit vectors: the autovectorized loop's set-up (alignment peeling,
+    // trip-count checks) on every plane is about as long as a short plane's
+    // (14x14) work.
     if constexpr (Contig && !Masked) {
       using vec = typename E::vec;
       for (; i + E::lanes <= len; i += E::lanes) {
         const vec centred = (E::load_vec(x + i * E::size) - mh) - ml;
-        E::store_vec(dx + i * E::size, a * E::load_vec(dy + i * E::size) + (xc * centred + sh));
+        E::store_vec(dx + i * E::size, dy_sc * E::load_vec(dy + i * E::size) + (xc * centred + sh));
       }
     }
     for (; i < len; ++i) {
       const acc centred = (E::load(x + i * xs) - mh) - ml;
-      E::store(dx + i * ys, a * E::load(dy + i * ds) + used(i) * (xc * centred + sh));
+      E::store(dx + i * ys, dy_sc * E::load(dy + i * ds) + used(i) * (xc * centred + sh));
     }
     return;
   }

@@ -37,19 +37,20 @@ void plane_block_sums(const char *x, int64_t xs, const uint8_t *m, int64_t ms, i
     s1[l] += d;
     s2[l] += d * d;
   }
-  double a = 0, b = 0, c = 0;
+  double sum1 = 0, sum2 = 0, used = 0;
   for (int64_t l = 0; l < kLanes; ++l) {
-    a += s1[l];
-    b += s2[l];
-    c += cnt[l];
+    sum1 += s1[l];
+    sum2 += s2[l];
+    used += cnt[l];
   }
-  s1_out = a;
-  s2_out = b;
-  n_out = Masked ? c : static_cast<double>(len);
+  s1_out = sum1;
+  s2_out = sum2;
+  n_out = Masked ? used : static_cast<double>(len);
 }
 
-// Σ over the lanes in float64, pairwise: per lane in order it was a chain of
-// dependent adds per fold, a short plane's largest cost. Callers add their two
+// Σ over the lanes in float64, pairwise: lane by lane in order it would be a
+// chain of dependent adds per fold, on a short plane a large part of its cost
+// (bench/DESIGN.md, 'kernels/moments_channels_first.hpp'). Callers add their two
 // chains' vectors first: one rounding in the compute type next to the chains'
 // own, for half the conversions.
 template <class V>
@@ -57,9 +58,10 @@ double lane_sum(V v) {
   constexpr int n = sizeof(V) / sizeof(v[0]);
   double d[n];
   for (int l = 0; l < n; ++l) d[l] = static_cast<double>(v[l]);
-  // Unrolled into register operations: as loops, d stayed on the stack and the
-  // halves' loads missed store forwarding (a 4 MB plane tensor's statistics from
-  // the L3 took 1.3x as long).
+  // Unrolled into register operations: as loops, d stays on the stack and each
+  // halving step loads, as vectors, lanes just stored one by one; a load that
+  // spans several pending stores cannot take its data from them (no store
+  // forwarding) and waits until they reach the cache (bench/DESIGN.md).
 #pragma GCC unroll 8
   for (int w = n / 2; w > 0; w /= 2)
 #pragma GCC unroll 16
@@ -68,8 +70,9 @@ double lane_sum(V v) {
 }
 
 // v with only its last `rest` lanes kept: the vector that ends at a run's end,
-// whose first lanes the vectors before it summed already. A scalar tail cost
-// short planes (14x14 = 12 vectors + 4) a chain of dependent float64 adds each.
+// whose first lanes the vectors before it summed already. A scalar tail would
+// cost each short plane (14x14 = 12 vectors + 4) a chain of dependent float64
+// adds.
 template <class V>
 V last_lanes(V v, int64_t rest) {
   constexpr int n = sizeof(V) / sizeof(v[0]);
@@ -130,10 +133,11 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
     const uint8_t *mb = Masked ? m + b0 * ms : m;
     if (!s.shift_ok[c]) {
       // Two-pass start: the shift is the mean of the channel's first used block.
-      // Contiguous unmasked blocks sum in vectors relative to their first value
-      // (a scalar float64 pass cost 14x14 planes, where every plane of the
-      // first image is a first block, most of the statistics' time; values
-      // whose differences overflow overflow the sums that follow anyway).
+      // Contiguous unmasked blocks sum in vectors relative to their first value:
+      // on short planes every plane of the first image is a first block, and a
+      // scalar float64 pass, one dependent add per element, would take longer
+      // than the vector shifted sums that follow (bench/DESIGN.md). Values whose
+      // differences overflow overflow the sums that follow anyway.
       double mean;
       if (!Masked && xs == E::size) {
         const acc first = E::load(xb);
@@ -141,7 +145,7 @@ void plane_moments(const char *x, int64_t xs, const uint8_t *m, int64_t ms, int6
         plane_block_sums_contiguous<E>(xb, len, first, s1, s2);
         mean = static_cast<double>(first) + s1 / static_cast<double>(len);
       } else {
-        double part[8] = {}, cnt = 0;  // 8 chains: one cost more than a small tensor's sums
+        double part[8] = {}, cnt = 0;  // 8 chains: one would wait an add's latency per element
         for (int64_t i = 0; i < len; ++i) {
           const bool used = !Masked || mb[i * ms] != 0;
           part[i & 7] += used ? static_cast<double>(E::load(xb + i * xs)) : 0.0;

@@ -47,9 +47,10 @@ void row_sums_in_order(const char *x, int64_t len, const typename E::acc *shift,
 
 // Unmasked contiguous rows: tiles of K vectors of channels whose sums stay in
 // registers over all rows of the block (instead of loading and storing the
-// block sums per row). 3 registers per vector: 4 vectors fit the 16 registers of
-// AVX2, 8 the 32 of AVX-512, whose longer runs per row read faster from the L3
-// and from memory.
+// block sums per row). 3 registers per vector (shift and two sums): 4 vectors
+// fit the 16 registers of AVX2, 8 the 32 of AVX-512, which then reads each row
+// in longer contiguous runs, fewer and longer streams for the hardware
+// prefetchers from the L3 and from memory (bench/DESIGN.md).
 constexpr int kMomentsTileVectors = kVecBytes >= 64 ? 8 : 4;
 
 // Rows whose lines a tile prefetches at its own channels while it walks the
@@ -108,9 +109,10 @@ void rows_tile_accumulate(const char *const *rows, int64_t n_rows, int64_t len, 
 
 // Rows from memory, wider than one tile, in memory order: the sums of each
 // row's first vectors stay in registers across the block's rows and the rest of
-// each row goes through the block sums in L1. That pays with the 32 registers
-// of AVX-512; with the 16 of AVX2 it was slower, so there whole rows go through
-// L1.
+// each row goes through the block sums in L1. With the 32 registers of AVX-512
+// that register part is up to 16 vectors of the row; the 16 registers of AVX2
+// hold only 4, too small a share of a wide row to repay splitting each row in
+// two walks, so there whole rows go through L1 (bench/DESIGN.md).
 constexpr bool kInOrderTileInRegisters = kVecBytes >= 64;
 
 // The register tile of that walk is twice a walking tile wide where the row
@@ -210,10 +212,11 @@ bool rows_block_lacks_shift(const rows_block_channels &ch, const moments_scratch
 }
 
 // Sums and counts of the block's kept elements per position, in float64
-// (s.block_sum, s.block_cnt). They only give a shift, which need not be exact,
-// so contiguous rows sum in float tiles (a scalar float64 loop cost more than
-// the block's shifted sums), relative to the first row so that values near the
-// float range do not overflow the sum.
+// (s.block_f64_a, s.block_f64_b). They only give a shift, which need not be exact,
+// so contiguous rows sum in float tiles (a scalar float64 loop, one dependent
+// add per element, would take longer than the block's vector shifted sums),
+// relative to the first row so that values near the float range do not
+// overflow the sum.
 template <class E>
 [[gnu::always_inline]] inline
 void rows_block_plain_sums(const rows_block &b, const moments_scratch &s) {
@@ -226,18 +229,18 @@ void rows_block_plain_sums(const rows_block &b, const moments_scratch &s) {
     for (int64_t j = 0; j < len; ++j) { k[j] = E::load(b.used[0] + j * E::size); s1[j] = 0; s2[j] = 0; }
     rows_tile_accumulate<E>(b.used, b.n_used, len, rows_ahead{}, k, s1, s2);
     for (int64_t j = 0; j < len; ++j) {
-      s.block_sum[j] = static_cast<double>(k[j]) * static_cast<double>(b.n_used) + s1[j];
-      s.block_cnt[j] = static_cast<double>(b.n_used);
+      s.block_f64_a[j] = static_cast<double>(k[j]) * static_cast<double>(b.n_used) + s1[j];
+      s.block_f64_b[j] = static_cast<double>(b.n_used);
     }
     return;
   }
-  for (int64_t j = 0; j < len; ++j) { s.block_sum[j] = 0; s.block_cnt[j] = 0; }
+  for (int64_t j = 0; j < len; ++j) { s.block_f64_a[j] = 0; s.block_f64_b[j] = 0; }
   for (int64_t r = 0; r < b.n_rows; ++r) {
     if (!b.kept(r)) continue;
     for (int64_t j = 0; j < len; ++j) {
       if (b.per_element_mask && b.m[r][j * b.m_stride] == 0) continue;
-      s.block_sum[j] += E::load(b.x[r] + j * b.x_stride);
-      s.block_cnt[j] += 1;
+      s.block_f64_a[j] += E::load(b.x[r] + j * b.x_stride);
+      s.block_f64_b[j] += 1;
     }
   }
 }
@@ -251,8 +254,8 @@ void rows_block_take_missing_shifts(const rows_block &b, const rows_block_channe
   rows_block_plain_sums<E>(b, s);
   for (int64_t j = 0; j < b.len; ++j) {
     const int64_t c = ch.at(j);
-    if (!s.shift_ok[c] && s.block_cnt[j] > 0) {
-      s.shift[c] = s.block_sum[j] / s.block_cnt[j];
+    if (!s.shift_ok[c] && s.block_f64_b[j] > 0) {
+      s.shift[c] = s.block_f64_a[j] / s.block_f64_b[j];
       s.shift_ok[c] = 1;
       --*s.shifts_missing;
     }
@@ -291,14 +294,15 @@ template <class A>
 void rows_block_merge_per_channel(const rows_block &b, const rows_block_channels &ch, const A *k, A *s1,
                                   A *s2, A *cnt, const moments_scratch &s) {
   const int64_t len = b.len, distinct = ch.distinct;
-  double *sum1 = s.block_sum, *sum2 = s.block_cnt;
+  double *sum1 = s.block_f64_a, *sum2 = s.block_f64_b;
   fold_positions(s1, len, distinct, sum1);  // only folded rows have more positions than channels
   fold_positions(s2, len, distinct, sum2);
   fold_positions(cnt, len, distinct, cnt);  // counts of at most 2^16 positions: exact in float
-  const double columns = ch.period ? static_cast<double>(len / ch.period) : 1.0;  // whole periods
+  // Positions of each channel per row: the whole periods of a folded super row.
+  const double repeats = ch.period ? static_cast<double>(len / ch.period) : 1.0;
   const double rows_used = static_cast<double>(b.n_used);
   for (int64_t j = 0; j < distinct; ++j) {
-    const double n_b = b.per_element_mask ? static_cast<double>(cnt[j]) : rows_used * columns;
+    const double n_b = b.per_element_mask ? static_cast<double>(cnt[j]) : rows_used * repeats;
     if (n_b == 0) continue;
     const int64_t c = ch.at(j);
     merge_shifted_sums(sum1 + j, sum2 + j, k + j, n_b, 1, s.count + c, s.mean + c, s.m2 + c, s.shift + c);
@@ -344,12 +348,15 @@ struct rows_run {
   const char *x;
   int64_t x_row, n_rows, c_first, len;
   // Rows wider than a tile that come from memory go one at a time in memory
-  // order (rows_sums_in_order): a tile walking down the block's rows, even
-  // prefetched, read memory slower than that.
+  // order (rows_sums_in_order): a tile walking down the block's rows reads a
+  // short piece of each of them, more streams at once than the hardware
+  // prefetchers follow, which its own prefetches do not make up for
+  // (bench/DESIGN.md).
   bool by_row;
-  // Tiles prefetch the next block's rows at their channels, which pays from
-  // memory and from the L3 too; a tile spanning the whole row already walks
-  // memory in order, and rows in L2 need no prefetch.
+  // Tiles prefetch the next block's rows at their channels, from memory and
+  // from the L3 alike: the hardware prefetchers do not follow a walk down rows
+  // (bench/DESIGN.md). A tile spanning the whole row already walks memory in
+  // order, and rows in L2 need no prefetch.
   bool prefetch_next;
 };
 
@@ -371,8 +378,9 @@ void point_run_rows(const rows_run &run, int64_t r0, int64_t nb, int64_t j0, con
 }
 
 // Rows per super block. With one channel chunk each row is read once, so the
-// super block need not fit L2 and the merge runs once per kSuperBlockMaxRows
-// rows (its divisions per channel were a visible cost at 2048 channels).
+// super block need not fit L2 and the merge, two float64 divisions per
+// channel, runs once per kSuperBlockMaxRows rows: on wide rows, once per block
+// it would be a visible share of the work (bench/DESIGN.md).
 template <class E>
 [[gnu::always_inline]] inline
 int64_t super_block_rows(int64_t len) {
@@ -424,8 +432,8 @@ void rows_super_block_moments(const plan &p, const rows_run &run, int64_t r0, in
   acc *k = static_cast<acc *>(s.block_shift);
   const int64_t cl = min_of(kChannelChunk, run.len - j0), c0 = run.c_first + j0;
   const int64_t distinct = p.period ? p.period : cl;
-  double *__restrict sum1 = p.period ? s.block_sum : s.run_s1 + c0;
-  double *__restrict sum2 = p.period ? s.block_cnt : s.run_s2 + c0;
+  double *__restrict sum1 = p.period ? s.block_f64_a : s.run_s1 + c0;
+  double *__restrict sum2 = p.period ? s.block_f64_b : s.run_s2 + c0;
   shifts_of_positions(s.shift + c0, 1, distinct, cl, k);
   for (int64_t j = 0; j < cl; ++j) {
     sum1[j] = 0;
@@ -448,10 +456,11 @@ void rows_super_block_moments(const plan &p, const rows_run &run, int64_t r0, in
 
 // Unmasked contiguous rows x C over a run of rows, in super blocks: float tile
 // blocks of kRowBlock rows are folded into float64 per-channel sums, and Chan's
-// merge runs once per super block (per block of kRowBlock rows its divisions
-// cost more than the sums). The rows of a folded plan are its super rows (len a
-// multiple of the period, within one channel chunk): each position sums on its
-// own, and the positions of a channel add up before the merge.
+// merge runs once per super block (its float64 divisions per channel cost more
+// than a channel's float sums over kRowBlock rows). The rows of a folded plan
+// are its super rows (len a multiple of the period, within one channel chunk):
+// each position sums on its own, and the positions of a channel add up before
+// the merge.
 template <class E>
 void rows_moments_run(const plan &p, const char *x, int64_t x_row, int64_t n_rows, int64_t c_first,
                       int64_t len, const moments_scratch &s) {

@@ -10,10 +10,12 @@ namespace {
 // ---- normalize -------------------------------------------------------------------
 
 // One channel's contiguous run: plain stores up to a vector-aligned y, then
-// vectors (streaming with Stream). Vector stores that straddle two lines (NumPy's
-// large arrays start 16 bytes into a page) ran 10-20% slower at 1 thread
-// (64x1x256x256 out of place). ahead > 0: also prefetch x's lines that many bytes
-// on (a training forward's next chunk, fetched while this one runs from the caches).
+// vectors (streaming with Stream). A vector store that straddles two cache
+// lines (NumPy's large arrays start 16 bytes into a page) is two stores to the
+// cache, and a streaming store must be aligned (bench/DESIGN.md,
+// 'kernels/normalize_channels_first.hpp'). ahead > 0: also prefetch x's lines
+// that many bytes on (a training forward's next chunk, fetched while this one
+// runs from the caches).
 template <class E, bool Stream>
 void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, typename E::acc sc,
                      typename E::acc b, int64_t ahead) {
@@ -23,10 +25,11 @@ void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, ty
   const uintptr_t y_at = reinterpret_cast<uintptr_t>(y);
   // Out of place (y never partly overlaps x), the elements before y's first
   // aligned vector and after its last go in one unaligned vector each, which
-  // store some values twice: in scalar loops, (8,256,14,14) out of place took
-  // 1.15x as long at 1 thread and (32,512,7,7) 1.35x. In place that would
-  // normalize them twice; streamed, the vectors' plain stores into lines that
-  // are then streamed made (64,256,56,56) take 1.4x as long.
+  // store some values twice: two vector steps instead of up to 2(W - 1) scalar
+  // load-convert-store steps, which short planes (7x7, 14x14) pay on every
+  // plane. In place that would normalize them twice. Streamed, a plain store
+  // first reads its line from memory, the read streaming avoids, and the
+  // line's streaming stores must then evict it (bench/DESIGN.md).
   const bool overlap_stores = !Stream && x != y && len >= W && y_at % E::size == 0;
   // A y off the element size never aligns: streamed, it is all plain stores.
   const int64_t peel_end = Stream || y_at % E::size == 0 ? len : 0;

@@ -6,21 +6,24 @@ namespace BN_ISA_NS {
 namespace {
 
 // Normalize tiles: K vectors of channels whose parameters stay in registers
-// while the tile walks down rows (loaded per row, the parameters were most of
-// the loads, and kept NHWC in place at half the memory-bound speed). 3
-// parameter vectors per data vector fit the 16 registers of AVX2.
+// while the tile walks down rows (loaded per row, the parameters would be 3 of
+// every 4 loads, and the load ports rather than memory would bound an in-place
+// channels-last normalize; bench/DESIGN.md). 3 parameter vectors per data
+// vector fit the 16 registers of AVX2.
 constexpr int kNormalizeTileVectors = 4;
 
 // Wide rows (more channels than a tile) in blocks of kNormalizeBlockRows rows,
 // kNormalizeBlockVectors vectors of channels at a time: the 3 parameter loads
-// serve 8 vectors. Row by row they were 3 loads per vector on top of the data
-// load, which bound the walk at cache speeds ((16384,256) and (2048,2048) in
-// place took twice the sweep's time; the loads, not the stores, were the limit).
+// serve 8 vectors. Row by row they are 3 loads per vector on top of the data
+// load, and from the caches the loads, not the stores, bound the walk
+// (bench/DESIGN.md).
 constexpr int kNormalizeBlockVectors = 2;
 constexpr int64_t kNormalizeBlockRows = 4;
 // Parameter bytes (3 arrays) that stay in L1 next to the data: from memory, rows
-// of up to that many channels go one at a time (the blocks gained nothing there,
-// and streaming stores ran 1.4x faster in row order at (131072,256)).
+// of up to that many channels go one at a time. Memory bandwidth, not the
+// parameter loads from L1, bounds that walk, and row order keeps one stream in
+// and one out, which the prefetchers and the streaming stores' write-combining
+// follow (bench/DESIGN.md).
 constexpr int64_t kNormalizeL1ParamBytes = 8 << 10;
 
 // K vectors of channels over n_rows rows, B rows at a time with all B·K loads
@@ -42,8 +45,8 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
   }
   prefetch_rows<0>(x + n_rows * x_row, x_row, ahead, K * W * E::size);
   if (!Stream && y != x) prefetch_rows<1>(y + n_rows * y_row, y_row, ahead, K * W * E::size);
-  auto group = [&](int64_t r, auto rows) {
-    constexpr int G = decltype(rows)::count;
+  auto group = [&](int64_t r, auto size) {
+    constexpr int G = decltype(size)::count;
     vec v[G][K];
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
@@ -57,13 +60,14 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
                                       normalized(v[g][k], mh[k], sc[k], b[k]));
   };
   int64_t r = 0;
-  for (; r + B <= n_rows; r += B) group(r, vectors<B>{});
-  for (; r < n_rows; ++r) group(r, vectors<1>{});
+  for (; r + B <= n_rows; r += B) group(r, row_group<B>{});
+  for (; r < n_rows; ++r) group(r, row_group<1>{});
 }
 
 // Contiguous rows x C over a run of n_rows rows of channels [c0, c0 + len), in
 // tiles of explicit vectors across channels (the autovectorized segment loop
-// spent ~50 instructions of set-up per row, more than a 64-channel row's work).
+// redoes its set-up, alignment and trip-count checks, on every row: more than a
+// short row's work; bench/DESIGN.md).
 // A run one tile spans goes in memory order; wider rows in blocks (above), or
 // one at a time from memory while their parameters fit in L1.
 template <class E, bool Stream>
@@ -85,11 +89,11 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
     const char *xb = x + r0 * x_row;
     char *yb = y + r0 * y_row;
     // rows and ahead as compile-time constants for whole blocks: with them at
-    // run time, each tile's set-up (row loops, prefetch branches, spilled
-    // pointers) was as long as its 8 vectors of work, and (256,1024) in place
-    // from the L2 took 1.5-2x the sweep's time.
-    auto walk = [&](auto rows, auto n_rows, auto n_ahead) {
-      constexpr int B = decltype(rows)::count;
+    // run time, each tile carries row loops, prefetch branches and pointers
+    // spilled to the stack, a set-up as long as its 8 vectors of work
+    // (bench/DESIGN.md).
+    auto walk = [&](auto group, auto n_rows, auto n_ahead) {
+      constexpr int B = decltype(group)::count;
       auto tile = [&](auto width, int64_t j) {
         normalize_rows_tile<E, Stream, decltype(width)::count, B>(xb + j * E::size, x_row, yb + j * E::size, y_row,
                                                                   n_rows, n_ahead, mean_hi + j, scale + j, bias + j);
@@ -101,11 +105,11 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
     using one = std::integral_constant<int64_t, 1>;
     using none = std::integral_constant<int64_t, 0>;
     using whole = std::integral_constant<int64_t, B>;
-    const int64_t vector_end = one_tile                ? walk(vectors<1>{}, nb, none{})
-                               : by_row                ? walk(vectors<1>{}, one{}, none{})
-                               : nb == B && ahead == 0 ? walk(vectors<B>{}, whole{}, none{})
-                               : nb == B && ahead == B ? walk(vectors<B>{}, whole{}, whole{})
-                                                       : walk(vectors<B>{}, nb, ahead);
+    const int64_t vector_end = one_tile                ? walk(row_group<1>{}, nb, none{})
+                               : by_row                ? walk(row_group<1>{}, one{}, none{})
+                               : nb == B && ahead == 0 ? walk(row_group<B>{}, whole{}, none{})
+                               : nb == B && ahead == B ? walk(row_group<B>{}, whole{}, whole{})
+                                                       : walk(row_group<B>{}, nb, ahead);
     for (int64_t r = 0; vector_end < len && r < nb; ++r)
       for (int64_t k = vector_end; k < len; ++k)
         E::store(yb + r * y_row + k * E::size,

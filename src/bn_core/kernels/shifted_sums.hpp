@@ -52,10 +52,11 @@ void merge_shifted_sums(const T *s1, const T *s2, const K *k, double n_b, int64_
 
 // A channel's consecutive blocks share one shift: their shifted sums add up, so
 // they merge once per this many blocks' positions, within a plane and across a
-// channel's planes (run_s1, run_s2, run_n). Merging after every block made the
-// next block's sums wait for the merge's divisions: statistics of cached 56x56
-// planes took 1.2x as long, and with a merge per plane (8,256,14,14) took
-// 1.2-1.3x and (32,512,7,7) 1.5x. The shift still follows the mean after each group.
+// channel's planes (run_s1, run_s2, run_n). A merge's result is the next
+// block's shift, so merging after every block (or every short plane) makes the
+// next block's sums wait for the merge's float64 divisions instead of
+// overlapping with them. The shift still follows the mean after each group
+// (bench/DESIGN.md, 'kernels/shifted_sums.hpp').
 constexpr int64_t kBlocksPerShift = 8;
 
 // Merges channel c's pending shifted sums (taken relative to its shift).

@@ -13,6 +13,8 @@ namespace {
 // values (parameters or partial sums) stay in registers while the tile walks
 // down rows. K is a compile-time width, handed to the tile as a tag.
 template <int K> struct vectors { static constexpr int count = K; };
+// A compile-time count of rows a tile handles together, handed over the same way.
+template <int B> struct row_group { static constexpr int count = B; };
 
 template <int K, int64_t W, class F>
 void part_tile(int64_t n_vectors, int64_t j, F &tile) {
@@ -93,7 +95,7 @@ struct segment { int64_t begin, len; };
 // memory order: n_lines whole lines (segment = all of each), the first at
 // `first`, each one step of the innermost outer dim (run_step(p)) after the
 // last — or one segment of one line (n_lines = 1) when lines are cut.
-// Stepping the odometer per line cost more than a short line's work (a
+// Stepping the odometer per line costs more than a short line's work (a
 // 64-channel row), and handing kernels whole runs lets them keep per-channel
 // values in registers across rows.
 template <class F>
