@@ -72,6 +72,18 @@ def test_float64_statistics_near_1e150_match_a_float64_reference():
     np.testing.assert_allclose(var, 1e300 * scaled.var(axis=0), rtol=1e-11)
 
 
+@pytest.mark.parametrize("shape, axis", [((31, 8), -1), ((4, 3, 300), 1)])
+def test_float64_variance_beyond_the_range_is_inf_not_0(shape, axis):
+    # Found by the C API fuzzer: a spread whose squares overflow made b − a²/n = inf − inf,
+    # which the clamp of negative rounding turned into 0 (y then blew up silently).
+    x = 1e200 * np.random.default_rng(2).uniform(-1, 1, shape)
+    mean, var = ops.moments(x, axis=axis)
+    assert np.all(var == np.inf) and np.all(np.isfinite(mean))
+    with np.errstate(over="ignore"):
+        assert np.all(np.var(x, axis=tuple(a for a in range(x.ndim) if a != axis % x.ndim))
+                      == np.inf)
+
+
 def test_float64_layer_trained_on_1e200_keeps_finite_moving_statistics():
     layer = cbn.BatchNormalization(dtype="float64", momentum=0.99)
     y = layer(np.full((8, 3), 1e200), training=True)

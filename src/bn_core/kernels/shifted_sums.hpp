@@ -40,11 +40,14 @@ void merge_shifted_sums(const T *s1, const T *s2, const K *k, double n_b, int64_
   for (int64_t j = 0; j < len; ++j) {
     const double a = s1[j], b = s2[j];
     const double mean_b = static_cast<double>(k[j]) + a * inv_n_b;
-    const double m2_b = b - a * a * inv_n_b;
+    // Rounding can take b − a²/n below 0 (clamped); inf − inf (a spread whose squares
+    // overflow) is NaN and takes b itself: the true M2 is then beyond the range too.
+    const double centered = b - a * a * inv_n_b;
+    const double m2_b = centered >= 0 ? centered : centered < 0 ? 0.0 : b;
     const double total = count[j] + n_b;
     const double delta = mean_b - mean[j];
     mean[j] += delta * (n_b / total);
-    m2[j] += (m2_b > 0 ? m2_b : 0.0) + delta * (delta * (count[j] * n_b / total));
+    m2[j] += m2_b + delta * (delta * (count[j] * n_b / total));
     count[j] = total;
     shift[j] = mean[j];
   }
