@@ -1317,6 +1317,35 @@ static void test_team_policy(void) {
   bn_set_num_threads(0);
 }
 
+/* Cache sizes up to INT64_MAX: the schedule's size comparisons (L2 times the
+ * thread count, L3 plus the other threads' L2s) must not overflow (UBSan). */
+static void test_huge_cache_sizes(void) {
+  enum { rows = 8192, cols = 16 };
+  static float x[rows * cols], y[rows * cols];
+  unsigned seed = 5;
+  for (int i = 0; i < rows * cols; ++i) x[i] = (float)(2.0 * uniform(&seed) - 0.5);
+  int64_t shape[2] = {rows, cols}, strides[2] = {cols * 4, 4};
+  const bn_tensor xt = {x, BN_FLOAT32, 2, shape, strides}, yt = {y, BN_FLOAT32, 2, shape, strides};
+  const int32_t axis = 1;
+  double mean[2][cols], var[2][cols];
+  bn_set_num_threads(3);
+  CHECK(bn_moments(&xt, &axis, 1, NULL, mean[0], var[0], NULL) == BN_OK, "moments: %s", bn_last_error());
+  CHECK(bn_set_cache_bytes(INT64_MAX, INT64_MAX) == BN_OK, "largest cache sizes");
+  CHECK(bn_moments(&xt, &axis, 1, NULL, mean[1], var[1], NULL) == BN_OK, "moments: %s", bn_last_error());
+  CHECK(memcmp(mean[0], mean[1], sizeof mean[0]) == 0 && memcmp(var[0], var[1], sizeof var[0]) == 0,
+        "moments do not depend on the cache sizes");
+  CHECK(bn_normalize(&xt, &yt, &axis, 1, mean[1], var[1], NULL, NULL, 0.0) == BN_OK, "normalize: %s",
+        bn_last_error());
+  double worst = 0;
+  for (int i = 0; i < rows * cols; ++i)
+    worst = fmax(worst, fabs(y[i] - (x[i] - mean[1][i % cols]) / sqrt(var[1][i % cols])));
+  CHECK(worst < 1e-5, "normalize under the largest cache sizes: error %g", worst);
+  CHECK(bn_train_forward(&xt, &yt, &axis, 1, NULL, NULL, NULL, 1e-3, mean[1], var[1]) == BN_OK,
+        "train forward: %s", bn_last_error());
+  bn_set_cache_bytes(0, 0);
+  bn_set_num_threads(0);
+}
+
 int main(void) {
   test_formats();
   test_hand_values();
@@ -1326,6 +1355,7 @@ int main(void) {
   test_errors_backward();
   test_settings();
   test_team_policy();
+  test_huge_cache_sizes();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;
 }

@@ -1,0 +1,112 @@
+#include "reference.hpp"
+
+#include <cmath>
+#include <cstdlib>
+
+namespace fuzz {
+namespace {
+
+size_t at(int64_t i) { return static_cast<size_t>(i); }
+
+double param_or(const double *values, int64_t c, double otherwise) { return values ? values[c] : otherwise; }
+
+// The power of two that brings each channel's largest used finite |x| into [0.5, 1).
+std::vector<int> channel_exponents(const elements &e) {
+  std::vector<double> largest(at(e.channels), 0.0);
+  for (size_t i = 0; i < e.x.size(); ++i)
+    if (e.used[i] && std::isfinite(e.x[i])) largest[at(e.channel[i])] = std::fmax(largest[at(e.channel[i])], std::fabs(e.x[i]));
+  std::vector<int> exponent(at(e.channels), 0);
+  for (size_t c = 0; c < largest.size(); ++c)
+    if (largest[c] > 0) std::frexp(largest[c], &exponent[c]);
+  return exponent;
+}
+
+}  // namespace
+
+moments_ref reference_moments(const elements &e) {
+  const size_t C = at(e.channels);
+  moments_ref r{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0), std::vector<double>(C, 0.0),
+                std::vector<double>(C, 0.0), std::vector<double>(C, 0.0), std::vector<char>(C, 0)};
+  const std::vector<int> exponent = channel_exponents(e);
+  std::vector<double> scaled_sum(C, 0.0), scaled_m2(C, 0.0), scaled_spread(C, 0.0);
+  for (size_t i = 0; i < e.x.size(); ++i) {
+    if (!e.used[i]) continue;
+    const size_t c = at(e.channel[i]);
+    r.count[c] += 1;
+    r.non_finite[c] |= !std::isfinite(e.x[i]);
+    r.magnitude[c] = std::fmax(r.magnitude[c], std::fabs(e.x[i]));
+    scaled_sum[c] += std::ldexp(e.x[i], -exponent[c]);
+  }
+  for (size_t c = 0; c < C; ++c) scaled_sum[c] = r.count[c] > 0 ? scaled_sum[c] / r.count[c] : 0.0;  // the mean
+  for (size_t i = 0; i < e.x.size(); ++i) {
+    if (!e.used[i]) continue;
+    const size_t c = at(e.channel[i]);
+    const double d = std::ldexp(e.x[i], -exponent[c]) - scaled_sum[c];
+    scaled_m2[c] += d * d;
+    scaled_spread[c] = std::fmax(scaled_spread[c], std::fabs(d));
+  }
+  for (size_t c = 0; c < C; ++c) {
+    if (r.count[c] == 0) continue;
+    r.mean[c] = std::ldexp(scaled_sum[c], exponent[c]);
+    r.variance[c] = std::ldexp(scaled_m2[c] / r.count[c], 2 * exponent[c]);
+    r.spread[c] = std::ldexp(scaled_spread[c], exponent[c]);
+  }
+  return r;
+}
+
+void reference_normalize(const elements &e, const channel_params &p, const tolerance &tol,
+                         std::vector<double> &y, std::vector<double> &bound) {
+  y.assign(e.x.size(), 0.0);
+  bound.assign(e.x.size(), 0.0);
+  for (size_t i = 0; i < e.x.size(); ++i) {
+    const int64_t c = e.channel[i];
+    const double x = e.x[i], mean = p.mean[c], denominator = p.variance[c] + p.epsilon;
+    const double s = param_or(p.gamma, c, 1.0) / std::sqrt(denominator), beta = param_or(p.beta, c, 0.0);
+    y[i] = (x - mean) * s + beta;
+    bound[i] = denominator > 0 ? tol.out_rtol * (std::fabs(s) * (std::fabs(x - mean) +
+                                 16 * tol.unit * (std::fabs(x) + std::fabs(mean))) + std::fabs(beta))
+                               : std::nan("");
+  }
+}
+
+backward_sums_ref reference_backward_sums(const elements &e, const std::vector<double> &dy,
+                                          const channel_params &p, const tolerance &tol) {
+  const size_t C = at(e.channels);
+  backward_sums_ref r{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0), std::vector<double>(C, 0.0),
+                      std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
+  for (size_t i = 0; i < e.x.size(); ++i) {
+    const size_t c = at(e.channel[i]);
+    const double s = 1.0 / std::sqrt(p.variance[c] + p.epsilon), d = e.x[i] - p.mean[c];
+    const double xhat_magnitude = (std::fabs(d) + 16 * tol.unit * (std::fabs(e.x[i]) + std::fabs(p.mean[c]))) * s;
+    r.count[c] += e.used[i] ? 1 : 0;
+    r.sum_dy[c] += dy[i];
+    r.sum_dy_xhat[c] += dy[i] * d * s;
+    r.abs_dy[c] += std::fabs(dy[i]);
+    r.abs_dy_xhat[c] += std::fabs(dy[i]) * xhat_magnitude;
+  }
+  return r;
+}
+
+void reference_dx(const elements &e, const std::vector<double> &dy, const channel_params &p, bool training,
+                  const backward_totals &t, const tolerance &tol, std::vector<double> &dx,
+                  std::vector<double> &bound) {
+  dx.assign(e.x.size(), 0.0);
+  bound.assign(e.x.size(), 0.0);
+  for (size_t i = 0; i < e.x.size(); ++i) {
+    const int64_t c = e.channel[i];
+    const double s = 1.0 / std::sqrt(p.variance[c] + p.epsilon), gs = param_or(p.gamma, c, 1.0) * s;
+    const double d = e.x[i] - p.mean[c];
+    const double xhat_magnitude = (std::fabs(d) + 16 * tol.unit * (std::fabs(e.x[i]) + std::fabs(p.mean[c]))) * s;
+    double through = 0, through_magnitude = 0, sums_error = 0;
+    if (training && e.used[i] && t.count[c] > 0) {
+      const double n = t.count[c];
+      through = (t.sum_dy[c] + d * s * t.sum_dy_xhat[c]) / n;
+      through_magnitude = (std::fabs(t.sum_dy[c]) + xhat_magnitude * std::fabs(t.sum_dy_xhat[c])) / n;
+      sums_error = (t.sums_ref.abs_dy[c] + xhat_magnitude * t.sums_ref.abs_dy_xhat[c]) / n;
+    }
+    dx[i] = gs * (dy[i] - through);
+    bound[i] = std::fabs(gs) * (tol.out_rtol * (std::fabs(dy[i]) + through_magnitude) + tol.stats_rtol * sums_error);
+  }
+}
+
+}  // namespace fuzz
