@@ -42,7 +42,8 @@ void fold_short_rows(plan &p, int64_t es) {
 
 // x's dims of size > 1 with their strides (y, mask, dy, channel index), each
 // walking x forwards: a negative x stride is flipped and the plan's base
-// pointers moved to that dim's last element. Returns the number of dims.
+// pointers moved to that dim's last element (not for an empty x, whose data
+// may be NULL: nothing is read). Returns the number of dims.
 int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
                      const bn_tensor *dy, const bool is_channel[], plan &p, loop_dim dims[]) {
   int64_t channel_stride = 1;
@@ -52,19 +53,21 @@ int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *ma
     if (is_channel[i]) channel_stride *= x.shape[i];
   }
   p.channels = channel_stride;
+  for (int32_t i = 0; i < x.rank; ++i) p.empty |= x.shape[i] == 0;
   int32_t n = 0;
   for (int32_t i = 0; i < x.rank; ++i) {
-    if (x.shape[i] == 0) p.empty = true;
     if (x.shape[i] == 1) continue;
     loop_dim d{x.shape[i], x.strides[i], y ? y->strides[i] : 0,
                mask && mask->shape[i] != 1 ? mask->strides[i] : 0, p_stride[i],
                dy ? dy->strides[i] : 0};
     if (d.x_stride < 0) {
       const int64_t last = d.n - 1;
-      p.x += last * d.x_stride;
-      if (p.y) p.y += last * d.y_stride;
-      if (p.mask) p.mask += last * d.m_stride;
-      if (p.dy) p.dy += last * d.d_stride;
+      if (!p.empty) {
+        p.x += last * d.x_stride;
+        if (p.y) p.y += last * d.y_stride;
+        if (p.mask) p.mask += last * d.m_stride;
+        if (p.dy) p.dy += last * d.d_stride;
+      }
       p.p_base += last * d.p_stride;
       d.x_stride = -d.x_stride; d.y_stride = -d.y_stride; d.m_stride = -d.m_stride;
       d.p_stride = -d.p_stride; d.d_stride = -d.d_stride;

@@ -1346,6 +1346,26 @@ static void test_huge_cache_sizes(void) {
   bn_set_num_threads(0);
 }
 
+/* An empty x may have NULL data whatever its strides: a negative stride on an
+ * axis of size 3 before the axis of size 0 must not move the NULL pointer
+ * (NULL + offset: UBSan's pointer-overflow check). */
+static void test_empty_null_negative_strides(void) {
+  int64_t shape[3] = {3, 2, 0}, strides[3] = {-8, -4, 4};
+  const bn_tensor x = {NULL, BN_FLOAT32, 3, shape, strides}, y = x, dy = x;
+  const int32_t axis = 0;
+  double mean[3] = {1, 1, 1}, var[3] = {1, 1, 1}, sums[2][3];
+  const double zeros[3] = {0, 0, 0};
+  CHECK(bn_moments(&x, &axis, 1, NULL, mean, var, NULL) == BN_OK && mean[2] == 0 && var[2] == 0,
+        "empty moments: %s", bn_last_error());
+  CHECK(bn_train_forward(&x, &y, &axis, 1, NULL, NULL, NULL, 1e-3, mean, var) == BN_OK,
+        "empty training forward: %s", bn_last_error());
+  CHECK(bn_normalize(&x, &y, &axis, 1, zeros, zeros, NULL, NULL, 1e-3) == BN_OK, "empty normalize: %s",
+        bn_last_error());
+  CHECK(bn_backward(&dy, &x, &y, &axis, 1, NULL, zeros, zeros, NULL, 1e-3, 1, sums[0], sums[1]) == BN_OK &&
+            sums[0][1] == 0 && sums[1][1] == 0,
+        "empty backward: %s", bn_last_error());
+}
+
 int main(void) {
   test_formats();
   test_hand_values();
@@ -1356,6 +1376,7 @@ int main(void) {
   test_settings();
   test_team_policy();
   test_huge_cache_sizes();
+  test_empty_null_negative_strides();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;
 }
