@@ -42,8 +42,9 @@ void fold_short_rows(plan &p, int64_t es) {
 
 // x's dims of size > 1 with their strides (y, mask, dy, channel index), each
 // walking x forwards: a negative x stride is flipped and the plan's base
-// pointers moved to that dim's last element (not for an empty x, whose data
-// may be NULL: nothing is read). Returns the number of dims.
+// pointers moved to that dim's last element. Returns the number of dims: none
+// for an empty x, which reads nothing (its data may be NULL, its strides on an
+// axis of size 0 anything, INT64_MIN included).
 int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
                      const bn_tensor *dy, const bool is_channel[], plan &p, loop_dim dims[]) {
   int64_t channel_stride = 1;
@@ -54,6 +55,7 @@ int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *ma
   }
   p.channels = channel_stride;
   for (int32_t i = 0; i < x.rank; ++i) p.empty |= x.shape[i] == 0;
+  if (p.empty) return 0;
   int32_t n = 0;
   for (int32_t i = 0; i < x.rank; ++i) {
     if (x.shape[i] == 1) continue;
@@ -62,12 +64,10 @@ int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *ma
                dy ? dy->strides[i] : 0};
     if (d.x_stride < 0) {
       const int64_t last = d.n - 1;
-      if (!p.empty) {
-        p.x += last * d.x_stride;
-        if (p.y) p.y += last * d.y_stride;
-        if (p.mask) p.mask += last * d.m_stride;
-        if (p.dy) p.dy += last * d.d_stride;
-      }
+      p.x += last * d.x_stride;
+      if (p.y) p.y += last * d.y_stride;
+      if (p.mask) p.mask += last * d.m_stride;
+      if (p.dy) p.dy += last * d.d_stride;
       p.p_base += last * d.p_stride;
       d.x_stride = -d.x_stride; d.y_stride = -d.y_stride; d.m_stride = -d.m_stride;
       d.p_stride = -d.p_stride; d.d_stride = -d.d_stride;

@@ -1348,9 +1348,10 @@ static void test_huge_cache_sizes(void) {
 
 /* An empty x may have NULL data whatever its strides: a negative stride on an
  * axis of size 3 before the axis of size 0 must not move the NULL pointer
- * (NULL + offset: UBSan's pointer-overflow check). */
+ * (NULL + offset: UBSan's pointer-overflow check), nor may INT64_MIN on the
+ * axis of size 0 be negated. */
 static void test_empty_null_negative_strides(void) {
-  int64_t shape[3] = {3, 2, 0}, strides[3] = {-8, -4, 4};
+  int64_t shape[3] = {3, 2, 0}, strides[3] = {-8, -4, INT64_MIN};
   const bn_tensor x = {NULL, BN_FLOAT32, 3, shape, strides}, y = x, dy = x;
   const int32_t axis = 0;
   double mean[3] = {1, 1, 1}, var[3] = {1, 1, 1}, sums[2][3];
