@@ -1367,6 +1367,28 @@ static void test_empty_null_negative_strides(void) {
         "empty backward: %s", bn_last_error());
 }
 
+/* A training backward where variance + epsilon is the smallest double: gamma*s*s
+ * overflows, but the channel is constant (Σdy·x̂ = 0), so dx = gamma*s*(dy - mean(dy))
+ * is finite; the coefficient of x - mean must be 0, not inf*0 = NaN. */
+static void test_backward_tiny_epsilon(void) {
+  double x[3] = {2.5, 2.5, 2.5}, dy[3] = {1, -2, 4}, dx[3], mean = 2.5, var = 0, gamma = 0.5;
+  int64_t shape[2] = {3, 1}, strides[2] = {8, 8};
+  const bn_tensor xt = {x, BN_FLOAT64, 2, shape, strides}, dyt = {dy, BN_FLOAT64, 2, shape, strides},
+                  dxt = {dx, BN_FLOAT64, 2, shape, strides};
+  const int32_t axis = 1;
+  const double smallest = 4.9406564584124654e-324; /* DBL_TRUE_MIN, C11 */
+  const double s = 1 / sqrt(smallest);
+  for (int isa = BN_ISA_SCALAR; isa <= (int)bn_best_isa(); ++isa) {
+    bn_set_isa((bn_isa)isa);
+    CHECK(bn_backward(&dyt, &xt, &dxt, &axis, 1, NULL, &mean, &var, &gamma, smallest, 1, NULL, NULL) == BN_OK,
+          "backward: %s", bn_last_error());
+    for (int i = 0; i < 3; ++i)
+      CHECK(fabs(dx[i] - gamma * s * (dy[i] - 1.0)) <= 1e-12 * gamma * s * 4, "%s: dx[%d] = %g, expected %g",
+            bn_isa_name((bn_isa)isa), i, dx[i], gamma * s * (dy[i] - 1.0));
+  }
+  bn_set_isa(bn_best_isa());
+}
+
 int main(void) {
   test_formats();
   test_hand_values();
@@ -1378,6 +1400,7 @@ int main(void) {
   test_team_policy();
   test_huge_cache_sizes();
   test_empty_null_negative_strides();
+  test_backward_tiny_epsilon();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;
 }

@@ -2,6 +2,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
 
 namespace fuzz {
 namespace {
@@ -63,10 +64,9 @@ void lay_out_dy_and_out(generator &g, call &c, const std::vector<int64_t> &shape
   if (c.has_dy) {
     lay_out(g, c.dy, c.dtype, shape, c.out_is != out_kind::dy);
     c.dy_offsets = element_offsets(c.dy, shape);
-    value_scale s = random_scale(g, c.dtype);
-    s.offset = std::fmin(s.offset, 1.0);  // gradients at moderate scales: their sums must not overflow
-    s.spread = std::ldexp(1.0, g.in().ConsumeIntegralInRange<int>(-12, 8));
-    s.non_finite = 0;
+    // Gradients at moderate scales: gamma·s·dy must not overflow where the exact dx is finite.
+    value_scale s{0.0, std::ldexp(1.0, g.in().ConsumeIntegralInRange<int>(-12, 8)), g.chance(4), 0};
+    if (g.chance(3)) s.offset = s.spread * 16 * g.uniform();
     fill(g, c.dy, c.dy_offsets, s);
     c.dy_values = read_values(c.dy, c.dy_offsets);
   }
@@ -133,6 +133,32 @@ void build_call(generator &g, entry op, call &c) {
   lay_out_x(g, c, shape);
   lay_out_dy_and_out(g, c, shape);
   per_channel_arrays(g, c);
+}
+
+namespace {
+
+std::string list(const std::vector<int64_t> &values) {
+  std::string s = "(";
+  for (size_t i = 0; i < values.size(); ++i) s += (i ? ", " : "") + std::to_string(values[i]);
+  return s + ")";
+}
+
+std::string layout(const char *name, const tensor_buffer &t) {
+  return std::string(" ") + name + " shape " + list(t.shape) + " strides " + list(t.strides) +
+         (t.data ? "" : " NULL data");
+}
+
+}  // namespace
+
+std::string describe(const call &c) {
+  static const char *const dtypes[] = {"float32", "float64", "float16", "bfloat16"};
+  char scalars[96];
+  std::snprintf(scalars, sizeof scalars, " epsilon %.17g training %d", c.epsilon, static_cast<int>(c.training));
+  std::string s = std::string(entry_name(c.op)) + " " + dtypes[c.dtype] + layout("x", c.x);
+  if (c.has_out) s += c.out_is == out_kind::own ? layout("out", c.out) : c.out_is == out_kind::x ? " out=x" : " out=dy";
+  if (c.has_dy) s += layout("dy", c.dy);
+  if (c.has_mask) s += layout("mask", c.mask);
+  return s + " axes " + list(std::vector<int64_t>(c.axes.begin(), c.axes.end())) + scalars;
 }
 
 void pass_arguments(const call &c, args &a) {

@@ -4,6 +4,7 @@
 #define BN_FUZZ_CALL_HPP
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "bn_core/bn_core.h"
@@ -59,6 +60,8 @@ struct args {
 // finalize; backward_sums: sums then apply).
 void build_call(generator &g, entry op, call &c);
 void pass_arguments(const call &c, args &a);
+// The call in words (dtype, layouts, axes, scalars) for a finding's report.
+std::string describe(const call &c);
 bn_status invoke(entry op, const args &a);
 
 }  // namespace fuzz

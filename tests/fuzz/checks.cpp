@@ -8,8 +8,14 @@
 
 namespace fuzz {
 
+namespace {
+std::string finding_context;
+}  // namespace
+
+void set_finding_context(const std::string &context) { finding_context = context; }
+
 void finding(const std::string &what) {
-  std::fprintf(stderr, "bn_core fuzz finding: %s\n", what.c_str());
+  std::fprintf(stderr, "bn_core fuzz finding: %s\n  in: %s\n", what.c_str(), finding_context.c_str());
   std::abort();
 }
 

@@ -13,6 +13,8 @@
 
 namespace fuzz {
 
+// What a finding's report starts with: the input's configuration and call.
+void set_finding_context(const std::string &context);
 [[noreturn]] void finding(const std::string &what);
 
 tolerance tolerance_of(bn_dtype dtype);

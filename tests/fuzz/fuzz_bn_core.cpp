@@ -65,12 +65,20 @@ void set_policy(int32_t policy) {
 }
 
 // Every input starts from a configuration of its own, so that it replays alone.
-void configure(generator &g) {
-  set_threads(g.pick<int32_t>({1, 1, 2, 3, 4, 0, -3}));
+// Returns it in words.
+std::string configure(generator &g) {
+  const int32_t threads = g.pick<int32_t>({1, 1, 2, 3, 4, 0, -3});
   const int64_t l2 = g.pick<int64_t>({0, 1, 64, 4096, 1 << 20, -5, kInt64Max});
-  set_cache(l2, g.pick<int64_t>({0, 1, 256, 16384, 1 << 15, -5, kInt64Max}));
-  set_isa(g.in().ConsumeIntegralInRange<int32_t>(BN_ISA_SCALAR, BN_ISA_AVX512));
-  set_policy(g.in().ConsumeIntegralInRange<int32_t>(BN_TEAM_ADAPTIVE, BN_TEAM_CALLER_ONLY));
+  const int64_t l3 = g.pick<int64_t>({0, 1, 256, 16384, 1 << 15, -5, kInt64Max});
+  const int32_t isa = g.in().ConsumeIntegralInRange<int32_t>(BN_ISA_SCALAR, BN_ISA_AVX512);
+  const int32_t policy = g.in().ConsumeIntegralInRange<int32_t>(BN_TEAM_ADAPTIVE, BN_TEAM_CALLER_ONLY);
+  set_finding_context("configuring");
+  set_threads(threads);
+  set_cache(l2, l3);
+  set_isa(isa);
+  set_policy(policy);
+  return "threads " + std::to_string(threads) + " cache " + std::to_string(l2) + "/" + std::to_string(l3) +
+         " isa " + std::to_string(isa) + " policy " + std::to_string(policy);
 }
 
 // A sequence of configuration calls with any argument.
@@ -87,6 +95,7 @@ void run_configuration_calls(generator &g) {
           finding("empty version, build information or ISA name");
     }
   }
+  set_finding_context("configuration calls");
   configure(g);  // back to a valid state (the threads at most 4)
 }
 
@@ -100,9 +109,10 @@ untouched watch_everything(const call &c) {
   return u;
 }
 
-void run_tensor_call(generator &g, entry scenario) {
+void run_tensor_call(generator &g, entry scenario, const std::string &configuration) {
   call c;
   build_call(g, scenario, c);
+  set_finding_context(configuration + "; " + describe(c));
   args a;
   pass_arguments(c, a);
   if (g.chance(3)) {
@@ -129,10 +139,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   FuzzedDataProvider in(data, size);
   const int scenario = in.ConsumeIntegralInRange<int>(0, 6);
   generator g(in);
-  configure(g);
+  const std::string configuration = configure(g);
   static const entry scenarios[] = {entry::moments, entry::normalize, entry::train_forward, entry::backward,
                                     entry::moments_partial, entry::backward_sums};
   if (scenario == 6) run_configuration_calls(g);
-  else run_tensor_call(g, scenarios[scenario]);
+  else run_tensor_call(g, scenarios[scenario], configuration);
   return 0;
 }
