@@ -38,6 +38,13 @@ moments_ref reference_moments(const elements &e) {
     scaled_sum[c] += std::ldexp(e.x[i], -exponent[c]);
   }
   for (size_t c = 0; c < C; ++c) scaled_sum[c] = r.count[c] > 0 ? scaled_sum[c] / r.count[c] : 0.0;  // the mean
+  // A second pass corrects the mean by the mean deviation from it: a plain sum
+  // is off by ulps (16 equal values need not sum to 16 times one), which would
+  // give a constant channel a variance.
+  std::vector<double> correction(C, 0.0);
+  for (size_t i = 0; i < e.x.size(); ++i)
+    if (e.used[i]) correction[at(e.channel[i])] += std::ldexp(e.x[i], -exponent[at(e.channel[i])]) - scaled_sum[at(e.channel[i])];
+  for (size_t c = 0; c < C; ++c) scaled_sum[c] += r.count[c] > 0 ? correction[c] / r.count[c] : 0.0;
   for (size_t i = 0; i < e.x.size(); ++i) {
     if (!e.used[i]) continue;
     const size_t c = at(e.channel[i]);
