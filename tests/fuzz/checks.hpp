@@ -29,6 +29,10 @@ void expect_close(const char *what, int64_t i, double got, double want, double b
 void expect_moments(const char *what, int64_t c, double mean, double variance, const moments_ref &ref,
                     const tolerance &tol);
 
+// The error allowed in a channel's mean and variance (or M2/N).
+double mean_error(const moments_ref &ref, int64_t c, const tolerance &tol);
+double variance_error(const moments_ref &ref, int64_t c, const tolerance &tol);
+
 void expect_status(const char *call, bn_status got, bn_status expected);
 
 // Bytes of the buffers a failing call must not write.
