@@ -10,6 +10,16 @@ size_t at(int64_t i) { return static_cast<size_t>(i); }
 
 double param_or(const double *values, int64_t c, double otherwise) { return values ? values[c] : otherwise; }
 
+// |x - mean| plus its rounding error in the compute precision, relative to the operands.
+double deviation_magnitude(double x, double mean, const tolerance &tol) {
+  return std::fabs(x - mean) + 16 * tol.unit * (std::fabs(x) + std::fabs(mean));
+}
+
+// The absolute error of x - mean near the subnormal range: a few subnormal units.
+double deviation_floor(const tolerance &tol) {
+  return 4 * (tol.unit == 0x1p-53 ? 4.9406564584124654e-324 : 1.4012984643248171e-45);
+}
+
 // The power of two that brings each channel's largest used finite |x| into [0.5, 1).
 std::vector<int> channel_exponents(const elements &e) {
   std::vector<double> largest(at(e.channels), 0.0);
@@ -70,8 +80,8 @@ void reference_normalize(const elements &e, const channel_params &p, const toler
     const double x = e.x[i], mean = p.mean[c], denominator = p.variance[c] + p.epsilon;
     const double s = param_or(p.gamma, c, 1.0) / std::sqrt(denominator), beta = param_or(p.beta, c, 0.0);
     y[i] = (x - mean) * s + beta;
-    bound[i] = denominator > 0 ? tol.out_rtol * (std::fabs(s) * (std::fabs(x - mean) +
-                                 16 * tol.unit * (std::fabs(x) + std::fabs(mean))) + std::fabs(beta))
+    bound[i] = denominator > 0 ? tol.out_rtol * (std::fabs(s) * deviation_magnitude(x, mean, tol) + std::fabs(beta)) +
+                                     std::fabs(s) * deviation_floor(tol)
                                : std::nan("");
   }
 }
@@ -80,16 +90,17 @@ backward_sums_ref reference_backward_sums(const elements &e, const std::vector<d
                                           const channel_params &p, const tolerance &tol) {
   const size_t C = at(e.channels);
   backward_sums_ref r{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0), std::vector<double>(C, 0.0),
-                      std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
+                      std::vector<double>(C, 0.0), std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
   for (size_t i = 0; i < e.x.size(); ++i) {
     const size_t c = at(e.channel[i]);
     const double s = 1.0 / std::sqrt(p.variance[c] + p.epsilon), d = e.x[i] - p.mean[c];
-    const double xhat_magnitude = (std::fabs(d) + 16 * tol.unit * (std::fabs(e.x[i]) + std::fabs(p.mean[c]))) * s;
+    const double xhat_magnitude = deviation_magnitude(e.x[i], p.mean[c], tol) * s;
     r.count[c] += e.used[i] ? 1 : 0;
     r.sum_dy[c] += dy[i];
-    r.sum_dy_xhat[c] += dy[i] * d * s;
+    r.sum_dy_xhat[c] += dy[i] * (d * s);  // x̂ first: dy·d may underflow where dy·x̂ does not
     r.abs_dy[c] += std::fabs(dy[i]);
     r.abs_dy_xhat[c] += std::fabs(dy[i]) * xhat_magnitude;
+    r.xhat_floor_error[c] += std::fabs(dy[i]) * (deviation_floor(tol) * s);
   }
   return r;
 }
@@ -103,16 +114,19 @@ void reference_dx(const elements &e, const std::vector<double> &dy, const channe
     const int64_t c = e.channel[i];
     const double s = 1.0 / std::sqrt(p.variance[c] + p.epsilon), gs = param_or(p.gamma, c, 1.0) * s;
     const double d = e.x[i] - p.mean[c];
-    const double xhat_magnitude = (std::fabs(d) + 16 * tol.unit * (std::fabs(e.x[i]) + std::fabs(p.mean[c]))) * s;
-    double through = 0, through_magnitude = 0, sums_error = 0;
+    const double xhat_magnitude = deviation_magnitude(e.x[i], p.mean[c], tol) * s;
+    double through = 0, through_magnitude = 0, sums_error = 0, floor_error = 0;
     if (training && e.used[i] && t.count[c] > 0) {
       const double n = t.count[c];
       through = (t.sum_dy[c] + d * s * t.sum_dy_xhat[c]) / n;
       through_magnitude = (std::fabs(t.sum_dy[c]) + xhat_magnitude * std::fabs(t.sum_dy_xhat[c])) / n;
       sums_error = (t.sums_ref.abs_dy[c] + xhat_magnitude * t.sums_ref.abs_dy_xhat[c]) / n;
+      floor_error = (deviation_floor(tol) * s * std::fabs(t.sum_dy_xhat[c]) +
+                     xhat_magnitude * t.sums_ref.xhat_floor_error[c]) / n;
     }
     dx[i] = gs * (dy[i] - through);
-    bound[i] = std::fabs(gs) * (tol.out_rtol * (std::fabs(dy[i]) + through_magnitude) + tol.stats_rtol * sums_error);
+    bound[i] = std::fabs(gs) * (tol.out_rtol * (std::fabs(dy[i]) + through_magnitude) + tol.stats_rtol * sums_error +
+                                floor_error);
   }
 }
 

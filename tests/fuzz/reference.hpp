@@ -42,15 +42,17 @@ struct channel_params {
 };
 
 // y = (x - mean) * gamma / sqrt(variance + epsilon) + beta, and each value's
-// allowed error: out_rtol·(|gamma·s|·(|x - mean| + 16u(|x| + |mean|)) + |beta|);
+// allowed error: out_rtol·(|gamma·s|·(|x - mean| + 16u(|x| + |mean|)) + |beta|) plus
+// |gamma·s| times a few subnormal units;
 // NaN where variance + epsilon is not > 0 (no check: documented NaN).
 void reference_normalize(const elements &e, const channel_params &p, const tolerance &tol,
                          std::vector<double> &y, std::vector<double> &bound);
 
-// Σdy, Σdy·x̂ per channel over every position, the used counts, and the sums
-// of magnitudes |dy| and |dy|·|x̂| (with x̂'s own error) that bound their error.
+// Σdy, Σdy·x̂ per channel over every position, the used counts, the sums of
+// magnitudes |dy| and |dy|·|x̂| (with x̂'s own error) that bound their relative
+// error, and Σdy·x̂'s absolute error from x - mean's near the subnormal range.
 struct backward_sums_ref {
-  std::vector<double> count, sum_dy, sum_dy_xhat, abs_dy, abs_dy_xhat;
+  std::vector<double> count, sum_dy, sum_dy_xhat, abs_dy, abs_dy_xhat, xhat_floor_error;
 };
 backward_sums_ref reference_backward_sums(const elements &e, const std::vector<double> &dy,
                                           const channel_params &p, const tolerance &tol);
