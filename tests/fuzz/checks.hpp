@@ -20,8 +20,8 @@ void set_finding_context(const std::string &context);
 tolerance tolerance_of(bn_dtype dtype);
 
 // got must be want within bound (+ the tolerance's atol): NaN for NaN, the
-// same infinity for an infinity; an infinity also passes for a value that
-// rounds past the largest finite. A NaN bound skips the check.
+// same infinity for an infinity; an infinity also passes where the bound
+// reaches past the largest finite. A NaN bound skips the check.
 void expect_close(const char *what, int64_t i, double got, double want, double bound, const tolerance &tol);
 
 // Statistics of one channel against the reference: exact where its used
