@@ -13,6 +13,9 @@ reference (conftest.py, reference.py) when every argument is known valid.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import cbn
@@ -347,3 +350,12 @@ def test_int_axis_beyond_c_int_is_a_value_error(axis):
         ops.batch_norm_train(x, axis=axis)
     with pytest.raises(ValueError, match="axis"):
         ops.batch_normalization(x, np.zeros(3), np.ones(3), axis=axis)
+
+
+def test_fuzz_seed_corpus_is_what_make_corpus_writes(tmp_path):
+    """tests/fuzz/corpus is reproducible by the script its README names."""
+    fuzz_dir = pathlib.Path(__file__).resolve().parent / "fuzz"
+    subprocess.run([sys.executable, str(fuzz_dir / "make_corpus.py"), str(tmp_path)], check=True)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    committed = {p.name: p.read_bytes() for p in (fuzz_dir / "corpus").iterdir()}
+    assert written == committed

@@ -4,11 +4,13 @@ The harness reads its input with libFuzzer's FuzzedDataProvider, which takes
 integers from the end: the last byte picks the scenario (modulo 7), the 8 bytes
 before it seed the harness' data generator, and the remaining bytes are the
 decisions (dtype, shape, strides, axes, mask, configuration, a broken argument).
-Run from the repository root: python3 tests/fuzz/make_corpus.py
+Run from the repository root: python3 tests/fuzz/make_corpus.py [directory]
+(default: tests/fuzz/corpus).
 """
 
 import pathlib
 import random
+import sys
 
 SCENARIOS = [
     "moments",
@@ -22,8 +24,9 @@ SCENARIOS = [
 FILES_PER_SCENARIO = 4
 
 
-def main() -> None:
-    corpus = pathlib.Path(__file__).resolve().parent / "corpus"
+def main(argv: list[str]) -> None:
+    default = pathlib.Path(__file__).resolve().parent / "corpus"
+    corpus = pathlib.Path(argv[1]) if len(argv) > 1 else default
     corpus.mkdir(exist_ok=True)
     rng = random.Random(28)
     for index, name in enumerate(SCENARIOS):
@@ -34,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)
