@@ -75,6 +75,7 @@ bn_status break_layout(generator &g, args &a, const tensor_arg &victim, bool is_
       } else {
         own_shape(a, t, t.rank);
         a.shape_storage[axis] = a.x.shape[axis] + 2;
+        a.strides_storage[axis] = 0;  // (a size-1 axis may have had any stride: no overflow first)
       }
       return BN_ERR_SHAPE;
   }
