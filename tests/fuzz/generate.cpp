@@ -54,7 +54,8 @@ std::vector<int64_t> random_shape(generator &g, int64_t max_elements) {
   if (g.chance(16)) shape[g.in().ConsumeIntegralInRange<size_t>(0, shape.size() - 1)] = max_elements;
   for (;;) {  // an empty tensor's other sizes stay within the bound too (they make the channel count)
     int64_t count = 1;
-    for (int64_t n : shape) count *= std::max<int64_t>(n, 1);
+    for (int64_t n : shape)
+      if (__builtin_mul_overflow(count, std::max<int64_t>(n, 1), &count)) count = kInt64Max;
     if (count <= max_elements) return shape;
     int64_t &largest = *std::max_element(shape.begin(), shape.end());
     largest = (largest + 1) / 2;
