@@ -97,11 +97,13 @@ cdef int fast_axis(object x, object axis, object epsilon, object out) except -2:
     if (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64) or rank < 1 \
             or rank > BN_MAX_RANK:
         return -1
+    if not -rank <= axis < rank:  # compared as Python ints: 10**30 must not overflow a C int
+        return -1
     cdef int ax = axis
     if ax < 0:
         ax += rank
     cdef double eps = epsilon
-    if ax < 0 or ax >= rank or not (0.0 <= eps < float("inf")):
+    if not (0.0 <= eps < float("inf")):
         return -1
     if out is not None and not fast_out(out, a):
         return -1

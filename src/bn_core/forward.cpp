@@ -143,7 +143,7 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
   return planned_call(call, y, nullptr, [&](plan &p) {
     if (p.empty) return BN_OK;
     const int32_t threads = schedule(p);
-    p.stream_y = stream_output(p, (cache_bytes(3) + (threads - 1) * cache_bytes(2)) / 2);
+    p.stream_y = stream_output(p, saturating_add(cache_bytes(3), saturating_mul(threads - 1, cache_bytes(2))) / 2);
     affine_state affine;
     if (!affine.allocate(p)) return out_of_memory();
     affine.fill(mean, variance, gamma, beta, epsilon);

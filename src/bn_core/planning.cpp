@@ -43,7 +43,9 @@ void fold_short_rows(plan &p, int64_t es) {
 
 // x's dims of size > 1 with their strides (y, mask, dy, channel index), each
 // walking x forwards: a negative x stride is flipped and the plan's base
-// pointers moved to that dim's last element. Returns the number of dims.
+// pointers moved to that dim's last element. Returns the number of dims: none
+// for an empty x, which reads nothing (its data may be NULL, its strides on an
+// axis of size 0 anything, INT64_MIN included).
 int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
                      const bn_tensor *dy, const bool is_channel[], plan &p, loop_dim dims[]) {
   int64_t channel_stride = 1;
@@ -53,9 +55,10 @@ int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *ma
     if (is_channel[i]) channel_stride *= x.shape[i];
   }
   p.channels = channel_stride;
+  for (int32_t i = 0; i < x.rank; ++i) p.empty |= x.shape[i] == 0;
+  if (p.empty) return 0;
   int32_t n = 0;
   for (int32_t i = 0; i < x.rank; ++i) {
-    if (x.shape[i] == 0) p.empty = true;
     if (x.shape[i] == 1) continue;
     loop_dim d{x.shape[i], x.strides[i], y ? y->strides[i] : 0,
                mask && mask->shape[i] != 1 ? mask->strides[i] : 0, p_stride[i],

@@ -110,7 +110,7 @@ int32_t schedule(plan &p) {
   const int32_t threads = static_cast<int32_t>(std::min<int64_t>(max_threads(), by_size));
   cut_segments(p, threads);
   const int64_t bytes = saturating_mul(elements, element_bytes(p.dtype));
-  p.x_from = bytes <= threads * cache_bytes(2) ? x_source::l2
+  p.x_from = bytes <= saturating_mul(threads, cache_bytes(2)) ? x_source::l2  // any override: no overflow
              : bytes <= cache_bytes(3)        ? x_source::l3
                                               : x_source::memory;
   return threads;

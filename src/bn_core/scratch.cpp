@@ -190,7 +190,9 @@ void backward_state::fill_dx(const double *mean, const double *variance, const d
     const bool through_stats = count && count[c] > 0;
     v[2] = s;
     v[3] = gs;
-    v[4] = through_stats ? -gs * s * sum_dy_xhat[c] / count[c] : 0.0;
+    // gs·s alone overflows when variance + eps < ~1e-308 (s > 1e154); Σdy·x̂ is 0 then
+    // for a constant channel, whose exact coefficient is 0, not inf·0 = NaN.
+    v[4] = through_stats ? -gs * (s * (sum_dy_xhat[c] / count[c])) : 0.0;
     v[5] = through_stats ? -gs * sum_dy[c] / count[c] : 0.0;
   });
 }

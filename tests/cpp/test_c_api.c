@@ -1304,6 +1304,78 @@ static void test_team_policy(void) {
   bn_set_num_threads(0);
 }
 
+/* Cache sizes up to INT64_MAX: the schedule's size comparisons (L2 times the
+ * thread count, L3 plus the other threads' L2s) must not overflow (UBSan). */
+static void test_huge_cache_sizes(void) {
+  enum { rows = 8192, cols = 16 };
+  static float x[rows * cols], y[rows * cols];
+  unsigned seed = 5;
+  for (int i = 0; i < rows * cols; ++i) x[i] = (float)(2.0 * uniform(&seed) - 0.5);
+  int64_t shape[2] = {rows, cols}, strides[2] = {cols * 4, 4};
+  const bn_tensor xt = {x, BN_FLOAT32, 2, shape, strides}, yt = {y, BN_FLOAT32, 2, shape, strides};
+  const int32_t axis = 1;
+  double mean[2][cols], var[2][cols];
+  bn_set_num_threads(3);
+  CHECK(bn_moments(&xt, &axis, 1, NULL, mean[0], var[0], NULL) == BN_OK, "moments: %s", bn_last_error());
+  CHECK(bn_set_cache_bytes(INT64_MAX, INT64_MAX) == BN_OK, "largest cache sizes");
+  CHECK(bn_moments(&xt, &axis, 1, NULL, mean[1], var[1], NULL) == BN_OK, "moments: %s", bn_last_error());
+  CHECK(memcmp(mean[0], mean[1], sizeof mean[0]) == 0 && memcmp(var[0], var[1], sizeof var[0]) == 0,
+        "moments do not depend on the cache sizes");
+  CHECK(bn_normalize(&xt, &yt, &axis, 1, mean[1], var[1], NULL, NULL, 0.0) == BN_OK, "normalize: %s",
+        bn_last_error());
+  double worst = 0;
+  for (int i = 0; i < rows * cols; ++i)
+    worst = fmax(worst, fabs(y[i] - (x[i] - mean[1][i % cols]) / sqrt(var[1][i % cols])));
+  CHECK(worst < 1e-5, "normalize under the largest cache sizes: error %g", worst);
+  CHECK(bn_train_forward(&xt, &yt, &axis, 1, NULL, NULL, NULL, 1e-3, mean[1], var[1]) == BN_OK,
+        "train forward: %s", bn_last_error());
+  bn_set_cache_bytes(0, 0);
+  bn_set_num_threads(0);
+}
+
+/* An empty x may have NULL data whatever its strides: a negative stride on an
+ * axis of size 3 before the axis of size 0 must not move the NULL pointer
+ * (NULL + offset: UBSan's pointer-overflow check), nor may INT64_MIN on the
+ * axis of size 0 be negated. */
+static void test_empty_null_negative_strides(void) {
+  int64_t shape[3] = {3, 2, 0}, strides[3] = {-8, -4, INT64_MIN};
+  const bn_tensor x = {NULL, BN_FLOAT32, 3, shape, strides}, y = x, dy = x;
+  const int32_t axis = 0;
+  double mean[3] = {1, 1, 1}, var[3] = {1, 1, 1}, sums[2][3];
+  const double zeros[3] = {0, 0, 0};
+  CHECK(bn_moments(&x, &axis, 1, NULL, mean, var, NULL) == BN_OK && mean[2] == 0 && var[2] == 0,
+        "empty moments: %s", bn_last_error());
+  CHECK(bn_train_forward(&x, &y, &axis, 1, NULL, NULL, NULL, 1e-3, mean, var) == BN_OK,
+        "empty training forward: %s", bn_last_error());
+  CHECK(bn_normalize(&x, &y, &axis, 1, zeros, zeros, NULL, NULL, 1e-3) == BN_OK, "empty normalize: %s",
+        bn_last_error());
+  CHECK(bn_backward(&dy, &x, &y, &axis, 1, NULL, zeros, zeros, NULL, 1e-3, 1, sums[0], sums[1]) == BN_OK &&
+            sums[0][1] == 0 && sums[1][1] == 0,
+        "empty backward: %s", bn_last_error());
+}
+
+/* A training backward where variance + epsilon is the smallest double: gamma*s*s
+ * overflows, but the channel is constant (Σdy·x̂ = 0), so dx = gamma*s*(dy - mean(dy))
+ * is finite; the coefficient of x - mean must be 0, not inf*0 = NaN. */
+static void test_backward_tiny_epsilon(void) {
+  double x[3] = {2.5, 2.5, 2.5}, dy[3] = {1, -2, 4}, dx[3], mean = 2.5, var = 0, gamma = 0.5;
+  int64_t shape[2] = {3, 1}, strides[2] = {8, 8};
+  const bn_tensor xt = {x, BN_FLOAT64, 2, shape, strides}, dyt = {dy, BN_FLOAT64, 2, shape, strides},
+                  dxt = {dx, BN_FLOAT64, 2, shape, strides};
+  const int32_t axis = 1;
+  const double smallest = 4.9406564584124654e-324; /* DBL_TRUE_MIN, C11 */
+  const double s = 1 / sqrt(smallest);
+  for (int isa = BN_ISA_SCALAR; isa <= (int)bn_best_isa(); ++isa) {
+    bn_set_isa((bn_isa)isa);
+    CHECK(bn_backward(&dyt, &xt, &dxt, &axis, 1, NULL, &mean, &var, &gamma, smallest, 1, NULL, NULL) == BN_OK,
+          "backward: %s", bn_last_error());
+    for (int i = 0; i < 3; ++i)
+      CHECK(fabs(dx[i] - gamma * s * (dy[i] - 1.0)) <= 1e-12 * gamma * s * 4, "%s: dx[%d] = %g, expected %g",
+            bn_isa_name((bn_isa)isa), i, dx[i], gamma * s * (dy[i] - 1.0));
+  }
+  bn_set_isa(bn_best_isa());
+}
+
 int main(void) {
   test_formats();
   test_hand_values();
@@ -1313,6 +1385,9 @@ int main(void) {
   test_errors_backward();
   test_settings();
   test_team_policy();
+  test_huge_cache_sizes();
+  test_empty_null_negative_strides();
+  test_backward_tiny_epsilon();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;
 }
