@@ -78,6 +78,13 @@ int32_t forward_dims(const bn_tensor &x, const bn_tensor *y, const bn_tensor *ma
   return n;
 }
 
+// Whether an outer dim's stride steps over exactly n inner steps (n * inner_stride,
+// computed without overflow: a stride near the int64 range never merges).
+bool continues(int64_t outer_stride, int64_t n, int64_t inner_stride) {
+  int64_t span;
+  return !__builtin_mul_overflow(n, inner_stride, &span) && outer_stride == span;
+}
+
 // Sorts dims outermost first and merges neighbours that walk every array as
 // one dim. Returns the number left (at least 1).
 int32_t merge_dims(loop_dim dims[], int32_t n) {
@@ -90,9 +97,9 @@ int32_t merge_dims(loop_dim dims[], int32_t n) {
     if (merged) {
       loop_dim &o = dims[merged - 1];
       const loop_dim &d = dims[i];
-      if (o.x_stride == d.n * d.x_stride && o.y_stride == d.n * d.y_stride &&
-          o.m_stride == d.n * d.m_stride && o.p_stride == d.n * d.p_stride &&
-          o.d_stride == d.n * d.d_stride) {
+      if (continues(o.x_stride, d.n, d.x_stride) && continues(o.y_stride, d.n, d.y_stride) &&
+          continues(o.m_stride, d.n, d.m_stride) && continues(o.p_stride, d.n, d.p_stride) &&
+          continues(o.d_stride, d.n, d.d_stride)) {
         o = loop_dim{o.n * d.n, d.x_stride, d.y_stride, d.m_stride, d.p_stride, d.d_stride};
         continue;
       }
