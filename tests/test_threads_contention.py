@@ -112,6 +112,33 @@ def test_team_state_counts_calls_and_show_config_reports_it():
     assert cbn.get_num_threads() == 2  # the policy leaves the thread count (an upper bound)
 
 
+def test_concurrent_callers_share_one_team_and_agree_bitwise():
+    # Issue 25: one team at a time per process; a caller that finds it taken runs its
+    # slots alone, with the same result.
+    import threading
+
+    cbn.set_num_threads(2)
+    x = np.random.default_rng(3).standard_normal((64, 32, 32, 32)).astype(np.float32)
+    _core.set_team_policy("full")
+    want = ops.batch_norm_train(x, axis=-1)[0]
+    _core.set_team_policy("adaptive")
+    before = _core.team_state()
+    results: list[np.ndarray] = []
+
+    def call_repeatedly():
+        for _ in range(25):
+            results.append(ops.batch_norm_train(x, axis=-1)[0])
+
+    callers = [threading.Thread(target=call_repeatedly) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    after = _core.team_state()
+    assert len(results) == 100 and all(np.array_equal(r, want) for r in results)
+    assert after["caller_only_calls"] > before["caller_only_calls"]  # some found it taken
+
+
 def test_unknown_team_policy_is_a_value_error():
     with pytest.raises(ValueError, match="team policy must be one of"):
         _core.set_team_policy("spin")

@@ -16,7 +16,10 @@
 // back in the pool). A member merely finishing its phase a little after
 // another is not late: uneven memory bandwidth does that on an idle machine.
 // After a late call the following calls run on the caller alone for a while
-// (10 ms, doubling while probes find helpers late again, up to 1 s).
+// (10 ms, doubling while probes find helpers late again, up to 1 s). A process
+// runs one team at a time: a call that finds another call's team running runs
+// on its caller alone, as calls from several threads at once would otherwise
+// wake more threads than there are cores.
 // Between phases members wait for each other with a short spin, then sleep,
 // so a waiting member never keeps a preempted one off the core for long.
 #ifndef BN_CORE_TEAM_HPP
@@ -38,8 +41,11 @@
 namespace bn_core {
 
 // Threads to run a call of `slots` slots on: `slots`, or 1 while helpers have
-// recently been late (or as the policy forces).
-int32_t team_for(int32_t slots);
+// recently been late, while another call of this process runs a team (or as
+// the policy forces). `claimed` is set when the call holds the process's team,
+// which release_team() gives back.
+int32_t team_for(int32_t slots, bool &claimed);
+void release_team();
 // What a parallel call saw: `late` as defined above.
 void record_team_call(bool late);
 int64_t now_ns();  // a monotonic clock
@@ -98,7 +104,8 @@ class slot_claims {
 template <class F>
 void run_team(int32_t slots, F &&body) {
 #ifdef _OPENMP
-  const int32_t threads = team_for(slots);
+  bool claimed = false;
+  const int32_t threads = team_for(slots, claimed);
   if (threads > 1) {
     std::atomic<int32_t> started{1};
     bool late = false;
@@ -117,6 +124,7 @@ void run_team(int32_t slots, F &&body) {
       }
     }
     const int64_t overhead_ns = now_ns() - region_start_ns - caller_work_ns;
+    if (claimed) release_team();
     record_team_call(late || overhead_ns > std::max(kLateStartEndNs, caller_work_ns));
     return;
   }

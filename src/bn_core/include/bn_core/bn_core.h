@@ -185,7 +185,10 @@ BN_API const char *bn_build_info(void);
  * calling thread does every part no helper has started. When a helper had not
  * started by the time the caller had done all the work (another process had its
  * core), later calls run on the caller alone for 10 ms, doubling up to 1 s while
- * probes find helpers late again. BN_TEAM_ADAPTIVE is the default;
+ * probes find helpers late again; a call that finds another call of the process
+ * running a team runs on its caller alone too (one team at a time, so callers
+ * on several threads do not wake more threads than there are cores).
+ * BN_TEAM_ADAPTIVE is the default;
  * BN_TEAM_FULL always wakes the whole team, BN_TEAM_CALLER_ONLY never does.
  * Results are bitwise the same under every policy. */
 typedef enum bn_team_policy {
