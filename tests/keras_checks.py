@@ -44,6 +44,16 @@ def pair(input_shape, **kwargs):
     return reference, ours
 
 
+def fit_alike_and_compare(models, x, y):
+    """Fit Keras' model and cbn's (models[0], models[1]) alike from the same weights;
+    their weights (moving statistics included) must end equal."""
+    models[1].set_weights(models[0].get_weights())
+    for model in models:
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    for e, g in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def assert_weights_close(expected_layer, got_layer, rtol=1e-5, atol=1e-6):
     for a, b in zip(expected_layer.get_weights(), got_layer.get_weights(), strict=True):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)

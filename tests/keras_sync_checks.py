@@ -91,8 +91,14 @@ def test_matches_keras_synchronized_layer_and_the_concatenated_batch(renorm):
         np.testing.assert_allclose(np.concatenate(g), np.concatenate(e), rtol=1e-4, atol=1e-4)
     for a, b in zip(reference.get_weights(), ours.get_weights(), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert_replicas_are_one_batch(got, ours, shape, weights, x, upstream, **kwargs)
+
+
+def assert_replicas_are_one_batch(got, ours, shape, weights, x, upstream, **kwargs):
+    """The replicas' (y, dx, dγ, dβ) and ``ours``' moving statistics equal one replica's on
+    the concatenated batch (dγ and dβ summed over the replicas)."""
     (dx, dgamma, dbeta), single = single_replica(shape, weights, x, upstream, **kwargs)
-    y, dx_replicas, dgamma_replicas, dbeta_replicas = got
+    _, dx_replicas, dgamma_replicas, dbeta_replicas = got
     np.testing.assert_allclose(np.concatenate(dx_replicas), dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sum(dgamma_replicas), dgamma, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sum(dbeta_replicas), dbeta, rtol=1e-5, atol=1e-5)
@@ -109,15 +115,8 @@ def test_uneven_replica_batches_with_a_mask_are_the_concatenated_batch():
     upstream = RNG.normal(size=shape).astype("float32")
     mask = RNG.random(shape[:-1]) < 0.6
     ours = built(cbn.keras.BatchNormalization, shape, weights, synchronized=True)
-    y, dx, dgamma, dbeta = replica_step(ours, [x[:5], x[5:]], [upstream[:5], upstream[5:]],
-                                        [mask[:5], mask[5:]])
-    (dx_single, dgamma_single, dbeta_single), single = single_replica(
-        shape, weights, x, upstream, mask=mask)
-    np.testing.assert_allclose(np.concatenate(dx), dx_single, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(sum(dgamma), dgamma_single, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(sum(dbeta), dbeta_single, rtol=1e-5, atol=1e-5)
-    for a, b in zip(single.get_weights(), ours.get_weights(), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    got = replica_step(ours, [x[:5], x[5:]], [upstream[:5], upstream[5:]], [mask[:5], mask[5:]])
+    assert_replicas_are_one_batch(got, ours, shape, weights, x, upstream, mask=mask)
 
 
 def test_without_a_strategy_it_is_the_unsynchronized_layer():
@@ -137,6 +136,8 @@ def test_without_a_strategy_it_is_the_unsynchronized_layer():
 
 
 def test_fit_under_mirrored_strategy_matches_keras():
+    from keras_checks import fit_alike_and_compare
+
     x = RNG.normal(3.0, 2.0, (64, 6)).astype("float32")
     y = RNG.normal(size=(64, 2)).astype("float32")
     models = []
@@ -148,8 +149,4 @@ def test_fit_under_mirrored_strategy_matches_keras():
                                       keras.layers.Dense(2)])
             model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
         models.append(model)
-    models[1].set_weights(models[0].get_weights())
-    for model in models:
-        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    for e, g in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    fit_alike_and_compare(models, x, y)

@@ -112,6 +112,8 @@ def small_model(norm_cls, seed=3, **kwargs):
 @pytest.mark.parametrize("kwargs", [{}, {"renorm": True, "renorm_momentum": 0.5,
                                          "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}])
 def test_fit_matches_keras_weights_and_moving_statistics(kwargs):
+    from keras_checks import fit_alike_and_compare
+
     x = RNG.normal(3.0, 2.0, (64, 6)).astype("float32")
     y = RNG.normal(size=(64, 2)).astype("float32")
     models = []
@@ -119,11 +121,7 @@ def test_fit_matches_keras_weights_and_moving_statistics(kwargs):
         model = small_model(cls, **kwargs)
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
         models.append(model)
-    models[1].set_weights(models[0].get_weights())
-    for model in models:
-        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    for e, g in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    fit_alike_and_compare(models, x, y)
     np.testing.assert_allclose(models[1].predict(x, verbose=0), models[0].predict(x, verbose=0),
                                rtol=1e-4, atol=1e-4)
     assert np.isclose(models[1].evaluate(x, y, verbose=0), models[0].evaluate(x, y, verbose=0),

@@ -175,6 +175,8 @@ def fold(cnp.ndarray weight, cnp.ndarray out, int axis, bias, mean, variance, ga
     describe(&wd, weight, False)
     describe(&od, out, False)
     check_output(out)
+    if not 0 <= axis < weight.ndim:
+        raise ValueError(f"axis {axis} is out of range for a weight of rank {weight.ndim}")
     cdef Py_ssize_t c = weight.shape[axis]
     cdef const double *bias_p = param_ptr(bias, c, "bias")
     cdef bn_params bp
