@@ -14,9 +14,14 @@ using clock_type = std::chrono::steady_clock;
 
 constexpr int64_t kFirstBackoffNs = 10'000'000;   // caller alone for 10 ms after a late helper
 constexpr int64_t kLongestBackoffNs = 1'000'000'000;
-// A phase is normally done within a few microseconds of the first member
-// waiting; past this, the one still working has likely lost its core.
-constexpr int64_t kSpinNs = 20'000;
+// A member that finished its part of a phase spins about as long as that part
+// took (the others, given as much work, should be about as far from done), at
+// least kShortestSpinNs and at most kLongestSpinNs; past that, the one still
+// working has likely lost its core, and sleeping frees this one's. A shorter
+// spin would sleep through ordinary imbalance, and the futex wake-up (tens of
+// microseconds on a VM) would then cost more than the wait.
+constexpr int64_t kShortestSpinNs = 20'000;
+constexpr int64_t kLongestSpinNs = 500'000;
 
 std::atomic<int32_t> policy{BN_TEAM_ADAPTIVE};
 std::atomic<int64_t> serial_until_ns{0}, backoff_ns{kFirstBackoffNs};
@@ -35,8 +40,6 @@ inline void cpu_relax() {
 }
 
 }  // namespace
-
-thread_local int32_t slots_run_for_others = 0;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch())
@@ -90,9 +93,9 @@ void phase_flag::set() {
   woken_.notify_all();
 }
 
-void phase_flag::wait() {
+void phase_flag::wait(int64_t own_part_ns) {
   if (is_set()) return;
-  const int64_t give_up = now_ns() + kSpinNs;
+  const int64_t give_up = now_ns() + std::clamp(own_part_ns, kShortestSpinNs, kLongestSpinNs);
   do {
     for (int i = 0; i < 64; ++i) {
       if (is_set()) return;

@@ -9,19 +9,25 @@
 //
 // The end of an OpenMP parallel region still waits for every member, even one
 // the OS has not run yet (another process has its core). So a call notes
-// whether a helper was late: the caller had to run a slot that was a helper's
-// own (the helper had not even claimed it when the caller ran out of work), or
-// entering and leaving the region took longer than the caller's own work and
-// over 100 us (the start waits for every helper of the previous region to be
-// back in the pool). A member merely finishing its phase a little after
-// another is not late: uneven memory bandwidth does that on an idle machine.
+// whether a helper was late: it entered the region more than kLateArrivalNs
+// after the call opened it (it was runnable but another process had its core
+// for a scheduler slice), or the region ended more than max(100 us, the
+// caller's own work) after both the caller's work and the last helper's arrival
+// (a helper lost its core in the middle of a slot). A helper waking from sleep
+// after a pause between calls arrives tens of microseconds late: the caller then
+// does the slots it has not started, and that is not lateness, or the first
+// call after a pause (the probe that ends a caller-alone period) would always
+// find its helper asleep and keep small calls off the team for good. A member
+// merely finishing its phase a little after another is not late either: uneven
+// memory bandwidth does that on an idle machine.
 // After a late call the following calls run on the caller alone for a while
 // (10 ms, doubling while probes find helpers late again, up to 1 s). A process
 // runs one team at a time: a call that finds another call's team running runs
 // on its caller alone, as calls from several threads at once would otherwise
 // wake more threads than there are cores.
-// Between phases members wait for each other with a short spin, then sleep,
-// so a waiting member never keeps a preempted one off the core for long.
+// Between phases members wait for each other with a spin about as long as their
+// own part of the phase, then sleep, so a waiting member never keeps a
+// preempted one off the core for long.
 #ifndef BN_CORE_TEAM_HPP
 #define BN_CORE_TEAM_HPP
 
@@ -49,20 +55,26 @@ void release_team();
 // What a parallel call saw: `late` as defined above.
 void record_team_call(bool late);
 int64_t now_ns();  // a monotonic clock
-// Slots the calling thread ran that were another member's own (slot_claims::run).
-extern thread_local int32_t slots_run_for_others;
-constexpr int64_t kLateStartEndNs = 100'000;
+// A helper entering the region this long after the caller opened it had no core
+// to run on: far above a wake-up from sleep (tens of microseconds, up to about
+// 0.2 ms on a VM whose idle vCPU the hypervisor parked), below the scheduler
+// slice (3 ms and more) a busy neighbour process holds the core for.
+constexpr int64_t kLateArrivalNs = 1'000'000;
+// The end of the region waiting this long (or the caller's own work, if longer)
+// for helpers that did arrive: one of them lost its core in a slot.
+constexpr int64_t kLateEndNs = 100'000;
 void record_serial_call();
 // False for a value that is no bn_team_policy.
 bool set_team_policy(int32_t policy);
 
-// A flag members wait for: spin briefly (a phase is usually a few microseconds
-// from done), then sleep until it is set.
+// A flag members wait for: spin a while (team.cpp says how long), then sleep
+// until it is set.
 class phase_flag {
  public:
   void set();
   bool is_set() const { return done_.load(std::memory_order_acquire); }
-  void wait();
+  // Spins for about own_part_ns (the waiter's own share of the phase), then sleeps.
+  void wait(int64_t own_part_ns);
 
  private:
   std::atomic<bool> done_{false};
@@ -85,7 +97,6 @@ class slot_claims {
       if (claim(s)) fn(s);
     for (int32_t s = next_free_hint_.load(std::memory_order_relaxed); s < slots_; ++s) {
       if (!claim(s)) continue;
-      if (s % team != t) ++slots_run_for_others;
       fn(s);
     }
     next_free_hint_.store(slots_, std::memory_order_release);
@@ -99,6 +110,13 @@ class slot_claims {
   std::atomic<int32_t> next_free_hint_{0};  // every slot below it is claimed
 };
 
+// latest = max(latest, value), from any thread.
+inline void note_latest(std::atomic<int64_t> &latest, int64_t value) {
+  int64_t seen = latest.load(std::memory_order_relaxed);
+  while (value > seen && !latest.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+
 // Runs body(member, team) on up to `slots` threads (team_for decides how many);
 // body must share out its work through slot_claims.
 template <class F>
@@ -107,25 +125,21 @@ void run_team(int32_t slots, F &&body) {
   bool claimed = false;
   const int32_t threads = team_for(slots, claimed);
   if (threads > 1) {
-    std::atomic<int32_t> started{1};
-    bool late = false;
-    int64_t caller_work_ns = 0;
-    slots_run_for_others = 0;
     const int64_t region_start_ns = now_ns();
+    std::atomic<int64_t> last_arrival_ns{region_start_ns};
+    int64_t caller_end_ns = 0;
 #pragma omp parallel num_threads(threads)
     {
       const int32_t t = omp_get_thread_num(), team = omp_get_num_threads();
-      const int64_t work_start_ns = t ? 0 : now_ns();
-      if (t) started.fetch_add(1, std::memory_order_relaxed);
+      if (t) note_latest(last_arrival_ns, now_ns());
       body(t, team);
-      if (t == 0) {
-        late = started.load(std::memory_order_relaxed) < team || slots_run_for_others > 0;
-        caller_work_ns = now_ns() - work_start_ns;
-      }
+      if (t == 0) caller_end_ns = now_ns();
     }
-    const int64_t overhead_ns = now_ns() - region_start_ns - caller_work_ns;
+    const int64_t end_ns = now_ns(), arrival_ns = last_arrival_ns.load(std::memory_order_relaxed);
+    const int64_t end_wait_ns = end_ns - std::max(caller_end_ns, arrival_ns);
     if (claimed) release_team();
-    record_team_call(late || overhead_ns > std::max(kLateStartEndNs, caller_work_ns));
+    record_team_call(arrival_ns - region_start_ns > kLateArrivalNs ||
+                     end_wait_ns > std::max(kLateEndNs, caller_end_ns - region_start_ns));
     return;
   }
 #endif
@@ -142,6 +156,7 @@ class two_phase_work {
 
   template <class First, class Merge, class Second>
   void run(int32_t t, int32_t team, First &&first, Merge &&merge, Second &&second) {
+    const int64_t start_ns = now_ns();
     first_.run(t, team, [&](int32_t s) {
       first(s);
       if (first_done_.fetch_add(1, std::memory_order_acq_rel) + 1 == first_.slots()) {
@@ -150,7 +165,7 @@ class two_phase_work {
       }
     });
     if (second_.all_claimed()) return;
-    merged_.wait();
+    merged_.wait(now_ns() - start_ns);
     second_.run(t, team, second);
   }
 

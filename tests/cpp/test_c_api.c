@@ -1376,6 +1376,27 @@ static void test_backward_tiny_epsilon(void) {
   bn_set_isa(bn_best_isa());
 }
 
+/* A masked-out position whose x is far from the mean: the coefficient of x - mean
+ * (about 5e37) is finite in float32 but its product with x - mean (1e30) is not.
+ * The position is not used, so dx there is just gamma*s*dy, not inf*0 = NaN. */
+static void test_masked_out_product_overflow(void) {
+  float x[3] = {0, 2, 1e30f}, dy[3] = {0, 1e38f, 2}, dx[3];
+  uint8_t used[3] = {1, 1, 0};
+  int64_t shape[2] = {3, 1}, strides[2] = {4, 4}, mask_strides[2] = {1, 1};
+  const bn_tensor xt = {x, BN_FLOAT32, 2, shape, strides}, dyt = {dy, BN_FLOAT32, 2, shape, strides},
+                  dxt = {dx, BN_FLOAT32, 2, shape, strides}, mask = {used, BN_UINT8, 2, shape, mask_strides};
+  const int32_t axis = 1;
+  const double mean = 1, var = 1; /* the moments of the used values 0 and 2 */
+  for (int isa = BN_ISA_SCALAR; isa <= (int)bn_best_isa(); ++isa) {
+    bn_set_isa((bn_isa)isa);
+    CHECK(bn_backward(&dyt, &xt, &dxt, &axis, 1, &mask, &mean, &var, NULL, 1e-20, 1, NULL, NULL) == BN_OK,
+          "backward: %s", bn_last_error());
+    CHECK(isfinite(dx[0]) && isfinite(dx[1]) && fabs(dx[2] - 2.0) <= 1e-6, "%s: dx = %g %g %g, expected dx[2] = 2",
+          bn_isa_name((bn_isa)isa), dx[0], dx[1], dx[2]);
+  }
+  bn_set_isa(bn_best_isa());
+}
+
 int main(void) {
   test_formats();
   test_hand_values();
@@ -1388,6 +1409,7 @@ int main(void) {
   test_huge_cache_sizes();
   test_empty_null_negative_strides();
   test_backward_tiny_epsilon();
+  test_masked_out_product_overflow();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures != 0;
 }

@@ -151,7 +151,10 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
   char *dx = g.dx;
   const uint8_t *m = g.m;
   const int64_t len = g.len, c0 = g.c0;
-  auto used = [&](int64_t i) { return Masked ? acc(m[i * ms] != 0) : acc(1); };
+  // The statistics' term only where the mask uses the position: a select, not a
+  // product with the mask's 0, which would turn a term that overflowed (a huge
+  // coefficient times a far outlier) into NaN where dx is just γ·s·dy.
+  auto where_used = [&](int64_t i, acc term) { return !Masked || m[i * ms] ? term : acc(0); };
   if (!p.inner_is_channel) {
     const acc mh = mean_hi[c0], ml = mean_lo[c0], dy_sc = dy_scale[c0], xc = xc_scale[c0], sh = shift[c0];
     int64_t i = 0;
@@ -167,7 +170,7 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
     }
     for (; i < len; ++i) {
       const acc centred = (E::load(x + i * xs) - mh) - ml;
-      E::store(dx + i * ys, dy_sc * E::load(dy + i * ds) + used(i) * (xc * centred + sh));
+      E::store(dx + i * ys, dy_sc * E::load(dy + i * ds) + where_used(i, xc * centred + sh));
     }
     return;
   }
@@ -175,7 +178,7 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
   for (int64_t j = 0; j < len; ++j) {
     const int64_t c = c0 + j * ps;
     const acc centred = (E::load(x + j * xs) - mean_hi[c]) - mean_lo[c];
-    E::store(dx + j * ys, dy_scale[c] * E::load(dy + j * ds) + used(j) * (xc_scale[c] * centred + shift[c]));
+    E::store(dx + j * ys, dy_scale[c] * E::load(dy + j * ds) + where_used(j, xc_scale[c] * centred + shift[c]));
   }
 }
 
