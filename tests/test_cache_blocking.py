@@ -24,11 +24,43 @@ def test_cache_sizes_are_detected_and_overridable():
     try:
         assert cbn.get_cache_sizes() == (12345, 678910)
         assert cbn.show_config(print_out=False)["cache_l3"] == 678910
+        assert cbn.show_config(print_out=False)["cache_from"] == "set by bn_set_cache_bytes"
     finally:
         cbn.set_cache_sizes()
     assert cbn.get_cache_sizes() == (l2, l3)
     with pytest.raises(ValueError, match="l2 must be a positive int"):
         cbn.set_cache_sizes(l2=-1)
+
+
+def _sysfs_cache(name: str) -> str | None:
+    try:
+        with open(f"/sys/devices/system/cpu/cpu0/cache/index3/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cpus_in(cpu_list: str) -> int:
+    """CPUs in a sysfs list such as '0-1,4'."""
+    count = 0
+    for part in cpu_list.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+@pytest.mark.skipif(_sysfs_cache("size") is None, reason="no sysfs L3 on this system")
+def test_l3_in_use_is_what_sysfs_reports_up_to_16_mib_per_sharing_cpu():
+    """A VM reporting its host socket's L3 (300 MiB for 2 vCPUs) must not plan with it."""
+    size = _sysfs_cache("size")
+    units = {"K": 1 << 10, "M": 1 << 20}
+    reported = int(size.rstrip("KM")) * units.get(size[-1], 1)
+    sharing = _cpus_in(_sysfs_cache("shared_cpu_list") or "0")
+    expected = min(reported, (16 << 20) * sharing)
+    assert cbn.get_cache_sizes()[1] == expected
+    origin = cbn.show_config(print_out=False)["cache_from"]
+    assert origin.startswith("detected ") and "(sysfs)" in origin
+    assert ("used as" in origin) == (expected < reported)
 
 
 CASES = [

@@ -113,7 +113,8 @@ def _team_summary() -> str:
 
 def show_config(print_out: bool = True) -> dict[str, str | int]:
     """The build and runtime configuration: version, compiler, OpenMP, SIMD level
-    in use (and the best available), threads, cache sizes, and how calls shared the
+    in use (and the best available), threads, the cache sizes the schedules plan for
+    and where they come from (``cache_from``: detected, capped, or set), how calls shared the
     threads (``team``: calls run on the caller alone for a while after helpers
     were late), how long idle helper threads spin before they sleep (``idle_spin``).
     Printed unless ``print_out=False``."""
@@ -125,6 +126,7 @@ def show_config(print_out: bool = True) -> dict[str, str | int]:
         "threads": get_num_threads(),
         "cache_l2": get_cache_sizes()[0],
         "cache_l3": get_cache_sizes()[1],
+        "cache_from": _core.cache_origin(),
         "team": _team_summary(),
         "idle_spin": _IDLE_SPIN,
     }

@@ -57,6 +57,7 @@ cdef extern from "bn_core/bn_core.h" nogil:
     bn_status bn_set_num_threads(int32_t n)
     bn_status bn_set_cache_bytes(int64_t l2, int64_t l3)
     void bn_get_cache_bytes(int64_t *l2, int64_t *l3)
+    const char *bn_cache_origin()
     int32_t bn_get_num_threads()
     bn_isa bn_get_isa()
     bn_isa bn_best_isa()

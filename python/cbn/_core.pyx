@@ -351,6 +351,11 @@ def get_cache_bytes():
     return l2, l3
 
 
+def cache_origin():
+    """Where get_cache_bytes' sizes come from, in words."""
+    return bn_cache_origin().decode()
+
+
 def get_num_threads():
     return bn_get_num_threads()
 

@@ -1,5 +1,7 @@
 // The configuration entry points (threads, cache sizes, the team policy) and
 // what the library says about itself; the ISA entry points are in dispatch.cpp.
+#include <string>
+
 #include "bn_core/bn_core.h"
 #include "schedule.hpp"
 #include "team.hpp"
@@ -21,6 +23,16 @@ bn_status bn_set_cache_bytes(int64_t l2, int64_t l3) {
 void bn_get_cache_bytes(int64_t *l2, int64_t *l3) {
   if (l2) *l2 = cache_bytes(2);
   if (l3) *l3 = cache_bytes(3);
+}
+
+const char *bn_cache_origin(void) {
+  thread_local std::string origin;
+  try {
+    origin = cache_origin();
+  } catch (...) {  // out of memory: a C caller gets a string all the same
+    return "unknown (out of memory)";
+  }
+  return origin.c_str();
 }
 
 bn_status bn_set_num_threads(int32_t n) {

@@ -57,17 +57,76 @@ int64_t sysconf_cache_bytes(int level) {
 #endif
 }
 
-int64_t detect_cache_bytes(int level, int64_t fallback) {
-  int64_t v = sysfs_cache_bytes(level);  // sysfs index 2 is the L2, 3 the L3
-  if (v <= 0) v = sysconf_cache_bytes(level);
-  return v > 0 ? v : fallback;
+// An L3 bigger than this per CPU sharing it is no cache one process can keep: no
+// x86-64 part has more than 12 MiB of L3 per core (the stacked-cache ones), so
+// a larger figure is a VM reporting its host socket's cache (300 MiB for 2
+// vCPUs), shared with neighbours the VM cannot see. Planning with it would keep
+// a 200 MB tensor "cached" and skip the chunks and streaming stores it needs.
+constexpr int64_t kMostL3PerCpu = int64_t(16) << 20;
+
+// CPUs listed in sysfs as sharing cache `index` (e.g. "0-1,4"), or 0.
+int64_t sysfs_sharing_cpus(int index) {
+  const std::string path =
+      "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/shared_cpu_list";
+  FILE *f = std::fopen(path.c_str(), "r");
+  if (!f) return 0;
+  int64_t cpus = 0;
+  long first = 0, last = 0;
+  while (std::fscanf(f, "%ld", &first) == 1) {
+    last = first;
+    const int next = std::fgetc(f);
+    if (next == '-' && std::fscanf(f, "%ld", &last) == 1) (void)std::fgetc(f);
+    if (last >= first) cpus += last - first + 1;
+  }
+  std::fclose(f);
+  return cpus;
 }
 
-int64_t detected_cache_bytes(int level) {
-  static const int64_t l2 = detect_cache_bytes(2, int64_t(1) << 20);
-  static const int64_t l3 = detect_cache_bytes(3, int64_t(8) << 20);
-  return level == 2 ? l2 : l3;
+struct detected_caches {
+  int64_t l2, l3;
+  std::string origin;
+};
+
+std::string mib(int64_t bytes) {
+  return bytes % (1 << 20) == 0 ? std::to_string(bytes >> 20) + " MiB" : std::to_string(bytes >> 10) + " KiB";
 }
+
+int64_t detect_level(int level, int64_t fallback, std::string &origin) {
+  int64_t v = sysfs_cache_bytes(level);  // sysfs index 2 is the L2, 3 the L3
+  const char *from = "sysfs";
+  if (v <= 0) {
+    v = sysconf_cache_bytes(level);
+    from = "sysconf";
+  }
+  if (v <= 0) {
+    v = fallback;
+    from = "assumed";
+  }
+  origin += std::string(origin.empty() ? "" : ", ") + "L" + std::to_string(level) + " " + mib(v) + " (" + from + ")";
+  return v;
+}
+
+detected_caches detect_caches() {
+  detected_caches d;
+  d.l2 = detect_level(2, int64_t(1) << 20, d.origin);
+  d.l3 = detect_level(3, int64_t(8) << 20, d.origin);
+  int64_t sharing = sysfs_sharing_cpus(3);
+  if (sharing <= 0) sharing = std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
+  const int64_t most = saturating_mul(kMostL3PerCpu, sharing);
+  if (d.l3 > most) {
+    d.l3 = most;
+    d.origin += ", used as " + mib(most) + " (at most " + mib(kMostL3PerCpu) + " per CPU sharing it, " +
+                std::to_string(sharing) + " CPUs)";
+  }
+  return d;
+}
+
+const detected_caches &detected() {
+  static const detected_caches d = detect_caches();
+  return d;
+}
+
+int64_t detected_cache_bytes(int level) { return level == 2 ? detected().l2 : detected().l3; }
 
 // Lines cut into segments when there are too few to share out among threads
 // (e.g. one huge channel, or one row of many channels).
@@ -92,6 +151,15 @@ int32_t max_threads() {
 }
 
 void set_max_threads(int32_t n) { thread_override.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+std::string cache_origin() {
+  const bool l2_set = l2_override.load(std::memory_order_relaxed) > 0;
+  const bool l3_set = l3_override.load(std::memory_order_relaxed) > 0;
+  if (l2_set && l3_set) return "set by bn_set_cache_bytes";
+  if (l2_set || l3_set)
+    return std::string(l2_set ? "L2" : "L3") + " set by bn_set_cache_bytes; detected " + detected().origin;
+  return "detected " + detected().origin;
+}
 
 int64_t cache_bytes(int level) {
   const int64_t o = (level == 2 ? l2_override : l3_override).load(std::memory_order_relaxed);

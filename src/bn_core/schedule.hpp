@@ -5,6 +5,7 @@
 #define BN_CORE_SCHEDULE_HPP
 
 #include <algorithm>
+#include <string>
 #include <utility>
 
 #include "plan.hpp"
@@ -19,6 +20,8 @@ void set_max_threads(int32_t n);  // n <= 0: OpenMP's default again
 // (a value <= 0 restores the detected size).
 int64_t cache_bytes(int level);
 void override_cache_bytes(int64_t l2, int64_t l3);
+// Where the sizes cache_bytes reports come from, for people.
+std::string cache_origin();
 
 // Threads for p (1 below the parallel grain), cutting long lines into segments
 // when there are too few lines to share out, and noting where x will be read

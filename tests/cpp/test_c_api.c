@@ -1317,7 +1317,9 @@ static void test_huge_cache_sizes(void) {
   double mean[2][cols], var[2][cols];
   bn_set_num_threads(3);
   CHECK(bn_moments(&xt, &axis, 1, NULL, mean[0], var[0], NULL) == BN_OK, "moments: %s", bn_last_error());
+  CHECK(strncmp(bn_cache_origin(), "detected L2 ", 12) == 0, "cache origin: %s", bn_cache_origin());
   CHECK(bn_set_cache_bytes(INT64_MAX, INT64_MAX) == BN_OK, "largest cache sizes");
+  CHECK(strcmp(bn_cache_origin(), "set by bn_set_cache_bytes") == 0, "cache origin: %s", bn_cache_origin());
   CHECK(bn_moments(&xt, &axis, 1, NULL, mean[1], var[1], NULL) == BN_OK, "moments: %s", bn_last_error());
   CHECK(memcmp(mean[0], mean[1], sizeof mean[0]) == 0 && memcmp(var[0], var[1], sizeof var[0]) == 0,
         "moments do not depend on the cache sizes");

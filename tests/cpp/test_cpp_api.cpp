@@ -480,6 +480,7 @@ void test_settings() {
   bn_core::set_cache_bytes(4096, 65536);
   const bn_core::cache_sizes small = bn_core::get_cache_bytes();
   CHECK(small.l2 == 4096 && small.l3 == 65536, "cache sizes set");
+  CHECK(bn_core::cache_origin() == "set by bn_set_cache_bytes", "cache origin: %s", bn_core::cache_origin().c_str());
   bn_core::set_cache_bytes(0, -1);
   const bn_core::cache_sizes restored = bn_core::get_cache_bytes();
   CHECK(detected.l2 > 0 && restored.l2 == detected.l2 && restored.l3 == detected.l3, "cache sizes restored");

@@ -160,12 +160,18 @@ BN_API bn_status bn_backward_apply(const bn_tensor *dy, const bn_tensor *x, cons
 BN_API bn_status bn_set_num_threads(int32_t n);
 BN_API int32_t bn_get_num_threads(void);
 
-/* Cache sizes the training forward blocks for: per-core L2 and shared L3 in
- * bytes, read from the system at first use. A tensor larger than half the L3
- * is processed in chunks of channels, each normalized right after its
- * statistics while still cached. A value <= 0 restores the detected size. */
+/* Cache sizes the schedules plan for: per-core L2 and shared L3 in bytes, read
+ * from the system at first use. A tensor larger than half the L3 is processed
+ * in chunks of channels, each normalized right after its statistics while
+ * still cached; outputs that overflow the caches are written with streaming
+ * stores. A detected L3 above 16 MiB per CPU sharing it (a VM reporting its
+ * host's cache) is used as 16 MiB per CPU. A value <= 0 restores the detected
+ * size. */
 BN_API bn_status bn_set_cache_bytes(int64_t l2, int64_t l3);
 BN_API void bn_get_cache_bytes(int64_t *l2, int64_t *l3);
+/* Where the sizes bn_get_cache_bytes reports come from, in words (detected from
+ * sysfs, capped, or set); valid until the calling thread's next call of it. */
+BN_API const char *bn_cache_origin(void);
 
 /* SIMD level: the best the CPU supports unless overridden. */
 BN_API bn_isa bn_get_isa(void);

@@ -493,6 +493,7 @@ struct cache_sizes {
   int64_t l3;
 };
 inline void set_cache_bytes(int64_t l2, int64_t l3) { detail::check(bn_set_cache_bytes(l2, l3)); }
+inline std::string cache_origin() { return bn_cache_origin(); }
 inline cache_sizes get_cache_bytes() {
   cache_sizes sizes{};
   bn_get_cache_bytes(&sizes.l2, &sizes.l3);
