@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--against", type=Path, default=None,
                    help="the installed cbn package directory of another build, timed "
                         "interleaved with this one (columns prev-*, speed-ups xprev-*)")
+    p.add_argument("--l3", type=int, default=None,
+                   help="bytes: plan cbn's schedules for this L3 (cbn.set_cache_sizes), e.g. "
+                        "314572800 to see what a VM reporting its host's 300 MiB would get")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="Markdown report")
     args = p.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     monitor, start = LoadMonitor(), time.monotonic()
 
     libraries, skipped = load_libraries(args.skip, args.import_timeout, args.against)
+    if args.l3 is not None:
+        next(lib for lib in libraries if isinstance(lib, CbnLibrary)).cbn.set_cache_sizes(l3=args.l3)
     setup = setup_lines(libraries, skipped)
     print("\n".join(setup), flush=True)
 
