@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     libraries, skipped = load_libraries(args.skip, args.import_timeout, args.against)
     if args.l3 is not None:
-        next(lib for lib in libraries if isinstance(lib, CbnLibrary)).cbn.set_cache_sizes(l3=args.l3)
+        cbn = next(lib for lib in libraries if isinstance(lib, CbnLibrary)).cbn
+        cbn.set_cache_sizes(l3=args.l3)
     setup = setup_lines(libraries, skipped)
     print("\n".join(setup), flush=True)
 
