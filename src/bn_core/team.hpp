@@ -10,16 +10,17 @@
 // The end of an OpenMP parallel region still waits for every member, even one
 // the OS has not run yet (another process has its core). So a call notes
 // whether a helper was late: it entered the region more than kLateArrivalNs
-// after the call opened it (it was runnable but another process had its core
+// after the call opened it (it was runnable, but another process had its core
 // for a scheduler slice), or the region ended more than max(100 us, the
-// caller's own work) after both the caller's work and the last helper's arrival
-// (a helper lost its core in the middle of a slot). A helper waking from sleep
-// after a pause between calls arrives tens of microseconds late: the caller then
-// does the slots it has not started, and that is not lateness, or the first
-// call after a pause (the probe that ends a caller-alone period) would always
-// find its helper asleep and keep small calls off the team for good. A member
-// merely finishing its phase a little after another is not late either: uneven
-// memory bandwidth does that on an idle machine.
+// caller's own work) after the caller's work did (a helper lost its core, on
+// its way in or in a slot). Helpers waking from sleep after a pause between
+// calls are not late: they arrive within tens of microseconds, and the caller
+// meanwhile does the slots they have not started. (Counting those slots as
+// lateness made the first call after a pause, the probe that ends a
+// caller-alone period, always find its helper late, and kept small calls off
+// the team for good.) A member merely finishing its phase a little after
+// another is not late either: uneven memory bandwidth does that on an idle
+// machine.
 // After a late call the following calls run on the caller alone for a while
 // (10 ms, doubling while probes find helpers late again, up to 1 s). A process
 // runs one team at a time: a call that finds another call's team running runs
@@ -61,7 +62,7 @@ int64_t now_ns();  // a monotonic clock
 // slice (3 ms and more) a busy neighbour process holds the core for.
 constexpr int64_t kLateArrivalNs = 1'000'000;
 // The end of the region waiting this long (or the caller's own work, if longer)
-// for helpers that did arrive: one of them lost its core in a slot.
+// after the caller's work: a helper lost its core.
 constexpr int64_t kLateEndNs = 100'000;
 void record_serial_call();
 // False for a value that is no bn_team_policy.
@@ -95,10 +96,8 @@ class slot_claims {
   void run(int32_t t, int32_t team, F &&fn) {
     for (int32_t s = t; s < slots_; s += team)
       if (claim(s)) fn(s);
-    for (int32_t s = next_free_hint_.load(std::memory_order_relaxed); s < slots_; ++s) {
-      if (!claim(s)) continue;
-      fn(s);
-    }
+    for (int32_t s = next_free_hint_.load(std::memory_order_relaxed); s < slots_; ++s)
+      if (claim(s)) fn(s);
     next_free_hint_.store(slots_, std::memory_order_release);
   }
 
@@ -136,10 +135,10 @@ void run_team(int32_t slots, F &&body) {
       if (t == 0) caller_end_ns = now_ns();
     }
     const int64_t end_ns = now_ns(), arrival_ns = last_arrival_ns.load(std::memory_order_relaxed);
-    const int64_t end_wait_ns = end_ns - std::max(caller_end_ns, arrival_ns);
+    const int64_t caller_work_ns = caller_end_ns - region_start_ns;
     if (claimed) release_team();
     record_team_call(arrival_ns - region_start_ns > kLateArrivalNs ||
-                     end_wait_ns > std::max(kLateEndNs, caller_end_ns - region_start_ns));
+                     end_ns - caller_end_ns > std::max(kLateEndNs, caller_work_ns));
     return;
   }
 #endif
