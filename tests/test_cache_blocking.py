@@ -109,6 +109,76 @@ def test_blocked_broadcast_mask(tiny_caches, ref):
     ref.assert_stats_close(mean, var, x, 1, mask)
 
 
+def _reference_backward(dy, x, mean, var, gamma, axis, eps, mask, training):
+    """dx, dgamma, dbeta in float64, written out from the formula."""
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    cshape = [1] * x.ndim
+    cshape[axis] = x.shape[axis]
+    dy64, x64 = dy.astype(np.float64), x.astype(np.float64)
+    m, v, g = (np.reshape(a, cshape) for a in (mean, var, gamma))
+    s = 1.0 / np.sqrt(v + eps)
+    xhat = (x64 - m) * s
+    sum_dy, sum_dy_xhat = dy64.sum(axes, keepdims=True), (dy64 * xhat).sum(axes, keepdims=True)
+    if not training:
+        return g * s * dy64, sum_dy_xhat.ravel(), sum_dy.ravel()
+    w = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    n = w.sum(axes, keepdims=True)
+    dx = g * s * (dy64 - w / n * (sum_dy + xhat * sum_dy_xhat))
+    return dx, sum_dy_xhat.ravel(), sum_dy.ravel()
+
+
+@pytest.fixture
+def backward_caches():
+    """A 256 KiB 'L3': x and dy of every case below (over 128 KiB together) are cut into
+    chunks of channels (each channel's x and dy, at most 26 KiB, under a quarter of it)."""
+    cbn.set_cache_sizes(l2=4096, l3=1 << 18)
+    yield
+    cbn.set_cache_sizes()
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 64, 12, 12), 1), ((8, 37, 20, 20), 1),
+                                        ((4000, 40), 0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.dtype(ml_dtypes.bfloat16)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_blocked_backward_matches_reference(backward_caches, shape, axis, dtype, masked, training):
+    """A backward of channels-first tensors above half the L3 runs in chunks of channels
+    (sums, then dx while cached): same values as the formula in float64."""
+    rng = np.random.default_rng(abs(hash((shape, masked))) % 2**32)
+    x = rng.normal(50.0, 3.0, shape).astype(dtype)
+    dy = rng.normal(0.5, 1.0, shape).astype(dtype)
+    c = shape[axis]
+    gamma = rng.normal(1.0, 0.2, c)
+    mask_shape = tuple(1 if i == axis else n for i, n in enumerate(shape))
+    mask = rng.random(mask_shape) > 0.3 if masked else None
+    _, mean, var = cbn.ops.batch_norm_train(x, axis=axis, mask=mask, epsilon=1e-3)
+    dx, dgamma, dbeta = cbn.ops.batch_norm_backward(dy, x, mean, var, gamma=gamma, axis=axis,
+                                                    mask=mask, training=training)
+    ref_dx, ref_dgamma, ref_dbeta = _reference_backward(dy, x, mean, var, gamma, axis, 1e-3,
+                                                        mask, training)
+    unit = np.finfo(np.float32).eps if dtype != np.float64 else np.finfo(np.float64).eps
+    if dtype == np.dtype(ml_dtypes.bfloat16):
+        unit = 2.0**-8
+    scale = np.abs(ref_dx).max()
+    np.testing.assert_allclose(dx.astype(np.float64), ref_dx, rtol=0, atol=64 * unit * scale)
+    # The sums run in short float32 blocks (float64 for float64 data) added in float64.
+    sums_unit = np.finfo(np.float64 if dtype == np.float64 else np.float32).eps
+    dy_scale = np.abs(dy.astype(np.float64)).sum() / c
+    np.testing.assert_allclose(dbeta, ref_dbeta, rtol=0, atol=64 * sums_unit * dy_scale)
+    np.testing.assert_allclose(dgamma, ref_dgamma, rtol=0, atol=64 * sums_unit * dy_scale * 4)
+
+
+def test_blocked_backward_in_place_over_dy(backward_caches):
+    rng = np.random.default_rng(8)
+    x = rng.normal(0.0, 1.0, (16, 64, 12, 12)).astype(np.float32)
+    dy = rng.normal(0.0, 1.0, x.shape).astype(np.float32)
+    _, mean, var = cbn.ops.batch_norm_train(x, axis=1)
+    expected, _, _ = _reference_backward(dy, x, mean, var, np.ones(64), 1, 1e-3, None, True)
+    dx, _, _ = cbn.ops.batch_norm_backward(dy, x, mean, var, axis=1, out=dy)
+    assert dx is dy
+    np.testing.assert_allclose(dx, expected, rtol=0, atol=1e-5)
+
+
 # Inference outputs are written with streaming (non-temporal) stores once x and
 # y together fill the L3 (and the other threads' L2s), on aligned vectors only:
 # back-to-back rows on a misaligned output are walked from its first aligned

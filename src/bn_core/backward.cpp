@@ -1,7 +1,10 @@
 // The backward entry points: the local sums (Σdy, Σdy·x̂, the used count) and
 // dx from their totals, in one team when both run (as the training forward
-// does), or one pass each for a distributed call that reduces the sums between.
+// does; in chunks of channels when x and dy would not stay cached between the
+// two), or one pass each for a distributed call that reduces the sums between.
+#include <atomic>
 #include <memory>
+#include <vector>
 
 #include "bn_core/bn_core.h"
 #include "dispatch.hpp"
@@ -60,6 +63,34 @@ struct backward_call {
   }
 };
 
+// Both passes of a backward over chunks of whole channels, each by one thread:
+// the chunk's sums, then its dx while its x and dy are still cached (one read
+// of each from memory instead of two). The result does not depend on the thread
+// count. count, sum_dy and sum_dy_xhat receive every channel's totals.
+bn_status backward_in_chunks(std::vector<chunk> &chunks, int32_t threads, const backward_call &c) {
+  std::vector<backward_state> states(static_cast<size_t>(threads));
+  for (backward_state &state : states)
+    if (!state.allocate(chunks[0].p, 1)) return out_of_memory();
+  const kernel_table &k = active_kernels();
+  std::atomic<size_t> next_chunk{0};
+  run_team(threads, [&](int32_t member, int32_t) {
+    backward_state &state = states[member];
+    for (size_t i; (i = next_chunk.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
+      plan &p = chunks[i].p;
+      const int64_t c0 = chunks[i].first_channel, items = p.lines * p.segments;
+      double *count = c.count + c0, *sum_dy = c.sum_dy + c0, *sum_dy_xhat = c.sum_dy_xhat + c0;
+      state.fit(p);
+      state.fill_xhat(c.mean + c0, c.variance + c0, c.epsilon);
+      k.backward_sums(p, 0, items, state.params(), state.slot(0));
+      state.finish(1, p, count, sum_dy, sum_dy_xhat);
+      state.fill_dx(c.mean + c0, c.variance + c0, c.gamma ? c.gamma + c0 : nullptr, c.epsilon,
+                    c.training ? count : nullptr, sum_dy, sum_dy_xhat);
+      k.backward_apply(p, 0, items, state.params());
+    }
+  });
+  return BN_OK;
+}
+
 }  // namespace
 }  // namespace bn_core
 
@@ -81,8 +112,14 @@ bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *
     double *count = scratch.get();
     if (!sum_dy) sum_dy = count + channels;
     if (!sum_dy_xhat) sum_dy_xhat = count + 2 * channels;
-    return backward_call{p, mean, variance, gamma, epsilon, training != 0, true, true,
-                         count, sum_dy, sum_dy_xhat}.run();
+    const backward_call c{p, mean, variance, gamma, epsilon, training != 0, true, true,
+                          count, sum_dy, sum_dy_xhat};
+    const int32_t threads = schedule(p);
+    const int64_t per_chunk = p.empty ? 0 : chunk_channels(*x, axes, n_axes, threads, 2);
+    if (per_chunk == 0) return c.run();
+    const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
+    std::vector<chunk> chunks = cut_into_chunks(*x, dx, mask, dy, axis, p, per_chunk);
+    return backward_in_chunks(chunks, threads, c);
   });
 }
 

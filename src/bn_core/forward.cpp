@@ -65,31 +65,6 @@ bn_status train_in_one_team(const plan &whole, int32_t threads, const training &
   return run_two_phases(threads, moments, merge, normalize) ? BN_OK : out_of_memory();
 }
 
-// A chunk of whole channels: its plan and its first channel's index.
-struct chunk {
-  plan p;
-  int64_t first_channel;
-};
-
-// The plans of chunks of `per_chunk` channels along x's one channel axis.
-std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor &y, const bn_tensor *mask,
-                                   int32_t axis, const plan &whole, int64_t per_chunk) {
-  bool is_channel[BN_MAX_RANK] = {};
-  is_channel[axis] = true;
-  std::vector<chunk> chunks;
-  for (int64_t c0 = 0; c0 < x.shape[axis]; c0 += per_chunk) {
-    const int64_t count = std::min(per_chunk, x.shape[axis] - c0);
-    const tensor_slice xs(x, axis, c0, count), ys(y, axis, c0, count);
-    const tensor_slice ms(mask ? *mask : x, axis, c0, count);
-    chunks.push_back(chunk{plan{}, c0});
-    plan &p = chunks.back().p;
-    make_plan(xs.t, &ys.t, mask ? &ms.t : nullptr, nullptr, is_channel, p);
-    p.stream_y = whole.stream_y;  // decided by the whole tensor's size
-    p.x_from = whole.x_from;
-  }
-  return chunks;
-}
-
 // One team, each thread taking whole chunks (no barrier): statistics, then
 // normalize from the caches. The result does not depend on the thread count.
 bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const training &t) {
@@ -164,10 +139,10 @@ bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t
     whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
     const int32_t threads = schedule(whole);
     const training t{gamma, beta, epsilon, mean, variance};
-    const int64_t per_chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads);
+    const int64_t per_chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads, 1);
     if (per_chunk == 0) return train_in_one_team(whole, threads, t);
     const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
-    std::vector<chunk> chunks = cut_into_chunks(*x, *y, mask, axis, whole, per_chunk);
+    std::vector<chunk> chunks = cut_into_chunks(*x, y, mask, nullptr, axis, whole, per_chunk);
     return train_in_chunks(chunks, threads, t);
   });
 }

@@ -194,17 +194,19 @@ bool stream_output(const plan &p, int64_t min_bytes) {
          saturating_mul(p.lines * p.inner.n, element_bytes(p.dtype)) >= min_bytes;
 }
 
-// A tensor larger than half the L3 would come back from memory for the second
-// read (normalize after statistics). Cut into chunks of whole channels, each
-// handled by one thread — statistics, then normalize while the chunk is still
-// cached — x is read from memory once. Only for channels-first layouts: a
-// channels-last chunk is a narrow strided column of every row. A chunk takes an
-// eighth of the L3 (less with more than 2 threads), so that each thread's chunk
-// and the next one it fetches fit together with room to spare: larger chunks
-// are partly evicted before the normalize reads them again, smaller ones repeat
-// a chunk's fixed costs (planning, merge, parameters) more often
-// (bench/DESIGN.md, 'Chunks of an eighth of the L3').
-int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads) {
+// Tensors larger than half the L3 would come back from memory for the second
+// read (normalize after statistics, dx after the backward's sums). Cut into
+// chunks of whole channels, each handled by one thread — the first pass, then
+// the second while the chunk is still cached — they are read from memory once.
+// Only for channels-first layouts: a channels-last chunk is a narrow strided
+// column of every row. A chunk takes an eighth of the L3 (less with more than
+// 2 threads), so that each thread's chunk and the next one it fetches fit
+// together with room to spare: larger chunks are partly evicted before the
+// second pass reads them again, smaller ones repeat a chunk's fixed costs
+// (planning, merge, parameters) more often (bench/DESIGN.md, 'Chunks of an
+// eighth of the L3').
+int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads,
+                       int32_t tensors) {
   if (n_axes != 1) return 0;
   const int32_t axis = axes[0] < 0 ? axes[0] + x.rank : axes[0];
   const int64_t channels = x.shape[axis], es = element_bytes(x.dtype);
@@ -215,12 +217,30 @@ int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, 
     if (x.shape[i] > 1 && x.strides[i] == 0) return 0;
     elements *= x.shape[i];  // checked: no overflow
   }
-  const int64_t bytes = saturating_mul(elements, es), l3 = cache_bytes(3);
+  const int64_t bytes = saturating_mul(saturating_mul(elements, es), tensors), l3 = cache_bytes(3);
   if (channels < 2 * threads || bytes <= l3 / 2) return 0;
   const int64_t per_channel = bytes / channels;
   if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached
   const int64_t chunk = std::max<int64_t>(1, l3 / (4 * std::max(threads, 2)) / per_channel);
   return std::min(chunk, channels / (2 * threads));  // enough chunks to share out
+}
+
+std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
+                                   const bn_tensor *dy, int32_t axis, const plan &whole, int64_t per_chunk) {
+  bool is_channel[BN_MAX_RANK] = {};
+  is_channel[axis] = true;
+  std::vector<chunk> chunks;
+  for (int64_t c0 = 0; c0 < x.shape[axis]; c0 += per_chunk) {
+    const int64_t count = std::min(per_chunk, x.shape[axis] - c0);
+    const tensor_slice xs(x, axis, c0, count), ys(y ? *y : x, axis, c0, count);
+    const tensor_slice ms(mask ? *mask : x, axis, c0, count), ds(dy ? *dy : x, axis, c0, count);
+    chunks.push_back(chunk{plan{}, c0});
+    plan &p = chunks.back().p;
+    make_plan(xs.t, y ? &ys.t : nullptr, mask ? &ms.t : nullptr, dy ? &ds.t : nullptr, is_channel, p);
+    p.stream_y = whole.stream_y;
+    p.x_from = whole.x_from;
+  }
+  return chunks;
 }
 
 void item_range(const plan &p, int32_t slot, int32_t team, int64_t &begin, int64_t &end) {

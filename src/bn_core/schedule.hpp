@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "plan.hpp"
 
@@ -32,9 +33,11 @@ int32_t schedule(plan &p);
 // min_bytes, x and y together then overflowing what the caches would keep.
 bool stream_output(const plan &p, int64_t min_bytes);
 
-// Channels per cache-sized chunk of a training forward over x, or 0 to run it
-// in one piece.
-int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads);
+// Channels per cache-sized chunk of a call that reads `tensors` tensors of x's
+// size twice (a training forward: x; a backward: x and dy), or 0 to run it in
+// one piece.
+int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, int32_t threads,
+                       int32_t tensors);
 
 // x (or y, a mask) restricted to channels [first, first + count) of `axis`.
 struct tensor_slice {
@@ -49,6 +52,18 @@ struct tensor_slice {
     t.data = static_cast<char *>(whole.data) + first * whole.strides[axis];
   }
 };
+
+// A chunk of whole channels: its plan and its first channel's index.
+struct chunk {
+  plan p;
+  int64_t first_channel;
+};
+
+// The plans of chunks of `per_chunk` channels along x's one channel axis, of x
+// with y (dx of a backward call), the mask and dy (each may be null); streaming
+// and where x is read from are the whole call's decisions (whole's).
+std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
+                                   const bn_tensor *dy, int32_t axis, const plan &whole, int64_t per_chunk);
 
 // Slot `slot`'s share [begin, end) of p's items among `team` slots.
 void item_range(const plan &p, int32_t slot, int32_t team, int64_t &begin, int64_t &end);

@@ -173,6 +173,13 @@ bool backward_state::allocate(const plan &p, int32_t slots) {
   return sums_ != nullptr;
 }
 
+void backward_state::fit(const plan &p) {
+  channels_ = p.channels;
+  params_.fit(p);
+  length_ = params_.length();
+  std::fill(sums_.get(), sums_.get() + 3 * length_, 0.0);
+}
+
 void backward_state::fill_xhat(const double *mean, const double *variance, double eps) {
   params_.fill(mean, [&](int64_t c, double lo, double *v) {
     v[1] = lo;

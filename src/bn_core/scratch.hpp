@@ -116,6 +116,9 @@ class affine_state {
 class backward_state {
  public:
   bool allocate(const plan &p, int32_t slots);  // slots: of the sums pass (0: none)
+  // Lays the arrays out for p (no larger than the allocated plan), with one
+  // slot of sums, zeroed.
+  void fit(const plan &p);
   void fill_xhat(const double *mean, const double *variance, double eps);
   // count/sum_dy/sum_dy_xhat are the statistics' totals (null: fixed statistics).
   void fill_dx(const double *mean, const double *variance, const double *gamma, double eps,
