@@ -117,15 +117,20 @@ def callers_rates(libraries: list[Library], case: Case, mode: str, args) -> dict
     return {key: statistics.median(v) for key, v in rates.items()}
 
 
+def idle_cpu(seconds: float) -> float:
+    """ms of process CPU time (every thread's) during `seconds` of sleep."""
+    cpu = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - cpu) * 1e3
+
+
 def idle_cpu_after_burst(library: Library, data: CaseData, seconds: float = 1.0) -> float:
     """ms of process CPU time during `seconds` of sleep after 200 back-to-back calls."""
     library.set_threads(2)
     call = bind(library, data, "train")
     for _ in range(200):
         call()
-    cpu = time.process_time()
-    time.sleep(seconds)
-    return (time.process_time() - cpu) * 1e3
+    return idle_cpu(seconds)
 
 
 def per_call_table(libraries, cases, args, policy) -> list[str]:
@@ -181,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", f"{CALLERS} Python threads calling at once:", ""]
         lines += callers_table(libraries, cases, args)
     burst = make_data(cases[0])
+    floor = idle_cpu(1.0)
     lines += ["", "Process CPU time over an idle second after 200 2-thread training calls of "
               f"{cases[0].name}: " + ", ".join(
-                  f"{lib.name} {idle_cpu_after_burst(lib, burst):.1f} ms" for lib in libraries)]
+                  f"{lib.name} {idle_cpu_after_burst(lib, burst):.1f} ms" for lib in libraries)
+              + f" (the same second with no calls before it: {floor:.1f} ms)"]
     lines += ["", "cbn team: " + libraries[0].cbn.show_config(print_out=False)["team"]]
     print("\n".join(lines))
 
