@@ -12,7 +12,7 @@ from ._ghost import KernelView, ghost_view
 from ._validate import as_array
 from .distributed import Allreduce, sum_across_ranks
 
-__all__ = ["ForwardRecord", "backward_through"]
+__all__ = ["ForwardRecord", "PlainCall", "backward_through", "record_of"]
 
 
 class ForwardRecord(NamedTuple):
@@ -49,6 +49,25 @@ class ForwardRecord(NamedTuple):
             variance=variance, batch_mean=mean, batch_variance=variance, gamma=gamma, r=None,
             d=None, adjust_scale=None, adjust_bias=None,
         )
+
+
+#: A plain call of the layer's small path as a bare tuple: (input, output, kept axes,
+#: through_stats, mean, variance, gamma). Its ForwardRecord is built only when a
+#: backward asks (record_of): building it on every call cost as much as a tiny
+#: call's kernel work.
+PlainCall = tuple[
+    np.ndarray, np.ndarray, tuple[int, ...], bool, np.ndarray, np.ndarray, "np.ndarray | None"
+]
+
+
+def record_of(last: ForwardRecord | PlainCall) -> ForwardRecord:
+    """The ForwardRecord of a call kept as a record or as a PlainCall."""
+    if isinstance(last, ForwardRecord):
+        return last
+    x, y, axes, through_stats, mean, variance, gamma = last
+    return ForwardRecord.of_plain_call(
+        KernelView(x, y, None, axes, 1, None), through_stats=through_stats, mean=mean,
+        variance=variance, gamma=gamma)
 
 
 def backward_through(

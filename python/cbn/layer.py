@@ -31,7 +31,8 @@ from ._keras_objects import (
 from ._layer_config import constructor_kwargs, layer_config
 from ._layer_options import LayerOptions, check_bool, layer_name
 from ._record import ForwardRecord as _ForwardRecord
-from ._record import backward_through
+from ._record import PlainCall as _PlainCall
+from ._record import backward_through, record_of
 from ._renorm import (
     adjustment_values,
     moving_updates,
@@ -165,7 +166,7 @@ class BatchNormalization(LayerOptions):
         self._channel_shape: tuple[int, ...] = ()
         # Guards the weights: snapshots for a call, commits of updates, build.
         self._lock = threading.RLock()
-        self._last_call: _ForwardRecord | None = None
+        self._last_call: _ForwardRecord | _PlainCall | None = None
         #: Gradients of the last :meth:`backward`, aligned with :attr:`trainable_weights`.
         self.gradients: list[np.ndarray] = []
 
@@ -439,10 +440,8 @@ class BatchNormalization(LayerOptions):
             self._commit_moving_update(mean, variance)
         else:
             y, (mean, variance, gamma, _) = fast
-        view = _KernelView(inputs, y, None, self._axes, 1, None)
-        self._last_call = _ForwardRecord.of_plain_call(
-            view, through_stats=training, mean=mean, variance=variance,
-            gamma=gamma if "gamma" in w else None)
+        self._last_call = (inputs, y, self._axes, training, mean, variance,
+                           gamma if "gamma" in w else None)
         return y
 
     def backward(self, dy: ArrayLike) -> np.ndarray:
@@ -463,7 +462,7 @@ class BatchNormalization(LayerOptions):
                 f"layer {self.name!r} has no call to differentiate: call it on an input "
                 "before backward"
             )
-        dx, per_weight = backward_through(record, dy, self._channels, self.epsilon)
+        dx, per_weight = backward_through(record_of(record), dy, self._channels, self.epsilon)
         dtype = self._policy.variable_dtype
         self.gradients = [
             per_weight[name].astype(dtype).reshape(self._channel_shape)
