@@ -12,8 +12,8 @@
 // whether a helper was late: it entered the region more than kLateArrivalNs
 // after the call opened it (it was runnable, but another process had its core
 // for a scheduler slice), or the region ended more than max(100 us, the
-// caller's own work) after the caller's work did (a helper lost its core, on
-// its way in or in a slot). Helpers waking from sleep after a pause between
+// caller's own work) after both the caller's work and the last helper's entry
+// (a helper lost its core in a slot). Helpers waking from sleep after a pause between
 // calls are not late: they arrive within tens of microseconds, and the caller
 // meanwhile does the slots they have not started. (Counting those slots as
 // lateness made the first call after a pause, the probe that ends a
@@ -137,8 +137,10 @@ void run_team(int32_t slots, F &&body) {
     const int64_t end_ns = now_ns(), arrival_ns = last_arrival_ns.load(std::memory_order_relaxed);
     const int64_t caller_work_ns = caller_end_ns - region_start_ns;
     if (claimed) release_team();
+    // The end is late from the caller's work or the last helper's arrival,
+    // whichever came later: a wake-up's delay counts only past kLateArrivalNs.
     record_team_call(arrival_ns - region_start_ns > kLateArrivalNs ||
-                     end_ns - caller_end_ns > std::max(kLateEndNs, caller_work_ns));
+                     end_ns - std::max(caller_end_ns, arrival_ns) > std::max(kLateEndNs, caller_work_ns));
     return;
   }
 #endif
