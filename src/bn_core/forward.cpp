@@ -33,6 +33,11 @@ bn_status moments_of(plan &p, double *mean, double *variance, double *count) {
   return BN_OK;
 }
 
+// The normalize walk of p: with its epilogue, or the plain one.
+auto normalize_walk(const kernel_table &k, const plan &p) {
+  return p.epilogue.active ? k.normalize_epilogue : k.normalize;
+}
+
 // What a training forward produces from what.
 struct training {
   const double *gamma, *beta;
@@ -59,8 +64,9 @@ bn_status train_in_one_team(const plan &whole, int32_t threads, const training &
     state.finish(threads, whole, t.mean, t.variance, nullptr);
     affine.fill(t.mean, t.variance, t.gamma, t.beta, t.epsilon);
   };
+  const auto walk = normalize_walk(k, whole);
   const auto normalize = slot_items(whole, threads, [&](int64_t begin, int64_t end, int32_t) {
-    k.normalize(whole, begin, end, params);
+    walk(whole, begin, end, params);
   });
   return run_two_phases(threads, moments, merge, normalize) ? BN_OK : out_of_memory();
 }
@@ -91,7 +97,7 @@ bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const tra
       // the caches: memory stays busy, and its statistics read it from there.
       const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
       if (following < chunks.size()) p.prefetch_ahead = chunks[following].p.x - p.x;
-      k.normalize(p, 0, items, params);
+      normalize_walk(k, p)(p, 0, items, params);
       i = following;
     }
   });
@@ -114,8 +120,15 @@ bn_status bn_moments(const bn_tensor *x, const int32_t *axes, int32_t n_axes, co
 bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *axes, int32_t n_axes,
                        const double *mean, const double *variance, const double *gamma,
                        const double *beta, double epsilon) {
-  const call_args call{x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, &epsilon};
-  return planned_call(call, y, nullptr, [&](plan &p) {
+  return bn_normalize_epilogue(x, y, axes, n_axes, mean, variance, gamma, beta, epsilon, nullptr);
+}
+
+bn_status bn_normalize_epilogue(const bn_tensor *x, const bn_tensor *y, const int32_t *axes, int32_t n_axes,
+                                const double *mean, const double *variance, const double *gamma,
+                                const double *beta, double epsilon, const bn_epilogue *epilogue) {
+  const call_args call{x, {{y, "y"}}, nullptr, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, &epsilon,
+                       epilogue};
+  return planned_forward(call, y, [&](plan &p) {
     if (p.empty) return BN_OK;
     const int32_t threads = schedule(p);
     p.stream_y = stream_output(p, saturating_add(cache_bytes(3), saturating_mul(threads - 1, cache_bytes(2))) / 2);
@@ -123,9 +136,9 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
     if (!affine.allocate(p)) return out_of_memory();
     affine.fill(mean, variance, gamma, beta, epsilon);
     const affine_params params = affine.params();
-    const kernel_table &k = active_kernels();
+    const auto walk = normalize_walk(active_kernels(), p);
     const auto normalize = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
-      k.normalize(p, begin, end, params);
+      walk(p, begin, end, params);
     });
     return run_slots(threads, normalize) ? BN_OK : out_of_memory();
   });
@@ -134,15 +147,24 @@ bn_status bn_normalize(const bn_tensor *x, const bn_tensor *y, const int32_t *ax
 bn_status bn_train_forward(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
                            int32_t n_axes, const bn_tensor *mask, const double *gamma,
                            const double *beta, double epsilon, double *mean, double *variance) {
-  const call_args call{x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, &epsilon};
-  return planned_call(call, y, nullptr, [&](plan &whole) {
+  return bn_train_forward_epilogue(x, y, axes, n_axes, mask, gamma, beta, epsilon, mean, variance, nullptr);
+}
+
+bn_status bn_train_forward_epilogue(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                                    int32_t n_axes, const bn_tensor *mask, const double *gamma,
+                                    const double *beta, double epsilon, double *mean, double *variance,
+                                    const bn_epilogue *epilogue) {
+  const call_args call{x, {{y, "y"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}}, &epsilon,
+                       epilogue};
+  return planned_forward(call, y, [&](plan &whole) {
     whole.stream_y = stream_output(whole, cache_bytes(3) / 2);
     const int32_t threads = schedule(whole);
     const training t{gamma, beta, epsilon, mean, variance};
     const int64_t per_chunk = whole.empty ? 0 : chunk_channels(*x, axes, n_axes, threads, 1);
     if (per_chunk == 0) return train_in_one_team(whole, threads, t);
     const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
-    std::vector<chunk> chunks = cut_into_chunks(*x, y, mask, nullptr, axis, whole, per_chunk);
+    const bn_tensor *residual = epilogue ? epilogue->residual : nullptr;
+    std::vector<chunk> chunks = cut_into_chunks(*x, y, mask, residual, axis, whole, per_chunk);
     return train_in_chunks(chunks, threads, t);
   });
 }

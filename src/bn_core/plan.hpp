@@ -14,8 +14,9 @@
 
 namespace bn_core {
 
-// One loop dimension. x/y/mask/dy strides are in bytes; the parameter stride
-// is in channel-index units (0 for a reduced dimension).
+// One loop dimension. x/y/mask/dy strides are in bytes (d_stride: dy's in a
+// backward call, the residual's in a forward call); the parameter stride is in
+// channel-index units (0 for a reduced dimension).
 struct loop_dim {
   int64_t n;
   int64_t x_stride;
@@ -30,11 +31,26 @@ struct loop_dim {
 // walks the hardware prefetchers do not follow prefetch by it.
 enum class x_source : int8_t { l2, l3, memory };
 
+// A forward call's epilogue, y = act(z + residual) with z the normalized value
+// (bn_epilogue; the residual is the plan's second input). Inactive for calls
+// without one, and for identity without a residual: those take the plain walk.
+struct epilogue_params {
+  bool active;
+  int32_t activation;  // a bn_activation
+  double alpha, lo, hi;
+};
+
 struct plan {
   bn_dtype dtype;
   const char *x;
   char *y;               // null for moments-only calls; dx in backward calls
-  const char *dy;        // backward only: the incoming gradient
+  // The second input stream, walked like x with the d_stride strides: the
+  // incoming gradient of a backward call, the residual of a forward call's
+  // epilogue (null: none).
+  union {
+    const char *dy;
+    const char *residual;
+  };
   const uint8_t *mask;   // null when no mask
   int64_t p_base;        // channel index of the first element (after stride flips)
   int32_t n_outer;
@@ -60,6 +76,7 @@ struct plan {
   // Bytes from x to data the plane normalize prefetches alongside (0: none):
   // the next chunk of a cache-blocked training forward.
   int64_t prefetch_ahead;
+  epilogue_params epilogue;
 };
 
 // Channels a rows x C block covers at once: bounds the block scratch below.
@@ -131,6 +148,8 @@ struct kernel_table {
                         const backward_params &b, const backward_scratch &s);
   void (*backward_apply)(const plan &p, int64_t item_begin, int64_t item_end,
                          const backward_params &b);
+  // normalize with p.epilogue applied to every value (an active one).
+  void (*normalize_epilogue)(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
 };
 
 namespace scalar { extern const kernel_table table; }

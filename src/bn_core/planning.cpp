@@ -128,6 +128,7 @@ void make_plan(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask, co
   p.stream_y = false;
   p.x_from = x_source::memory;
   p.prefetch_ahead = 0;
+  p.epilogue = epilogue_params{};
   loop_dim dims[BN_MAX_RANK];
   const int32_t merged = merge_dims(dims, forward_dims(x, y, mask, dy, is_channel, p, dims));
   p.inner = dims[merged - 1];
@@ -148,5 +149,11 @@ bn_status plan_call(const call_args &call, const bn_tensor *y, const bn_tensor *
   make_plan(*call.x, y, call.mask, dy, is_channel, p);
   return BN_OK;
 }
+
+epilogue_params epilogue_of(const bn_epilogue *e) {
+  if (!e || (e->activation == BN_ACT_IDENTITY && !e->residual)) return epilogue_params{};
+  return epilogue_params{true, enum_value(e->activation), e->alpha, e->lo, e->hi};
+}
+
 
 }  // namespace bn_core

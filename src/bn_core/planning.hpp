@@ -33,6 +33,21 @@ bn_status planned_call(const call_args &call, const bn_tensor *y, const bn_tenso
   });
 }
 
+// The epilogue the kernels apply for a call's bn_epilogue (checked): inactive
+// for none, and for identity without a residual (the plain walk).
+epilogue_params epilogue_of(const bn_epilogue *e);
+
+// A forward entry point (normalize, training forward): planned_call with the
+// epilogue's residual as the plan's second input and its parameters in p.
+template <class Body>
+bn_status planned_forward(const call_args &call, const bn_tensor *y, Body &&body) noexcept {
+  const bn_tensor *residual = call.epilogue ? call.epilogue->residual : nullptr;
+  return planned_call(call, y, residual, [&](plan &p) {
+    p.epilogue = epilogue_of(call.epilogue);
+    return body(p);
+  });
+}
+
 }  // namespace bn_core
 
 #endif

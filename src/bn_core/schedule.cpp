@@ -190,7 +190,7 @@ int32_t schedule(plan &p) {
 // streams once x and y together overflow the L3, so that x stays cached for
 // the normalize. The callers pass those sizes as min_bytes.
 bool stream_output(const plan &p, int64_t min_bytes) {
-  return p.y && p.y != p.x && !p.empty &&
+  return p.y && p.y != p.x && p.y != p.residual && !p.empty &&
          saturating_mul(p.lines * p.inner.n, element_bytes(p.dtype)) >= min_bytes;
 }
 
@@ -239,6 +239,7 @@ std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const
     make_plan(xs.t, y ? &ys.t : nullptr, mask ? &ms.t : nullptr, dy ? &ds.t : nullptr, is_channel, p);
     p.stream_y = whole.stream_y;
     p.x_from = whole.x_from;
+    p.epilogue = whole.epilogue;
   }
   return chunks;
 }

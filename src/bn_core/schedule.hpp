@@ -29,8 +29,8 @@ std::string cache_origin();
 // from (p.x_from).
 int32_t schedule(plan &p);
 
-// Whether to write p's output with streaming stores: out of place and at least
-// min_bytes, x and y together then overflowing what the caches would keep.
+// Whether to write p's output with streaming stores: out of place (y neither x
+// nor the residual read back from it) and at least min_bytes, x and y together then overflowing what the caches would keep.
 bool stream_output(const plan &p, int64_t min_bytes);
 
 // Channels per cache-sized chunk of a call that reads `tensors` tensors of x's
@@ -60,7 +60,8 @@ struct chunk {
 };
 
 // The plans of chunks of `per_chunk` channels along x's one channel axis, of x
-// with y (dx of a backward call), the mask and dy (each may be null); streaming
+// with y (dx of a backward call), the mask and dy (a forward call's residual)
+// (each may be null); the epilogue, streaming
 // and where x is read from are the whole call's decisions (whole's).
 std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
                                    const bn_tensor *dy, int32_t axis, const plan &whole, int64_t per_chunk);

@@ -106,6 +106,48 @@ bn_status check_epsilon(double eps) {
   return BN_OK;
 }
 
+// The bytes [first, last) t's elements span (nothing for an empty t).
+struct byte_span {
+  const char *first, *last;
+};
+
+byte_span span_of(const bn_tensor &t) {
+  const char *base = static_cast<const char *>(t.data);
+  int64_t low = 0, high = t.dtype == BN_FLOAT64 ? 8 : t.dtype == BN_UINT8 ? 1 : t.dtype == BN_FLOAT32 ? 4 : 2;
+  for (int32_t i = 0; i < t.rank; ++i) {
+    if (t.shape[i] == 0) return byte_span{base, base};
+    const int64_t reach = (t.shape[i] - 1) * t.strides[i];
+    (reach < 0 ? low : high) += reach;
+  }
+  return byte_span{base + low, base + high};
+}
+
+// Whether a and b share memory without being the same elements in the same
+// layout (which an elementwise walk reads before it writes). Spans are compared,
+// so interleaved views that share no element count as overlapping.
+bool partly_overlap(const bn_tensor &a, const bn_tensor &b) {
+  const byte_span sa = span_of(a), sb = span_of(b);
+  if (sa.first == sa.last || sb.first == sb.last || sa.last <= sb.first || sb.last <= sa.first) return false;
+  return !(a.data == b.data && std::equal(a.strides, a.strides + a.rank, b.strides));
+}
+
+bn_status check_epilogue(const bn_epilogue &e, const bn_tensor &x, const bn_tensor *y) {
+  const int32_t act = enum_value(e.activation);
+  if (act < BN_ACT_IDENTITY || act > BN_ACT_GELU_TANH)
+    return fail(BN_ERR_VALUE, "epilogue activation is " + std::to_string(act) + "; expected a bn_activation (0 to 6)");
+  if (act == BN_ACT_LEAKY_RELU && !std::isfinite(e.alpha))
+    return fail(BN_ERR_VALUE, "epilogue alpha is " + std::to_string(e.alpha) + "; expected a finite slope");
+  if (act == BN_ACT_CLIP && !(e.lo <= e.hi))
+    return fail(BN_ERR_VALUE, "epilogue clip bounds are (" + std::to_string(e.lo) + ", " + std::to_string(e.hi) +
+                                  "); expected lo <= hi, neither NaN");
+  if (!e.residual) return BN_OK;
+  if (bn_status st = check_like_x(x, e.residual, "residual", false)) return st;
+  if (partly_overlap(*e.residual, x) || (y && partly_overlap(*e.residual, *y)))
+    return fail(BN_ERR_VALUE, std::string("residual partly overlaps ") + (partly_overlap(*e.residual, x) ? "x" : "y") +
+                                  "; expected it to be x, y or separate memory");
+  return BN_OK;
+}
+
 }  // namespace
 
 bn_status fail(bn_status status, const std::string &message) {
@@ -132,7 +174,9 @@ bn_status check_call(const call_args &call, bool is_channel[]) {
   if (call.mask)
     if (bn_status st = check_like_x(x, call.mask, "mask", true)) return st;
   if (bn_status st = check_arrays(call.arrays)) return st;
-  if (call.epsilon) return check_epsilon(*call.epsilon);
+  if (call.epsilon)
+    if (bn_status st = check_epsilon(*call.epsilon)) return st;
+  if (call.epilogue) return check_epilogue(*call.epilogue, x, call.like_x.size() ? call.like_x.begin()->tensor : nullptr);
   return BN_OK;
 }
 

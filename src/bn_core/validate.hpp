@@ -88,6 +88,7 @@ struct call_args {
   int32_t n_axes;
   std::initializer_list<named_array> arrays;
   const double *epsilon;  // null: the call takes none
+  const bn_epilogue *epilogue = nullptr;  // a forward call's (null: none); y is like_x's first
 };
 
 // Checks a call's arguments. On success is_channel[i] says whether x's axis i

@@ -27,6 +27,7 @@
 
 #include "simd.hpp"                          // vector types, stores, element types
 #include "walks.hpp"                         // tiles of channels; runs, folded rows, segments
+#include "epilogue.hpp"                      // activations; plain and epilogue normalize variants
 #include "shifted_sums.hpp"                  // shifted sums and Chan's merge
 #include "moments_channels_first.hpp"        // statistics of planes x L (any stride, masked)
 #include "moments_channels_last.hpp"         // statistics of rows x C (any stride, masked)

@@ -15,13 +15,18 @@ namespace {
 // cache, and a streaming store must be aligned (bench/DESIGN.md,
 // 'kernels/normalize_channels_first.hpp'). ahead > 0: also prefetch x's lines
 // that many bytes on (a training forward's next chunk, fetched while this one
-// runs from the caches).
-template <class E, bool Stream>
+// runs from the caches). epi: the epilogue (a contiguous residual).
+template <class E, bool Stream, class Epi>
 void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, typename E::acc sc,
-                     typename E::acc b, int64_t ahead) {
+                     typename E::acc b, int64_t ahead, const Epi &epi) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes, align = W * E::size;
-  auto vector_at = [&](int64_t at) { return normalized<vec>(E::load_vec(x + at * E::size), mh, sc, b); };
+  auto vector_at = [&](int64_t at) {
+    return epi.template apply<E>(normalized<vec>(E::load_vec(x + at * E::size), mh, sc, b), at * E::size);
+  };
+  auto value_at = [&](int64_t at) {
+    return epi.template apply<E>(normalized(E::load(x + at * E::size), mh, sc, b), at * E::size);
+  };
   const uintptr_t y_at = reinterpret_cast<uintptr_t>(y);
   // Out of place (y never partly overlaps x), the elements before y's first
   // aligned vector and after its last go in one unaligned vector each, which
@@ -29,8 +34,9 @@ void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, ty
   // load-convert-store steps, which short planes (7x7, 14x14) pay on every
   // plane. In place that would normalize them twice. Streamed, a plain store
   // first reads its line from memory, the read streaming avoids, and the
-  // line's streaming stores must then evict it (bench/DESIGN.md).
-  const bool overlap_stores = !Stream && x != y && len >= W && y_at % E::size == 0;
+  // line's streaming stores must then evict it (bench/DESIGN.md). A residual
+  // that is y would be added twice too.
+  const bool overlap_stores = !Stream && x != y && len >= W && y_at % E::size == 0 && !epi.has_residual;
   // A y off the element size never aligns: streamed, it is all plain stores.
   const int64_t peel_end = Stream || y_at % E::size == 0 ? len : 0;
   int64_t i = 0;
@@ -39,7 +45,7 @@ void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, ty
     i = static_cast<int64_t>(align - y_at % align) / E::size;
   }
   for (; i < peel_end && (y_at + i * E::size) % align; ++i)
-    E::store(y + i * E::size, normalized(E::load(x + i * E::size), mh, sc, b));
+    E::store(y + i * E::size, value_at(i));
   for (; i + W <= len; i += W) {
     if (ahead) __builtin_prefetch(x + i * E::size + ahead, 0, 2);
     E::template store_vec<Stream>(y + i * E::size, vector_at(i));
@@ -48,14 +54,14 @@ void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, ty
     E::template store_vec<false>(y + (len - W) * E::size, vector_at(len - W));
     i = len;
   }
-  for (; i < len; ++i) E::store(y + i * E::size, normalized(E::load(x + i * E::size), mh, sc, b));
+  for (; i < len; ++i) E::store(y + i * E::size, value_at(i));
 }
 
-// One line segment. Contig: x and y unit-stride (and, for rows x C, unit
-// channel stride), so the compiler sees plain arrays.
-template <class E, bool Contig>
+// One line segment. Contig: x and y (and a residual) unit-stride (and, for
+// rows x C, unit channel stride), so the compiler sees plain arrays.
+template <class E, bool Contig, class Epi>
 void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_t len,
-                       const affine_params &a) {
+                       const affine_params &a, const Epi &epi) {
   using acc = typename E::acc;
   const acc *__restrict mean_hi = static_cast<const acc *>(a.mean_hi);
   const acc *__restrict scale = static_cast<const acc *>(a.scale);
@@ -64,16 +70,18 @@ void normalize_segment(const plan &p, const char *x, char *y, int64_t c0, int64_
   const int64_t ys = Contig ? E::size : p.inner.y_stride;
   if (!p.inner_is_channel) {
     const acc mh = mean_hi[c0], sc = scale[c0], b = bias[c0];
-    if (Contig && p.stream_y) normalize_plane<E, true>(x, y, len, mh, sc, b, p.prefetch_ahead);
-    else if (Contig) normalize_plane<E, false>(x, y, len, mh, sc, b, p.prefetch_ahead);
+    if (Contig && p.stream_y) normalize_plane<E, true>(x, y, len, mh, sc, b, p.prefetch_ahead, epi);
+    else if (Contig) normalize_plane<E, false>(x, y, len, mh, sc, b, p.prefetch_ahead, epi);
     else
-      for (int64_t i = 0; i < len; ++i) E::store(y + i * ys, normalized(E::load(x + i * xs), mh, sc, b));
+      for (int64_t i = 0; i < len; ++i)
+        E::store(y + i * ys, epi.template apply<E>(normalized(E::load(x + i * xs), mh, sc, b), i * epi.stride));
     return;
   }
   const int64_t ps = Contig ? 1 : p.inner.p_stride;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t c = c0 + j * ps;
-    E::store(y + j * ys, normalized(E::load(x + j * xs), mean_hi[c], scale[c], bias[c]));
+    E::store(y + j * ys,
+             epi.template apply<E>(normalized(E::load(x + j * xs), mean_hi[c], scale[c], bias[c]), j * epi.stride));
   }
 }
 

@@ -29,11 +29,12 @@ constexpr int64_t kNormalizeL1ParamBytes = 8 << 10;
 // K vectors of channels over n_rows rows, B rows at a time with all B·K loads
 // before the stores (a walk down rows would otherwise load right behind stores
 // to the lines it reads next). ahead: rows after these whose lines it
-// prefetches (x, and y out of place unless streamed).
-template <class E, bool Stream, int K, int B>
+// prefetches (x, and y out of place unless streamed). epi: the epilogue, its
+// residual at this tile's first element.
+template <class E, bool Stream, int K, int B, class Epi>
 void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
                          int64_t ahead, const typename E::acc *mean_hi, const typename E::acc *scale,
-                         const typename E::acc *bias) {
+                         const typename E::acc *bias, const Epi &epi) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
   vec mh[K], sc[K], b[K];
@@ -57,7 +58,8 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k)
         E::template store_vec<Stream>(y + (r + g) * y_row + k * W * E::size,
-                                      normalized(v[g][k], mh[k], sc[k], b[k]));
+                                      epi.template apply<E>(normalized(v[g][k], mh[k], sc[k], b[k]),
+                                                            (r + g) * epi.row + k * W * E::size));
   };
   int64_t r = 0;
   for (; r + B <= n_rows; r += B) group(r, row_group<B>{});
@@ -70,9 +72,9 @@ void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, i
 // short row's work; bench/DESIGN.md).
 // A run one tile spans goes in memory order; wider rows in blocks (above), or
 // one at a time from memory while their parameters fit in L1.
-template <class E, bool Stream>
+template <class E, bool Stream, class Epi>
 void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
-                        int64_t len, const affine_params &a, int64_t c0, x_source x_from) {
+                        int64_t len, const affine_params &a, int64_t c0, x_source x_from, const Epi &epi) {
   using acc = typename E::acc;
   constexpr int64_t W = E::lanes;
   const acc *mean_hi = static_cast<const acc *>(a.mean_hi) + c0;
@@ -88,6 +90,7 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
         block != kNormalizeBlockRows || x_from == x_source::l2 ? 0 : min_of(block, n_rows - r0 - nb);
     const char *xb = x + r0 * x_row;
     char *yb = y + r0 * y_row;
+    const Epi epi_b = epi.at(r0 * epi.row);
     // rows and ahead as compile-time constants for whole blocks: with them at
     // run time, each tile carries row loops, prefetch branches and pointers
     // spilled to the stack, a set-up as long as its 8 vectors of work
@@ -96,7 +99,8 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
       constexpr int B = decltype(group)::count;
       auto tile = [&](auto width, int64_t j) {
         normalize_rows_tile<E, Stream, decltype(width)::count, B>(xb + j * E::size, x_row, yb + j * E::size, y_row,
-                                                                  n_rows, n_ahead, mean_hi + j, scale + j, bias + j);
+                                                                  n_rows, n_ahead, mean_hi + j, scale + j, bias + j,
+                                                                  epi_b.at(j * E::size));
       };
       return B == 1 ? for_each_tile<kNormalizeTileVectors, W>(len, tile)
                     : for_each_tile<kNormalizeBlockVectors, W>(len, tile);
@@ -113,7 +117,8 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
     for (int64_t r = 0; vector_end < len && r < nb; ++r)
       for (int64_t k = vector_end; k < len; ++k)
         E::store(yb + r * y_row + k * E::size,
-                 normalized(E::load(xb + r * x_row + k * E::size), mean_hi[k], scale[k], bias[k]));
+                 epi_b.template apply<E>(normalized(E::load(xb + r * x_row + k * E::size), mean_hi[k], scale[k], bias[k]),
+                                         r * epi.row + k * E::size));
   }
 }
 
@@ -148,26 +153,29 @@ __attribute__((noinline)) void normalize_rows_rotated(const plan &p, const char 
   for (int i = 0; i < 3; ++i)
     for (int64_t k = 0; k < len; ++k) rotated[i][k] = params[i][c0 + (head + k) % len];
   const affine_params rotated_a{rotated[0], rotated[1], rotated[2]};
-  normalize_rows_run<E, false>(x, row, y, row, 1, head, a, c0, p.x_from);
+  const no_epilogue plain;
+  normalize_rows_run<E, false>(x, row, y, row, 1, head, a, c0, p.x_from, plain);
   normalize_rows_run<E, true>(x + head * E::size, row, y + head * E::size, row, n_rows - 1, len,
-                              rotated_a, 0, p.x_from);
+                              rotated_a, 0, p.x_from, plain);
   const int64_t last = (n_rows - 1) * row + head * E::size;
-  normalize_rows_run<E, true>(x + last, row, y + last, row, 1, len - head, a, c0 + head, p.x_from);
+  normalize_rows_run<E, true>(x + last, row, y + last, row, 1, len - head, a, c0 + head, p.x_from, plain);
 }
 
-template <class E>
+// epi: the epilogue, its residual at the run's first element. An epilogue
+// streams only into vector-aligned rows (the rotated walk is the plain one's).
+template <class E, class Epi>
 void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
-                    int64_t n_rows, int64_t len, const affine_params &a, int64_t c0) {
+                    int64_t n_rows, int64_t len, const affine_params &a, int64_t c0, const Epi &epi) {
   constexpr int64_t align = E::lanes * E::size;
   const int64_t head = (align - reinterpret_cast<uintptr_t>(y) % align) % align / E::size;
   const int64_t row_bytes = len * E::size;
-  if (p.stream_y && head != 0 && x_row == row_bytes && y_row == row_bytes && row_bytes % align == 0 &&
+  if (std::is_same_v<Epi, no_epilogue> && p.stream_y && head != 0 && x_row == row_bytes && y_row == row_bytes && row_bytes % align == 0 &&
       reinterpret_cast<uintptr_t>(y) % E::size == 0 && n_rows >= 2 && len <= kRotatedMaxChannels)
     normalize_rows_rotated<E>(p, x, y, row_bytes, n_rows, len, head, a, c0);
   else if (p.stream_y && vector_aligned<E>(y, y_row))
-    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
+    normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from, epi);
   else
-    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from);
+    normalize_rows_run<E, false>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from, epi);
 }
 
 }  // namespace

@@ -102,17 +102,21 @@ void moments_items(const plan &p, int64_t item_begin, int64_t item_end, const mo
   });
 }
 
-template <class E>
+// Epi: no_epilogue, or with_epilogue (normalize_epilogue_entry), which walks a
+// residual alongside x (contiguous walks need it contiguous too).
+template <class E, class Epi>
 void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
   const int64_t xs = p.inner.x_stride, ys = p.inner.y_stride, ps = p.inner.p_stride;
-  const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1);
+  const bool residual_contig = std::is_same_v<Epi, no_epilogue> || !p.residual || p.inner.d_stride == E::size;
+  const bool contig = xs == E::size && ys == E::size && (!p.inner_is_channel || ps == 1) && residual_contig;
   if (contig && p.inner_is_channel) {  // folded plans are contiguous
     // A folded plan's longest super row that one tile spans walks in order.
     const int64_t row = folded_row<E>(p, kNormalizeTileVectors * E::lanes);
     for_each_rows_or_super_rows_run(p, item_begin, item_end, row, [&](const line_offsets &cur, segment seg,
                                                                       int64_t n_rows, const loop_dim &step) {
       normalize_rows<E>(p, p.x + cur.x_off + seg.begin * xs, step.x_stride, p.y + cur.y_off + seg.begin * ys,
-                        step.y_stride, n_rows, seg.len, a, cur.p_off + seg.begin);
+                        step.y_stride, n_rows, seg.len, a, cur.p_off + seg.begin,
+                        epilogue_at<Epi>(p, cur.d_off, seg.begin, step.d_stride));
     });
     if (p.stream_y) end_streaming();
     return;
@@ -121,8 +125,9 @@ void normalize_items(const plan &p, int64_t item_begin, int64_t item_end, const 
     const char *x = p.x + cur.x_off + seg.begin * xs;
     char *y = p.y + cur.y_off + seg.begin * ys;
     const int64_t c0 = cur.p_off + (p.inner_is_channel ? seg.begin * ps : 0);
-    if (contig) normalize_segment<E, true>(p, x, y, c0, seg.len, a);
-    else normalize_segment<E, false>(p, x, y, c0, seg.len, a);
+    const Epi epi = epilogue_at<Epi>(p, cur.d_off, seg.begin, 0);
+    if (contig) normalize_segment<E, true>(p, x, y, c0, seg.len, a, epi);
+    else normalize_segment<E, false>(p, x, y, c0, seg.len, a, epi);
   });
   if (p.stream_y) end_streaming();
 }

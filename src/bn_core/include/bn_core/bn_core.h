@@ -123,6 +123,44 @@ BN_API bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_t
                              double epsilon, int32_t training, double *sum_dy,
                              double *sum_dy_xhat);
 
+/* Fused epilogue: y = act(z + residual), z the normalized value, applied in
+ * registers by the normalize walk itself (no extra pass over the data). The
+ * activation is computed in the compute type (float for <=32-bit data, double
+ * for float64):
+ *   BN_ACT_IDENTITY   z                      BN_ACT_RELU   max(z, 0)
+ *   BN_ACT_RELU6      min(max(z, 0), 6)      BN_ACT_LEAKY_RELU  z >= 0 ? z : alpha*z
+ *   BN_ACT_CLIP       min(max(z, lo), hi)    BN_ACT_SILU   z * sigmoid(z)
+ *   BN_ACT_GELU_TANH  0.5*z*(1 + tanh(sqrt(2/pi)*(z + 0.044715*z^3)))
+ * (NaN stays NaN.) residual may be NULL; otherwise a tensor of x's shape and
+ * dtype with any strides, which may be y itself or x itself but must not
+ * partially overlap x or y. alpha must be finite; lo <= hi, neither NaN. */
+typedef enum bn_activation {
+  BN_ACT_IDENTITY = 0,
+  BN_ACT_RELU = 1,
+  BN_ACT_RELU6 = 2,
+  BN_ACT_LEAKY_RELU = 3,
+  BN_ACT_CLIP = 4,
+  BN_ACT_SILU = 5,
+  BN_ACT_GELU_TANH = 6
+} bn_activation;
+
+typedef struct bn_epilogue {
+  bn_activation activation;
+  double alpha;               /* BN_ACT_LEAKY_RELU's negative slope */
+  double lo, hi;              /* BN_ACT_CLIP's bounds */
+  const bn_tensor *residual;  /* NULL: none */
+} bn_epilogue;
+
+/* bn_normalize and bn_train_forward followed by the epilogue (NULL: none). */
+BN_API bn_status bn_normalize_epilogue(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                                       int32_t n_axes, const double *mean, const double *variance,
+                                       const double *gamma, const double *beta, double epsilon,
+                                       const bn_epilogue *epilogue);
+BN_API bn_status bn_train_forward_epilogue(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                                           int32_t n_axes, const bn_tensor *mask, const double *gamma,
+                                           const double *beta, double epsilon, double *mean,
+                                           double *variance, const bn_epilogue *epilogue);
+
 /* Distributed training: the statistics' phases around the caller's sum over
  * ranks (README.md, "Distributed training"). The core itself never communicates.
  *

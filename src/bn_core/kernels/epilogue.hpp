@@ -1,0 +1,168 @@
+// The fused epilogue of the normalize walks, y = act(z + residual): the
+// activations on scalars and vectors alike, and the two epilogue types a walk
+// is compiled with (the only compile-time variant: the activation is a runtime
+// switch per vector, a branch every vector takes the same way, which the
+// memory-bound walks do not notice; one variant per activation would multiply
+// the build time).
+// Part of the kernel source (kernels/all.hpp lists the parts in order).
+
+namespace bn_core {
+namespace BN_ISA_NS {
+namespace {
+
+// ---- lanes of scalars and vectors ------------------------------------------------
+
+// The lane type of a vector (a scalar is its own lane) and the signed integer
+// type of the same width, so that one formula serves the scalar tails and the
+// vectors.
+template <class V> struct lanes_of { using lane = std::remove_reference_t<decltype(V{}[0])>; using bits = decltype(V{} < V{}); };
+template <> struct lanes_of<float> { using lane = float; using bits = int32_t; };
+template <> struct lanes_of<double> { using lane = double; using bits = int64_t; };
+
+// v broadcast to V's lanes.
+template <class V, class T>
+inline V splat(T v) {
+  return V{} + static_cast<typename lanes_of<V>::lane>(v);
+}
+
+// exp(x) to about 1 ulp: x = n·ln2 + r with |r| <= ln2/2 (ln2 in two parts,
+// Cody and Waite), e^r by its Taylor polynomial (degree 7 in float, 13 in
+// double: the first omitted term is under a tenth of an ulp there), and 2^n put
+// into the exponent field. n is rounded with the shifter 1.5·2^mantissa bits,
+// whose low bits then hold n: no float to integer conversion, which AVX2 lacks
+// for doubles. Below the smallest normal result, 0; above the largest, the
+// largest power reached (the callers only need e^x <= 1 or a huge value).
+template <class V>
+inline V exp_of(V x) {
+  using T = typename lanes_of<V>::lane;
+  using I = typename lanes_of<V>::bits;
+  constexpr bool wide = sizeof(T) == 8;
+  constexpr int mantissa = wide ? 52 : 23, bias = wide ? 1023 : 127;
+  const T lowest = wide ? T(-708.0) : T(-87.0), highest = wide ? T(709.0) : T(88.0);
+  const T shifter = T(1.5) * (wide ? T(4503599627370496.0) : T(8388608.0));
+  const V low = splat<V>(lowest), high = splat<V>(highest);
+  const V clamped = x < low ? low : (x > high ? high : x);
+  const V shifted = clamped * splat<V>(1.4426950408889634) + splat<V>(shifter);
+  const V n = shifted - splat<V>(shifter);
+  V r = clamped - n * splat<V>(wide ? 0.6931471803691238 : 0.693359375);
+  r = r - n * splat<V>(wide ? 1.9082149292705877e-10 : -2.12194440e-4);
+  constexpr int degree = wide ? 13 : 7;
+  V poly = splat<V>(1.0);
+#pragma GCC unroll 16
+  for (int k = degree; k >= 1; --k) poly = poly * r * splat<V>(1.0 / k) + splat<V>(1.0);
+  I shifted_bits, shifter_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+  const V shifter_v = splat<V>(shifter);
+  std::memcpy(&shifter_bits, &shifter_v, sizeof shifter_bits);
+  const I scale_bits = (shifted_bits - shifter_bits + I{} + bias) << mantissa;
+  V scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  const V result = poly * scale;
+  return x < low ? V{} : result;
+}
+
+// sigmoid(t) = 1/(1 + e^−t), from e = e^−|t| <= 1 so that neither branch
+// cancels or overflows: 1/(1 + e) for t >= 0, e/(1 + e) below.
+template <class V>
+inline V sigmoid_of(V t) {
+  const V e = exp_of(t < V{} ? t : -t);
+  const V one = splat<V>(1.0);
+  return (t < V{} ? e : one) / (one + e);
+}
+
+// The tanh approximation of gelu, 0.5·z·(1 + tanh(u)) with
+// u = √(2/π)·(z + 0.044715·z³), as z·sigmoid(2u): 0.5·(1 + tanh(u)) is
+// sigmoid(2u), exact to the rounding of e^−2|u| in both tails (1 + tanh(u) for
+// a very negative z would cancel).
+template <class V>
+inline V gelu_tanh_argument(V z) {
+  return splat<V>(2 * 0.7978845608028654) * (z + splat<V>(0.044715) * z * z * z);
+}
+
+// The activation in compute-type values (T: float or double), read once per
+// walk from epilogue_params.
+template <class T>
+struct activation {
+  int32_t kind;
+  T alpha, lo, hi;
+
+  // act(z); a NaN z stays NaN (the comparisons are false for it).
+  template <class V>
+  V operator()(V z) const {
+    switch (kind) {
+      case BN_ACT_RELU: return z < V{} ? V{} : z;
+      case BN_ACT_RELU6: {
+        const V six = splat<V>(6.0);
+        return z < V{} ? V{} : (z > six ? six : z);
+      }
+      case BN_ACT_LEAKY_RELU: return z < V{} ? z * splat<V>(alpha) : z;
+      case BN_ACT_CLIP: {
+        const V l = splat<V>(lo), h = splat<V>(hi);
+        return z < l ? l : (z > h ? h : z);
+      }
+      case BN_ACT_SILU: return z * sigmoid_of(z);
+      case BN_ACT_GELU_TANH: return z * sigmoid_of(gelu_tanh_argument(z));
+      default: return z;
+    }
+  }
+};
+
+// ---- the two variants of a normalize walk ---------------------------------------
+
+// Plain: the normalized value as it is. Every member a walk uses is a constant
+// or returns its argument, so the walk compiles to the code it had before
+// epilogues existed.
+struct no_epilogue {
+  static constexpr int64_t row = 0, stride = 0;
+  static constexpr bool has_residual = false;
+  no_epilogue at(int64_t) const { return *this; }
+  template <class E, class V>
+  V apply(V z, int64_t) const { return z; }
+};
+
+// With an epilogue: z + the residual at the same position (at: its byte
+// offset from `residual`, which the walk moves like x), then the activation.
+// row and stride are the residual's row step and inner stride in bytes.
+template <class T>
+struct with_epilogue {
+  const char *residual;  // null: none
+  int64_t row, stride;
+  activation<T> act;
+  bool has_residual;
+
+  with_epilogue(const plan &p, const char *at, int64_t row_step)
+      : residual(at), row(row_step), stride(p.inner.d_stride),
+        act{p.epilogue.activation, T(p.epilogue.alpha), T(p.epilogue.lo), T(p.epilogue.hi)},
+        has_residual(p.residual != nullptr) {}
+
+  with_epilogue at(int64_t bytes) const {
+    with_epilogue moved = *this;
+    if (residual) moved.residual += bytes;
+    return moved;
+  }
+
+  template <class E, class V>
+  V apply(V z, int64_t at) const {
+    if (residual) {
+      if constexpr (std::is_same_v<V, typename E::vec>) z += E::load_vec(residual + at);
+      else z += E::load(residual + at);
+    }
+    return act(z);
+  }
+};
+
+// The epilogue of a walk whose residual starts `elements` inner steps into the
+// line at residual offset d_off, its rows `row_step` bytes apart.
+template <class Epi>
+inline Epi epilogue_at(const plan &p, int64_t d_off, int64_t elements, int64_t row_step) {
+  if constexpr (std::is_same_v<Epi, no_epilogue>) {
+    return Epi{};
+  } else {
+    const char *r = p.residual ? p.residual + d_off + elements * p.inner.d_stride : nullptr;
+    return Epi(p, r, row_step);
+  }
+}
+
+}  // namespace
+}  // namespace BN_ISA_NS
+}  // namespace bn_core

@@ -1,0 +1,180 @@
+/* C99 tests of the fused epilogue (bn_normalize_epilogue,
+ * bn_train_forward_epilogue): every activation, with and without a residual
+ * (contiguous, strided, and y itself), on channels-first and channels-last
+ * layouts in float32 and float64 on every SIMD level this CPU has, against a double-precision reference written
+ * here; then the status of each invalid descriptor. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bn_core/bn_core.h"
+#include "check.h"
+
+enum { N = 3, C = 5, L = 37, COUNT = N * C * L };
+
+static double activate(bn_activation act, double z, double alpha, double lo, double hi) {
+  switch (act) {
+    case BN_ACT_RELU: return z < 0 ? 0 : z;
+    case BN_ACT_RELU6: return z < 0 ? 0 : z > 6 ? 6 : z;
+    case BN_ACT_LEAKY_RELU: return z < 0 ? alpha * z : z;
+    case BN_ACT_CLIP: return z < lo ? lo : z > hi ? hi : z;
+    case BN_ACT_SILU: return z / (1 + exp(-z));
+    case BN_ACT_GELU_TANH: return 0.5 * z * (1 + tanh(sqrt(2 / acos(-1.0)) * (z + 0.044715 * z * z * z)));
+    default: return z;
+  }
+}
+
+/* Element (n, c, l) of a buffer whose layout is channels-first (N, C, L) or,
+ * channels_last, (N, L, C), `spread` elements apart. */
+static int64_t index_of(int channels_last, int64_t spread, int64_t n, int64_t c, int64_t l) {
+  return spread * (channels_last ? (n * L + l) * C + c : (n * C + c) * L + l);
+}
+
+static double get(const void *data, bn_dtype dt, int64_t i) {
+  return dt == BN_FLOAT64 ? ((const double *)data)[i] : ((const float *)data)[i];
+}
+
+static void put(void *data, bn_dtype dt, int64_t i, double v) {
+  if (dt == BN_FLOAT64) ((double *)data)[i] = v;
+  else ((float *)data)[i] = (float)v;
+}
+
+typedef struct {
+  int64_t shape[3], strides[3];
+  bn_tensor t;
+} view;
+
+/* A view of data as logical (N, C, L) in the given layout. */
+static void view_make(view *v, void *data, bn_dtype dt, int channels_last, int64_t spread) {
+  const int64_t es = dt == BN_FLOAT64 ? 8 : 4;
+  v->shape[0] = N; v->shape[1] = C; v->shape[2] = L;
+  v->strides[0] = es * spread * C * L;
+  v->strides[1] = es * spread * (channels_last ? 1 : L);
+  v->strides[2] = es * spread * (channels_last ? C : 1);
+  v->t.data = data; v->t.dtype = dt; v->t.rank = 3; v->t.shape = v->shape; v->t.strides = v->strides;
+}
+
+static void run_case(bn_dtype dt, int channels_last, int residual_kind, bn_activation act, int training) {
+  /* residual_kind: 0 none, 1 contiguous, 2 strided (every other element), 3 y itself */
+  const int64_t es = dt == BN_FLOAT64 ? 8 : 4, spread = residual_kind == 2 ? 2 : 1;
+  char *x = malloc(COUNT * es), *y = malloc(COUNT * es), *r = malloc(2 * COUNT * es);
+  double mean[C], var[C], gamma[C], beta[C], ref_r[COUNT];
+  const double alpha = 0.1, lo = -0.5, hi = 0.75, eps = 1e-5;
+  unsigned seed = 7u + (unsigned)act;
+  for (int64_t i = 0; i < COUNT; ++i) {
+    seed = seed * 1664525u + 1013904223u;
+    put(x, dt, i, 3.0 + 2.0 * ((double)(seed >> 8) / (1 << 24) - 0.5));
+    seed = seed * 1664525u + 1013904223u;
+    ref_r[i] = (double)(seed >> 8) / (1 << 24) - 0.5;
+  }
+  for (int c = 0; c < C; ++c) {
+    mean[c] = 3.0 + 0.01 * c; var[c] = 0.3 + 0.05 * c; gamma[c] = 1.5 - 0.2 * c; beta[c] = 0.1 * c - 0.2;
+  }
+  view xv, yv, rv;
+  view_make(&xv, x, dt, channels_last, 1);
+  view_make(&yv, y, dt, channels_last, 1);
+  view_make(&rv, residual_kind == 3 ? (void *)y : (void *)r, dt, channels_last, spread);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t at = index_of(channels_last, 1, n, c, l);
+        if (residual_kind == 3) put(y, dt, at, ref_r[at]);
+        else put(r, dt, index_of(channels_last, spread, n, c, l), ref_r[at]);
+        ref_r[at] = residual_kind ? get(residual_kind == 3 ? y : r, dt,
+                                        residual_kind == 3 ? at : index_of(channels_last, spread, n, c, l)) : 0.0;
+      }
+  const bn_epilogue e = {act, alpha, lo, hi, residual_kind ? &rv.t : NULL};
+  const int32_t axis = 1;
+  bn_status st;
+  if (training) {
+    st = bn_train_forward_epilogue(&xv.t, &yv.t, &axis, 1, NULL, gamma, beta, eps, mean, var, &e);
+  } else {
+    st = bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, gamma, beta, eps, &e);
+  }
+  CHECK(st == BN_OK, "status %d: %s", (int)st, bn_last_error());
+  const double tol = dt == BN_FLOAT64 ? 1e-12 : 3e-6;
+  double worst = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t at = index_of(channels_last, 1, n, c, l);
+        const double z = (get(x, dt, at) - mean[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c] + ref_r[at];
+        const double want = activate(act, z, alpha, lo, hi), err = fabs(get(y, dt, at) - want) / (1 + fabs(want));
+        if (err > worst) worst = err;
+      }
+  CHECK(worst <= tol, "%s %s residual %d act %d training %d: error %g", dt == BN_FLOAT64 ? "float64" : "float32",
+        channels_last ? "channels-last" : "channels-first", residual_kind, (int)act, training, worst);
+  free(x); free(y); free(r);
+}
+
+static void test_values_on_isa(const bn_dtype *dtypes) {
+  for (int d = 0; d < 2; ++d)
+    for (int cl = 0; cl < 2; ++cl)
+      for (int rk = 0; rk < 4; ++rk)
+        for (int act = BN_ACT_IDENTITY; act <= BN_ACT_GELU_TANH; ++act)
+          for (int training = 0; training < 2; ++training) run_case(dtypes[d], cl, rk, (bn_activation)act, training);
+}
+
+static void test_values(void) {
+  const bn_dtype dtypes[2] = {BN_FLOAT32, BN_FLOAT64};
+  for (int isa = BN_ISA_SCALAR; isa <= BN_ISA_AVX512; ++isa) {
+    if (bn_set_isa((bn_isa)isa) != BN_OK) continue; /* a SIMD level this CPU lacks */
+    test_values_on_isa(dtypes);
+  }
+  bn_set_isa(bn_best_isa());
+}
+
+#define CHECK_STATUS(call, expected, what)                                                              \
+  do {                                                                                                  \
+    const bn_status got_ = (call);                                                                      \
+    CHECK(got_ == (expected), "%s: status %d, expected %d (%s)", what, (int)got_, (int)(expected),      \
+          bn_last_error());                                                                             \
+    CHECK(strlen(bn_last_error()) > 0, "%s: empty bn_last_error()", what);                              \
+  } while (0)
+
+static void test_errors(void) {
+  float x[COUNT], y[COUNT], r[COUNT + 1];
+  double mean[C] = {0}, var[C] = {1, 1, 1, 1, 1};
+  view xv, yv, rv, partial;
+  view_make(&xv, x, BN_FLOAT32, 0, 1);
+  view_make(&yv, y, BN_FLOAT32, 0, 1);
+  view_make(&rv, r, BN_FLOAT32, 0, 1);
+  view_make(&partial, x + 1, BN_FLOAT32, 0, 1);
+  for (int i = 0; i < COUNT; ++i) y[i] = -7.0f;
+  const int32_t axis = 1;
+  bn_epilogue e = {(bn_activation)7, 0, 0, 0, NULL};
+  CHECK_STATUS(bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e), BN_ERR_VALUE,
+               "unknown activation");
+  e.activation = BN_ACT_LEAKY_RELU; e.alpha = NAN;
+  CHECK_STATUS(bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e), BN_ERR_VALUE,
+               "NaN alpha");
+  e.activation = BN_ACT_CLIP; e.lo = 1; e.hi = 0;
+  CHECK_STATUS(bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e), BN_ERR_VALUE,
+               "lo > hi");
+  e.lo = NAN;
+  CHECK_STATUS(bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e), BN_ERR_VALUE,
+               "NaN lo");
+  e.activation = BN_ACT_RELU;
+  e.residual = &partial.t;
+  CHECK_STATUS(bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e), BN_ERR_VALUE,
+               "residual partly overlapping x");
+  rv.shape[2] = L - 1;
+  e.residual = &rv.t;
+  CHECK_STATUS(bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e), BN_ERR_SHAPE,
+               "residual shape");
+  rv.shape[2] = L;
+  rv.t.dtype = BN_FLOAT64;
+  CHECK_STATUS(bn_train_forward_epilogue(&xv.t, &yv.t, &axis, 1, NULL, NULL, NULL, 0.0, mean, var, &e),
+               BN_ERR_DTYPE, "residual dtype");
+  int untouched = 1;
+  for (int i = 0; i < COUNT; ++i) untouched &= y[i] == -7.0f;
+  CHECK(untouched, "a failed call wrote y");
+}
+
+int main(void) {
+  test_values();
+  test_errors();
+  printf("%d checks, %d failures\n", checks, failures);
+  return failures ? 1 : 0;
+}
