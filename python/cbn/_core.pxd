@@ -41,6 +41,35 @@ cdef extern from "bn_core/bn_core.h" nogil:
                           const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
                           const double *mean, const double *variance, const double *gamma,
                           double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat)
+    ctypedef enum bn_activation:
+        BN_ACT_IDENTITY
+    ctypedef struct bn_epilogue:
+        bn_activation activation
+        double alpha
+        double lo
+        double hi
+        const bn_tensor *residual
+    bn_status bn_normalize_epilogue(const bn_tensor *x, const bn_tensor *y, const int32_t *axes,
+                                    int32_t n_axes, const double *mean, const double *variance,
+                                    const double *gamma, const double *beta, double epsilon,
+                                    const bn_epilogue *epilogue)
+    bn_status bn_train_forward_epilogue(const bn_tensor *x, const bn_tensor *y,
+                                        const int32_t *axes, int32_t n_axes,
+                                        const bn_tensor *mask, const double *gamma,
+                                        const double *beta, double epsilon, double *mean,
+                                        double *variance, const bn_epilogue *epilogue)
+    bn_status bn_epilogue_gradient(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *g,
+                                   const int32_t *axes, int32_t n_axes, const double *mean,
+                                   const double *variance, const double *gamma,
+                                   const double *beta, double epsilon,
+                                   const bn_epilogue *epilogue, const bn_tensor *output)
+    bn_status bn_backward_epilogue(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                                   const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                                   const double *mean, const double *variance,
+                                   const double *gamma, const double *beta, double epsilon,
+                                   int32_t training, double *sum_dy, double *sum_dy_xhat,
+                                   const bn_epilogue *epilogue, const bn_tensor *output,
+                                   const bn_tensor *dresidual)
     bn_status bn_moments_partial(const bn_tensor *x, const int32_t *axes, int32_t n_axes,
                                  const bn_tensor *mask, const double *shift, double *partial)
     bn_status bn_moments_finalize(int64_t channels, const double *partial, const double *shift,

@@ -151,9 +151,38 @@ def moments(cnp.ndarray x, tuple axes, mask):
     return mean, var, count
 
 
+# A fused epilogue described to the core: the tuple (activation code, alpha, lo,
+# hi, residual array or None) cbn._epilogue builds, or None for none.
+cdef struct epilogue_desc:
+    bn_epilogue e
+    tensor_desc residual
+
+
+cdef const bn_epilogue *describe_epilogue(epilogue_desc *d, object epilogue) except? NULL:
+    if epilogue is None:
+        return NULL
+    activation, alpha, lo, hi, residual = epilogue
+    cdef int32_t code = activation  # the core checks the range (an int, as C passes it)
+    memcpy(&d.e.activation, &code, sizeof(int32_t))
+    d.e.alpha, d.e.lo, d.e.hi = alpha, lo, hi
+    d.e.residual = NULL
+    if residual is not None:
+        describe(&d.residual, residual, False)
+        d.e.residual = &d.residual.t
+    return &d.e
+
+
+cdef const bn_tensor *optional_tensor(tensor_desc *d, object a) except? NULL:
+    if a is None:
+        return NULL
+    describe(d, a, False)
+    return &d.t
+
+
 def normalize(cnp.ndarray x, cnp.ndarray y, tuple axes, mean, variance, gamma, beta,
-              double epsilon):
-    """y = (x - mean) * gamma / sqrt(variance + epsilon) + beta; y may be x."""
+              double epsilon, epilogue=None):
+    """y = act((x - mean) * gamma / sqrt(variance + epsilon) + beta + residual) with
+    the epilogue (none: y is the normalized value); y may be x."""
     cdef tensor_desc xd, yd
     cdef _Axes ax = _Axes(axes)
     describe(&xd, x, False)
@@ -161,10 +190,12 @@ def normalize(cnp.ndarray x, cnp.ndarray y, tuple axes, mean, variance, gamma, b
     check_output(y)
     cdef bn_params bp
     read_bn_params(&bp, channel_count(x, axes), mean, variance, gamma, beta)
+    cdef epilogue_desc ed
+    cdef const bn_epilogue *ep = describe_epilogue(&ed, epilogue)
     cdef bn_status st
     with nogil:
-        st = bn_normalize(&xd.t, &yd.t, ax.values, ax.count, bp.mean, bp.variance, bp.gamma,
-                          bp.beta, epsilon)
+        st = bn_normalize_epilogue(&xd.t, &yd.t, ax.values, ax.count, bp.mean, bp.variance,
+                                   bp.gamma, bp.beta, epsilon, ep)
     check(st)
 
 
@@ -192,9 +223,10 @@ def fold(cnp.ndarray weight, cnp.ndarray out, int axis, bias, mean, variance, ga
     return new_bias
 
 
-def train_forward(cnp.ndarray x, cnp.ndarray y, tuple axes, mask, gamma, beta, double epsilon):
-    """Batch moments (masked) and normalization with them in one call; returns
-    (mean, variance) as float64."""
+def train_forward(cnp.ndarray x, cnp.ndarray y, tuple axes, mask, gamma, beta, double epsilon,
+                  epilogue=None):
+    """Batch moments (masked) and normalization with them (and the epilogue) in one
+    call; returns (mean, variance) as float64."""
     cdef tensor_desc xd, yd, md
     cdef _Axes ax = _Axes(axes)
     describe(&xd, x, False)
@@ -210,10 +242,12 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, tuple axes, mask, gamma, beta, d
     cdef cnp.ndarray mean = np.empty(c), var = np.empty(c)
     cdef double *mean_p = <double *>cnp.PyArray_DATA(mean)
     cdef double *var_p = <double *>cnp.PyArray_DATA(var)
+    cdef epilogue_desc ed
+    cdef const bn_epilogue *ep = describe_epilogue(&ed, epilogue)
     cdef bn_status st
     with nogil:
-        st = bn_train_forward(&xd.t, &yd.t, ax.values, ax.count, mp, gamma_p, beta_p, epsilon,
-                              mean_p, var_p)
+        st = bn_train_forward_epilogue(&xd.t, &yd.t, ax.values, ax.count, mp, gamma_p, beta_p,
+                                       epsilon, mean_p, var_p, ep)
     check(st)
     return mean, var
 
@@ -269,6 +303,53 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, me
     with nogil:
         st = bn_backward(&g.dy.t, &g.x.t, &g.dx.t, ax.values, ax.count, g.mask_p, g.mean,
                          g.variance, g.gamma, epsilon, training, s1, s2)
+    check(st)
+    return sum_dy, sum_dy_xhat
+
+
+def epilogue_gradient(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray g, tuple axes, mean,
+                      variance, gamma, beta, double epsilon, epilogue, output):
+    """g = dy * act'(z), z = bn(x) + residual, the gradient at the epilogue's input
+    (g may be dy or output; output: the forward's y or None)."""
+    cdef grad_operands go
+    cdef _Axes ax = _Axes(axes)
+    describe_grad(&go, dy, x, g, axes, None, mean, variance, gamma)
+    cdef const double *beta_p = param_ptr(beta, go.channels, "beta")
+    cdef epilogue_desc ed
+    cdef const bn_epilogue *ep = describe_epilogue(&ed, epilogue)
+    cdef tensor_desc od
+    cdef const bn_tensor *op = optional_tensor(&od, output)
+    cdef bn_status st
+    with nogil:
+        st = bn_epilogue_gradient(&go.dy.t, &go.x.t, &go.dx.t, ax.values, ax.count, go.mean,
+                                  go.variance, go.gamma, beta_p, epsilon, ep, op)
+    check(st)
+
+
+def backward_epilogue(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, mean,
+                      variance, gamma, beta, double epsilon, bint training, epilogue, output,
+                      dresidual):
+    """backward through the epilogue: dx, dresidual (an array or None) = g, and
+    per-channel (Σg, Σg·x̂) as float64."""
+    cdef grad_operands g
+    cdef _Axes ax = _Axes(axes)
+    describe_grad(&g, dy, x, dx, axes, mask, mean, variance, gamma)
+    cdef const double *beta_p = param_ptr(beta, g.channels, "beta")
+    cdef epilogue_desc ed
+    cdef const bn_epilogue *ep = describe_epilogue(&ed, epilogue)
+    cdef tensor_desc od, rd
+    cdef const bn_tensor *op = optional_tensor(&od, output)
+    if dresidual is not None:
+        check_output(dresidual)
+    cdef const bn_tensor *rp = optional_tensor(&rd, dresidual)
+    cdef cnp.ndarray sum_dy = np.empty(g.channels), sum_dy_xhat = np.empty(g.channels)
+    cdef double *s1 = out_ptr(sum_dy)
+    cdef double *s2 = out_ptr(sum_dy_xhat)
+    cdef bn_status st
+    with nogil:
+        st = bn_backward_epilogue(&g.dy.t, &g.x.t, &g.dx.t, ax.values, ax.count, g.mask_p,
+                                  g.mean, g.variance, g.gamma, beta_p, epsilon, training, s1, s2,
+                                  ep, op, rp)
     check(st)
     return sum_dy, sum_dy_xhat
 

@@ -34,10 +34,13 @@ enum class x_source : int8_t { l2, l3, memory };
 // A forward call's epilogue, y = act(z + residual) with z the normalized value
 // (bn_epilogue; the residual is the plan's second input). Inactive for calls
 // without one, and for identity without a residual: those take the plain walk.
+// A gradient pass (gradient: true) of the backward through an epilogue walks
+// the incoming gradient dy as the second input and writes dy·act'(z).
 struct epilogue_params {
   bool active;
   int32_t activation;  // a bn_activation
   double alpha, lo, hi;
+  bool gradient;
 };
 
 struct plan {

@@ -152,7 +152,7 @@ bn_status plan_call(const call_args &call, const bn_tensor *y, const bn_tensor *
 
 epilogue_params epilogue_of(const bn_epilogue *e) {
   if (!e || (e->activation == BN_ACT_IDENTITY && !e->residual)) return epilogue_params{};
-  return epilogue_params{true, enum_value(e->activation), e->alpha, e->lo, e->hi};
+  return epilogue_params{true, enum_value(e->activation), e->alpha, e->lo, e->hi, false};
 }
 
 

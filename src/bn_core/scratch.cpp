@@ -163,6 +163,14 @@ void affine_state::fill(const double *mean, const double *variance, const double
   else fill_with(std::false_type{}, std::false_type{});
 }
 
+void affine_state::fill_identity() {
+  const std::vector<double> zeros(static_cast<size_t>(params_.channels()), 0.0);
+  params_.fill(zeros.data(), [](int64_t, double, double *v) {
+    v[1] = 1.0;
+    v[2] = 0.0;
+  });
+}
+
 // ---- backward_state ----------------------------------------------------------------
 
 bool backward_state::allocate(const plan &p, int32_t slots) {

@@ -81,6 +81,7 @@ class channel_params {
   }
 
   int64_t length() const { return length_; }
+  int64_t channels() const { return channels_; }
 
  private:
   template <class acc, class Values>
@@ -100,6 +101,7 @@ class affine_state {
   void fit(const plan &p) { params_.fit(p); }
   void fill(const double *mean, const double *variance, const double *gamma, const double *beta,
             double eps);
+  void fill_identity();  // y = x: mean 0, scale 1, bias 0
   affine_params params() const {
     return affine_params{params_.array(0), params_.array(1), params_.array(2)};
   }

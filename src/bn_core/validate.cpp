@@ -148,7 +148,32 @@ bn_status check_epilogue(const bn_epilogue &e, const bn_tensor &x, const bn_tens
   return BN_OK;
 }
 
+// Whether a and b share any byte of their spans (identical views included).
+bool share_memory(const bn_tensor &a, const bn_tensor &b) {
+  const byte_span sa = span_of(a), sb = span_of(b);
+  return sa.first != sa.last && sb.first != sb.last && sa.first < sb.last && sb.first < sa.last;
+}
+
 }  // namespace
+
+bn_status check_gradient_tensors(const bn_tensor &x, const gradient_tensors &t) {
+  if (!t.epilogue) return fail(BN_ERR_NULL, "epilogue is NULL");
+  if (t.output)
+    if (bn_status st = check_like_x(x, t.output, "output", false)) return st;
+  if (!t.written) return BN_OK;
+  if (bn_status st = check_like_x(x, t.written, t.written_name, false)) return st;
+  const bn_tensor &w = *t.written;
+  const bn_tensor *residual = t.epilogue->residual;
+  const char *clash = share_memory(w, x) ? "x"
+                      : residual && share_memory(w, *residual) ? "the residual"
+                      : t.dx && share_memory(w, *t.dx) ? "dx"
+                      : partly_overlap(w, *t.dy) ? "dy"
+                      : t.output && partly_overlap(w, *t.output) ? "output" : nullptr;
+  if (clash)
+    return fail(BN_ERR_VALUE, std::string(t.written_name) + " overlaps " + clash +
+                                  "; expected separate memory (or dy or output itself)");
+  return BN_OK;
+}
 
 bn_status fail(bn_status status, const std::string &message) {
   last_error = message;

@@ -95,6 +95,18 @@ struct call_args {
 // is a channel axis.
 bn_status check_call(const call_args &call, bool is_channel[]);
 
+// The extra tensors of a backward through an epilogue (after check_call):
+// the epilogue itself (required), the forward's output (optional, like x),
+// and the tensor the call writes g into (g, or dresidual; optional), which
+// may be dy or output itself but shares no memory with x, the residual or dx.
+struct gradient_tensors {
+  const bn_epilogue *epilogue;
+  const bn_tensor *output, *dy, *dx;
+  const bn_tensor *written;
+  const char *written_name;
+};
+bn_status check_gradient_tensors(const bn_tensor &x, const gradient_tensors &t);
+
 // Each array must be non-NULL.
 bn_status check_arrays(std::initializer_list<named_array> arrays);
 

@@ -1,8 +1,9 @@
 /* C99 tests of the fused epilogue (bn_normalize_epilogue,
- * bn_train_forward_epilogue): every activation, with and without a residual
- * (contiguous, strided, and y itself), on channels-first and channels-last
- * layouts in float32 and float64 on every SIMD level this CPU has, against a double-precision reference written
- * here; then the status of each invalid descriptor. */
+ * bn_train_forward_epilogue) and its backward (bn_backward_epilogue): every
+ * activation, with and without a residual (contiguous, strided, and y itself),
+ * on channels-first and channels-last layouts in float32 and float64 on every
+ * SIMD level this CPU has, against a double-precision reference written here;
+ * then the status of each invalid descriptor. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +23,21 @@ static double activate(bn_activation act, double z, double alpha, double lo, dou
     case BN_ACT_SILU: return z / (1 + exp(-z));
     case BN_ACT_GELU_TANH: return 0.5 * z * (1 + tanh(sqrt(2 / acos(-1.0)) * (z + 0.044715 * z * z * z)));
     default: return z;
+  }
+}
+
+/* act'(z) as PyTorch takes it at the kinks. */
+static double slope(bn_activation act, double z, double alpha, double lo, double hi) {
+  const double s = 1 / (1 + exp(-z)), k = sqrt(2 / acos(-1.0));
+  const double t = tanh(k * (z + 0.044715 * z * z * z));
+  switch (act) {
+    case BN_ACT_RELU: return z > 0;
+    case BN_ACT_RELU6: return z > 0 && z < 6;
+    case BN_ACT_LEAKY_RELU: return z > 0 ? 1 : alpha;
+    case BN_ACT_CLIP: return z > lo && z < hi;
+    case BN_ACT_SILU: return s * (1 + z * (1 - s));
+    case BN_ACT_GELU_TANH: return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z);
+    default: return 1;
   }
 }
 
@@ -172,8 +188,149 @@ static void test_errors(void) {
   CHECK(untouched, "a failed call wrote y");
 }
 
+/* One backward through the epilogue: residual_kind 0 none, 1 contiguous, 2
+ * strided; with_output: the forward's y given; dresidual wanted or not; dx
+ * written over dy (in_place). The statistics are x's own (training) or fixed. */
+typedef struct {
+  bn_dtype dt;
+  int channels_last, residual_kind, with_output, want_dresidual, in_place, training;
+  bn_activation act;
+} grad_case;
+
+static void fill_case(const grad_case *k, char *x, char *r, char *dy, double *mean, double *var) {
+  unsigned seed = 11u + (unsigned)k->act;
+  const int64_t spread = k->residual_kind == 2 ? 2 : 1;
+  for (int64_t i = 0; i < COUNT; ++i) {
+    seed = seed * 1664525u + 1013904223u;
+    put(x, k->dt, i, 2.0 + 1.5 * ((double)(seed >> 8) / (1 << 24) - 0.5) + 0.1 * (i % C));
+    seed = seed * 1664525u + 1013904223u;
+    put(r, k->dt, i * spread, (double)(seed >> 8) / (1 << 24) - 0.5);
+    seed = seed * 1664525u + 1013904223u;
+    put(dy, k->dt, i, (double)(seed >> 8) / (1 << 24) - 0.5);
+  }
+  for (int64_t c = 0; c < C; ++c) { /* float64 batch statistics of channel c */
+    double s = 0, s2 = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t l = 0; l < L; ++l) s += get(x, k->dt, index_of(k->channels_last, 1, n, c, l));
+    mean[c] = s / (N * L);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t l = 0; l < L; ++l) {
+        const double d = get(x, k->dt, index_of(k->channels_last, 1, n, c, l)) - mean[c];
+        s2 += d * d;
+      }
+    var[c] = k->training ? s2 / (N * L) : 0.2 + 0.03 * c;
+    if (!k->training) mean[c] += 0.05;
+  }
+}
+
+/* The largest error of dx, dgamma, dbeta and dresidual against the float64 formula. */
+static double grad_error(const grad_case *k, const char *x, const char *r, const double *dy_ref, const char *dx,
+                         const char *dres, const double *mean, const double *var, const double *gamma,
+                         const double *beta, const double *sum_dy, const double *sum_dy_xhat) {
+  const double alpha = 0.1, lo = -0.5, hi = 0.75, eps = 1e-5;
+  const int64_t spread = k->residual_kind == 2 ? 2 : 1;
+  double worst = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    double g[N * L], xhat[N * L], sg = 0, sgx = 0;
+    const double s = 1 / sqrt(var[c] + eps);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t at = index_of(k->channels_last, 1, n, c, l), j = n * L + l;
+        xhat[j] = (get(x, k->dt, at) - mean[c]) * s;
+        const double res = k->residual_kind ? get(r, k->dt, index_of(k->channels_last, spread, n, c, l)) : 0;
+        g[j] = dy_ref[at] * slope(k->act, xhat[j] * gamma[c] + beta[c] + res, alpha, lo, hi);
+        sg += g[j];
+        sgx += g[j] * xhat[j];
+        if (dres) worst = fmax(worst, fabs(get(dres, k->dt, at) - g[j]));
+      }
+    worst = fmax(worst, fmax(fabs(sum_dy[c] - sg), fabs(sum_dy_xhat[c] - sgx)) / (N * L));
+    for (int64_t j = 0; j < N * L; ++j) {
+      const double want = k->training ? gamma[c] * s * (g[j] - (sg + xhat[j] * sgx) / (N * L)) : gamma[c] * s * g[j];
+      worst = fmax(worst, fabs(get(dx, k->dt, index_of(k->channels_last, 1, j / L, c, j % L)) - want) / (1 + fabs(want)));
+    }
+  }
+  return worst;
+}
+
+static void run_grad_case(const grad_case *k) {
+  const int64_t es = k->dt == BN_FLOAT64 ? 8 : 4, spread = k->residual_kind == 2 ? 2 : 1;
+  char *x = malloc(COUNT * es), *y = malloc(COUNT * es), *r = malloc(2 * COUNT * es), *dy = malloc(COUNT * es);
+  char *dx = k->in_place ? dy : malloc(COUNT * es), *dres = malloc(COUNT * es);
+  double mean[C], var[C], gamma[C], beta[C], sum_dy[C], sum_dy_xhat[C], dy_ref[COUNT];
+  fill_case(k, x, r, dy, mean, var);
+  for (int64_t i = 0; i < COUNT; ++i) dy_ref[i] = get(dy, k->dt, i);
+  for (int c = 0; c < C; ++c) { gamma[c] = 1.5 - 0.2 * c; beta[c] = 0.1 * c - 0.2; }
+  view xv, yv, rv, dyv, dxv, dresv;
+  view_make(&xv, x, k->dt, k->channels_last, 1);
+  view_make(&yv, y, k->dt, k->channels_last, 1);
+  view_make(&rv, r, k->dt, k->channels_last, spread);
+  view_make(&dyv, dy, k->dt, k->channels_last, 1);
+  view_make(&dxv, dx, k->dt, k->channels_last, 1);
+  view_make(&dresv, dres, k->dt, k->channels_last, 1);
+  const bn_epilogue e = {k->act, 0.1, -0.5, 0.75, k->residual_kind ? &rv.t : NULL};
+  const int32_t axis = 1;
+  bn_status st = bn_normalize_epilogue(&xv.t, &yv.t, &axis, 1, mean, var, gamma, beta, 1e-5, &e);
+  CHECK(st == BN_OK, "forward status %d: %s", (int)st, bn_last_error());
+  st = bn_backward_epilogue(&dyv.t, &xv.t, &dxv.t, &axis, 1, NULL, mean, var, gamma, beta, 1e-5, k->training,
+                            sum_dy, sum_dy_xhat, &e, k->with_output ? &yv.t : NULL,
+                            k->want_dresidual ? &dresv.t : NULL);
+  CHECK(st == BN_OK, "backward status %d: %s", (int)st, bn_last_error());
+  const double worst = grad_error(k, x, r, dy_ref, dx, k->want_dresidual ? dres : NULL, mean, var, gamma, beta,
+                                  sum_dy, sum_dy_xhat);
+  CHECK(worst <= (k->dt == BN_FLOAT64 ? 1e-11 : 2e-5),
+        "backward %s %s residual %d output %d dresidual %d in place %d act %d training %d: error %g",
+        k->dt == BN_FLOAT64 ? "float64" : "float32", k->channels_last ? "channels-last" : "channels-first",
+        k->residual_kind, k->with_output, k->want_dresidual, k->in_place, (int)k->act, k->training, worst);
+  free(x); free(y); free(r); free(dy); free(dres);
+  if (!k->in_place) free(dx);
+}
+
+static void test_gradients(void) {
+  for (int isa = BN_ISA_SCALAR; isa <= BN_ISA_AVX512; ++isa) {
+    if (bn_set_isa((bn_isa)isa) != BN_OK) continue;
+    for (int bits = 0; bits < 128; ++bits)
+      for (int act = BN_ACT_IDENTITY; act <= BN_ACT_GELU_TANH; ++act) {
+        const grad_case k = {bits & 1 ? BN_FLOAT64 : BN_FLOAT32, (bits >> 1) & 1, ((bits >> 2) & 3) % 3,
+                             (bits >> 4) & 1, (bits >> 5) & 1, (bits >> 6) & 1, 1, (bn_activation)act};
+        grad_case both = k;
+        for (both.training = 0; both.training < 2; ++both.training) run_grad_case(&both);
+      }
+  }
+  bn_set_isa(bn_best_isa());
+}
+
+static void test_gradient_errors(void) {
+  float x[COUNT], dy[COUNT], dx[COUNT], g[COUNT];
+  double mean[C] = {0}, var[C] = {1, 1, 1, 1, 1}, s1[C], s2[C];
+  view xv, dyv, dxv, gv, partial;
+  view_make(&xv, x, BN_FLOAT32, 0, 1);
+  view_make(&dyv, dy, BN_FLOAT32, 0, 1);
+  view_make(&dxv, dx, BN_FLOAT32, 0, 1);
+  view_make(&gv, g, BN_FLOAT32, 0, 1);
+  view_make(&partial, dy + 1, BN_FLOAT32, 0, 1);
+  for (int i = 0; i < COUNT; ++i) { x[i] = (float)i; dy[i] = 1.0f; dx[i] = g[i] = -7.0f; }
+  const int32_t axis = 1;
+  const bn_epilogue e = {BN_ACT_RELU, 0, 0, 0, NULL};
+  CHECK_STATUS(bn_backward_epilogue(&dyv.t, &xv.t, &dxv.t, &axis, 1, NULL, mean, var, NULL, NULL, 0.0, 1, s1, s2,
+                                    NULL, NULL, NULL), BN_ERR_NULL, "no epilogue");
+  CHECK_STATUS(bn_backward_epilogue(&dyv.t, &xv.t, &dxv.t, &axis, 1, NULL, mean, var, NULL, NULL, 0.0, 1, s1, s2,
+                                    &e, NULL, &xv.t), BN_ERR_VALUE, "dresidual is x");
+  CHECK_STATUS(bn_backward_epilogue(&dyv.t, &xv.t, &dxv.t, &axis, 1, NULL, mean, var, NULL, NULL, 0.0, 1, s1, s2,
+                                    &e, NULL, &dxv.t), BN_ERR_VALUE, "dresidual is dx");
+  CHECK_STATUS(bn_epilogue_gradient(&dyv.t, &xv.t, &partial.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e, NULL),
+               BN_ERR_VALUE, "g partly overlapping dy");
+  gv.shape[2] = L - 1;
+  CHECK_STATUS(bn_epilogue_gradient(&dyv.t, &xv.t, &dxv.t, &axis, 1, mean, var, NULL, NULL, 0.0, &e, &gv.t),
+               BN_ERR_SHAPE, "output shape");
+  int untouched = 1;
+  for (int i = 0; i < COUNT; ++i) untouched &= dx[i] == -7.0f && g[i] == -7.0f;
+  CHECK(untouched, "a failed call wrote dx or g");
+}
+
 int main(void) {
   test_values();
+  test_gradients();
+  test_gradient_errors();
   test_errors();
   printf("%d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;

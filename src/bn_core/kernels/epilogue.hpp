@@ -105,6 +105,31 @@ struct activation {
       default: return z;
     }
   }
+
+  // act'(v), v the activation's input z, or its output for the piecewise-linear
+  // activations whose output has z's sign and bounds (relu, relu6, clip, leaky
+  // relu of a slope >= 0: the caller checks). At a kink, the slope PyTorch
+  // takes: 0 for relu at 0, and clip's (and relu6's) interior is open.
+  template <class V>
+  V slope(V v) const {
+    const V one = splat<V>(1.0), zero = V{};
+    switch (kind) {
+      case BN_ACT_RELU: return v > zero ? one : zero;
+      case BN_ACT_RELU6: return (v > zero) & (v < splat<V>(6.0)) ? one : zero;
+      case BN_ACT_LEAKY_RELU: return v > zero ? one : splat<V>(alpha);
+      case BN_ACT_CLIP: return (v > splat<V>(lo)) & (v < splat<V>(hi)) ? one : zero;
+      case BN_ACT_SILU: {  // s·(1 + v·(1 − s))
+        const V s = sigmoid_of(v);
+        return s * (one + v * (one - s));
+      }
+      case BN_ACT_GELU_TANH: {  // s + v·s·(1 − s)·(2u)', s = sigmoid(2u)
+        const V s = sigmoid_of(gelu_tanh_argument(v));
+        const V du = splat<V>(2 * 0.7978845608028654) * (one + splat<V>(3 * 0.044715) * v * v);
+        return s + v * s * (one - s) * du;
+      }
+      default: return one;
+    }
+  }
 };
 
 // ---- the two variants of a normalize walk ---------------------------------------
@@ -122,18 +147,20 @@ struct no_epilogue {
 
 // With an epilogue: z + the residual at the same position (at: its byte
 // offset from `residual`, which the walk moves like x), then the activation.
-// row and stride are the residual's row step and inner stride in bytes.
+// In a gradient pass the second stream is the incoming gradient dy instead,
+// and the value is dy·act'(z) (epilogue_params::gradient). row and stride are
+// the second stream's row step and inner stride in bytes.
 template <class T>
 struct with_epilogue {
-  const char *residual;  // null: none
+  const char *residual;  // the second stream (dy in a gradient pass); null: none
   int64_t row, stride;
   activation<T> act;
-  bool has_residual;
+  bool has_residual, gradient;
 
   with_epilogue(const plan &p, const char *at, int64_t row_step)
       : residual(at), row(row_step), stride(p.inner.d_stride),
         act{p.epilogue.activation, T(p.epilogue.alpha), T(p.epilogue.lo), T(p.epilogue.hi)},
-        has_residual(p.residual != nullptr) {}
+        has_residual(p.residual != nullptr), gradient(p.epilogue.gradient) {}
 
   with_epilogue at(int64_t bytes) const {
     with_epilogue moved = *this;
@@ -143,11 +170,11 @@ struct with_epilogue {
 
   template <class E, class V>
   V apply(V z, int64_t at) const {
-    if (residual) {
-      if constexpr (std::is_same_v<V, typename E::vec>) z += E::load_vec(residual + at);
-      else z += E::load(residual + at);
-    }
-    return act(z);
+    if (!residual) return act(z);
+    V second;
+    if constexpr (std::is_same_v<V, typename E::vec>) second = E::load_vec(residual + at);
+    else second = E::load(residual + at);
+    return gradient ? second * act.slope(z) : act(z + second);
   }
 };
 

@@ -161,6 +161,37 @@ BN_API bn_status bn_train_forward_epilogue(const bn_tensor *x, const bn_tensor *
                                            const double *beta, double epsilon, double *mean,
                                            double *variance, const bn_epilogue *epilogue);
 
+/* Backward through the epilogue. g = dy * act'(z), the gradient at the
+ * epilogue's input z = bn(x) + residual, with act' as PyTorch takes it at a
+ * kink (relu: 0 at 0; relu6 and clip: 1 strictly inside the bounds only;
+ * leaky relu: 1 above 0, alpha otherwise).
+ *
+ * bn_epilogue_gradient writes g (x's shape and dtype; it may be dy itself or
+ * output itself, and must not otherwise overlap x, dy or the residual).
+ * mean, variance, gamma (NULL: 1), beta (NULL: 0) and epsilon are the
+ * forward's. output is the forward's y, or NULL: with it, relu, relu6, clip
+ * and leaky relu (alpha >= 0) read act' from y's sign and bounds, one pass
+ * over dy and y instead of two over x, the residual and dy.
+ *
+ * bn_backward_epilogue is bn_backward with dy replaced by g: dx through the
+ * activation, the residual add and the normalization (through the batch
+ * statistics when training); sum_dy and sum_dy_xhat are Σg and Σg·x̂ (dbeta
+ * and dgamma); dresidual (NULL: not wanted) receives g, and may be dy itself
+ * but must not overlap x, dx or the residual otherwise. dx may be dy or x
+ * itself, as in bn_backward. */
+BN_API bn_status bn_epilogue_gradient(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *g,
+                                      const int32_t *axes, int32_t n_axes, const double *mean,
+                                      const double *variance, const double *gamma,
+                                      const double *beta, double epsilon,
+                                      const bn_epilogue *epilogue, const bn_tensor *output);
+BN_API bn_status bn_backward_epilogue(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                                      const int32_t *axes, int32_t n_axes, const bn_tensor *mask,
+                                      const double *mean, const double *variance,
+                                      const double *gamma, const double *beta, double epsilon,
+                                      int32_t training, double *sum_dy, double *sum_dy_xhat,
+                                      const bn_epilogue *epilogue, const bn_tensor *output,
+                                      const bn_tensor *dresidual);
+
 /* Distributed training: the statistics' phases around the caller's sum over
  * ranks (README.md, "Distributed training"). The core itself never communicates.
  *
