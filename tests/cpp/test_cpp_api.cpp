@@ -365,6 +365,50 @@ void test_fold() {
   });
 }
 
+// The epilogue through the C++ API: train_forward with relu and a residual,
+// then backward_epilogue, against loops over a (4, 2) batch (channels last).
+void test_epilogue() {
+  const float x[8] = {1, -2, 3, 0.5f, -1, 2, 5, -0.5f}, r[8] = {0.5f, 0.25f, -3, 1, 0.75f, -0.5f, -1, 2};
+  const float dy[8] = {1, 2, -1, 0.5f, 3, -2, 0.25f, 1};
+  float y[8], dx[8], dres[8];
+  bn_core::epilogue relu;
+  relu.activation = BN_ACT_RELU;
+  relu.residual = const_tensor_view(r, {4, 2});
+  const double eps = 1e-3;
+  const bn_core::statistics s = bn_core::train_forward(const_tensor_view(x, {4, 2}), tensor_view(y, {4, 2}), {1}, {},
+                                                       {}, eps, std::nullopt, relu);
+  const bn_core::gradient_sums g = bn_core::backward_epilogue(
+      const_tensor_view(dy, {4, 2}), const_tensor_view(x, {4, 2}), tensor_view(dx, {4, 2}), {1}, s.mean, s.variance,
+      {}, {}, eps, true, relu, const_tensor_view(y, {4, 2}), tensor_view(dres, {4, 2}));
+  for (int c = 0; c < 2; ++c) {
+    double mean = 0, var = 0, sg = 0, sgx = 0, xhat[4], grad[4];
+    for (int n = 0; n < 4; ++n) mean += x[2 * n + c] / 4.0;
+    for (int n = 0; n < 4; ++n) var += (x[2 * n + c] - mean) * (x[2 * n + c] - mean) / 4.0;
+    const double inv = 1 / std::sqrt(var + eps);
+    for (int n = 0; n < 4; ++n) {
+      xhat[n] = (x[2 * n + c] - mean) * inv;
+      const double z = xhat[n] + r[2 * n + c];
+      CHECK(std::fabs(y[2 * n + c] - std::max(z, 0.0)) < 1e-5, "epilogue y[%d][%d]", n, c);
+      grad[n] = z > 0 ? dy[2 * n + c] : 0.0;
+      CHECK(dres[2 * n + c] == grad[n], "dresidual[%d][%d]", n, c);
+      sg += grad[n];
+      sgx += grad[n] * xhat[n];
+    }
+    CHECK(std::fabs(g.sum_dy[c] - sg) < 1e-5 && std::fabs(g.sum_dy_xhat[c] - sgx) < 1e-5, "epilogue sums %d", c);
+    for (int n = 0; n < 4; ++n) {
+      const double want = inv * (grad[n] - (sg + xhat[n] * sgx) / 4);
+      CHECK(std::fabs(dx[2 * n + c] - want) < 1e-5, "epilogue dx[%d][%d]: %g vs %g", n, c, dx[2 * n + c], want);
+    }
+  }
+  check_throws("backward_epilogue dresidual is x", BN_ERR_VALUE, "dresidual", [&] {
+    float copy[8];
+    std::copy(x, x + 8, copy);
+    bn_core::backward_epilogue(const_tensor_view(dy, {4, 2}), const_tensor_view(copy, {4, 2}), tensor_view(dx, {4, 2}),
+                               {1}, s.mean, s.variance, {}, {}, eps, true, relu, std::nullopt,
+                               tensor_view(copy, {4, 2}));
+  });
+}
+
 // Epsilon 0.3125 and gamma {2, 1}. Channel 0 {1, 2, 3, 4}: mean 2.5, variance 1.25,
 // s = 1/sqrt(1.5625) = 0.8, x̂ {-1.2, -0.4, 0.4, 1.2}; dy {0, 0, 0, 1}: Σdy 1, Σdy·x̂ 1.2,
 // dx = 1.6 (dy - (1 + 1.2 x̂)/4) = {0.176, -0.208, -0.592, 0.624}. Channel 1
@@ -495,6 +539,7 @@ int main() {
   test_batch_norm();
   test_batch_norm_backward();
   test_fold();
+  test_epilogue();
   test_errors();
   test_settings();
   std::printf("%d passed, %d failed\n", checks - failures, failures);

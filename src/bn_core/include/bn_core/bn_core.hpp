@@ -177,6 +177,15 @@ struct gradient_sums {
   std::vector<double> count;
 };
 
+// A fused epilogue (bn_epilogue in bn_core.h): y = act(z + residual), z the
+// normalized value. The default is none (identity, no residual).
+struct epilogue {
+  bn_activation activation = BN_ACT_IDENTITY;
+  double alpha = 0.01;    // BN_ACT_LEAKY_RELU's negative slope
+  double lo = 0, hi = 0;  // BN_ACT_CLIP's bounds
+  std::optional<const_tensor_view> residual;
+};
+
 namespace detail {
 
 inline void check(status s) {
@@ -240,6 +249,12 @@ inline int32_t axes_size(const axis_list &axes) {
   return static_cast<int32_t>(std::min<size_t>(axes.size(), std::numeric_limits<int32_t>::max()));
 }
 
+// e as the C descriptor; residual holds its tensor.
+inline bn_epilogue c_epilogue(const epilogue &e, bn_tensor &residual) {
+  if (e.residual) residual = e.residual->c_tensor();
+  return bn_epilogue{e.activation, e.alpha, e.lo, e.hi, e.residual ? &residual : nullptr};
+}
+
 }  // namespace detail
 
 // Per-channel mean, biased variance and count over all other axes; masked
@@ -259,19 +274,21 @@ inline statistics moments(const const_tensor_view &x, const axis_list &axes,
   return s;
 }
 
-// Inference: y = (x - mean) * gamma / sqrt(variance + epsilon) + beta. Empty
-// gamma or beta: 1 and 0. y may be x itself (in place).
+// Inference: y = (x - mean) * gamma / sqrt(variance + epsilon) + beta, then
+// the epilogue. Empty gamma or beta: 1 and 0. y may be x itself (in place).
 inline void normalize(const const_tensor_view &x, const tensor_view &y, const axis_list &axes,
                       const std::vector<double> &mean, const std::vector<double> &variance,
                       const std::vector<double> &gamma = {}, const std::vector<double> &beta = {},
-                      double epsilon = 1e-3) {
+                      double epsilon = 1e-3, const epilogue &epi = {}) {
   const bn_tensor xt = x.c_tensor(), yt = y.c_tensor();
   const int64_t channels = detail::channel_count(xt, axes);
-  detail::check(bn_normalize(&xt, &yt, detail::axes_data(axes), detail::axes_size(axes),
-                             detail::channel_input(mean, channels, "mean", false),
-                             detail::channel_input(variance, channels, "variance", false),
-                             detail::channel_input(gamma, channels, "gamma", true),
-                             detail::channel_input(beta, channels, "beta", true), epsilon));
+  bn_tensor residual;
+  const bn_epilogue e = detail::c_epilogue(epi, residual);
+  detail::check(bn_normalize_epilogue(&xt, &yt, detail::axes_data(axes), detail::axes_size(axes),
+                                      detail::channel_input(mean, channels, "mean", false),
+                                      detail::channel_input(variance, channels, "variance", false),
+                                      detail::channel_input(gamma, channels, "gamma", true),
+                                      detail::channel_input(beta, channels, "beta", true), epsilon, &e));
 }
 
 // Folding (bn_fold): weight_out (may be weight itself) receives the linear
@@ -296,11 +313,12 @@ inline std::vector<double> fold(const const_tensor_view &weight, const tensor_vi
 }
 
 // Training: the batch statistics (masked as in moments(); count is left empty)
-// and y normalized with them, in one pass.
+// and y normalized with them (then the epilogue), in one pass.
 inline statistics train_forward(const const_tensor_view &x, const tensor_view &y, const axis_list &axes,
                                 const std::vector<double> &gamma = {}, const std::vector<double> &beta = {},
                                 double epsilon = 1e-3,
-                                const std::optional<const_tensor_view> &mask = std::nullopt) {
+                                const std::optional<const_tensor_view> &mask = std::nullopt,
+                                const epilogue &epi = {}) {
   const bn_tensor xt = x.c_tensor(), yt = y.c_tensor();
   const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
   const int64_t channels = detail::channel_count(xt, axes);
@@ -310,8 +328,10 @@ inline statistics train_forward(const const_tensor_view &x, const tensor_view &y
   double spare;
   double *mean = detail::channel_output(s.mean, channels, spare);
   double *variance = detail::channel_output(s.variance, channels, spare);
-  detail::check(bn_train_forward(&xt, &yt, detail::axes_data(axes), detail::axes_size(axes), mt ? &*mt : nullptr,
-                                 g, b, epsilon, mean, variance));
+  bn_tensor residual;
+  const bn_epilogue e = detail::c_epilogue(epi, residual);
+  detail::check(bn_train_forward_epilogue(&xt, &yt, detail::axes_data(axes), detail::axes_size(axes),
+                                          mt ? &*mt : nullptr, g, b, epsilon, mean, variance, &e));
   return s;
 }
 
@@ -336,6 +356,37 @@ inline gradient_sums backward(const const_tensor_view &dy, const const_tensor_vi
   double *sum_dy_xhat = detail::channel_output(sums.sum_dy_xhat, channels, spare);
   detail::check(bn_backward(&dyt, &xt, &dxt, detail::axes_data(axes), detail::axes_size(axes), mt ? &*mt : nullptr,
                             m, v, g, epsilon, training ? 1 : 0, sum_dy, sum_dy_xhat));
+  return sums;
+}
+
+// Backward through the epilogue (bn_backward_epilogue): dx, and g = dy·act'(z)
+// into dresidual when given; returns Σg and Σg·x̂. output: the forward's y
+// (optional; saves a pass for the piecewise-linear activations). Empty gamma
+// or beta: 1 and 0.
+inline gradient_sums backward_epilogue(const const_tensor_view &dy, const const_tensor_view &x,
+                                       const tensor_view &dx, const axis_list &axes,
+                                       const std::vector<double> &mean, const std::vector<double> &variance,
+                                       const std::vector<double> &gamma, const std::vector<double> &beta,
+                                       double epsilon, bool training, const epilogue &epi,
+                                       const std::optional<const_tensor_view> &output = std::nullopt,
+                                       const std::optional<tensor_view> &dresidual = std::nullopt,
+                                       const std::optional<const_tensor_view> &mask = std::nullopt) {
+  const bn_tensor dyt = dy.c_tensor(), xt = x.c_tensor(), dxt = dx.c_tensor();
+  const std::optional<bn_tensor> mt = detail::mask_tensor(mask);
+  const std::optional<bn_tensor> ot = output ? std::optional<bn_tensor>(output->c_tensor()) : std::nullopt;
+  const std::optional<bn_tensor> rt = dresidual ? std::optional<bn_tensor>(dresidual->c_tensor()) : std::nullopt;
+  const int64_t channels = detail::channel_count(xt, axes);
+  bn_tensor residual;
+  const bn_epilogue e = detail::c_epilogue(epi, residual);
+  gradient_sums sums;
+  double spare;
+  double *sum_dy = detail::channel_output(sums.sum_dy, channels, spare);
+  double *sum_dy_xhat = detail::channel_output(sums.sum_dy_xhat, channels, spare);
+  detail::check(bn_backward_epilogue(
+      &dyt, &xt, &dxt, detail::axes_data(axes), detail::axes_size(axes), mt ? &*mt : nullptr,
+      detail::channel_input(mean, channels, "mean", false), detail::channel_input(variance, channels, "variance", false),
+      detail::channel_input(gamma, channels, "gamma", true), detail::channel_input(beta, channels, "beta", true),
+      epsilon, training ? 1 : 0, sum_dy, sum_dy_xhat, &e, ot ? &*ot : nullptr, rt ? &*rt : nullptr));
   return sums;
 }
 
