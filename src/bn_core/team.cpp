@@ -26,10 +26,10 @@ constexpr int64_t kLongestSpinNs = 500'000;
 std::atomic<int32_t> policy{BN_TEAM_ADAPTIVE};
 std::atomic<int64_t> serial_until_ns{0}, backoff_ns{kFirstBackoffNs};
 std::atomic<int64_t> parallel_calls{0}, late_calls{0}, serial_calls{0};
-// One team at a time per process (adaptive policy): callers on several threads
-// at once would otherwise wake more threads than there are cores, each team
-// then waiting for members the others keep off the cores.
-std::atomic<bool> team_running{false};
+// Multi-slot calls in run_team, on any thread (adaptive policy: a team only for
+// a call alone, see team.hpp). Of two calls that overlap, the later one to
+// count itself sees both: at most one runs a team.
+std::atomic<int32_t> calls_under_way{0};
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -46,7 +46,7 @@ int64_t now_ns() {
       .count();
 }
 
-int32_t team_for(int32_t slots, bool &claimed) {
+int32_t team_for(int32_t slots) {
   if (slots <= 1) return 1;
   switch (policy.load(std::memory_order_relaxed)) {
     case BN_TEAM_FULL: return slots;
@@ -54,12 +54,11 @@ int32_t team_for(int32_t slots, bool &claimed) {
     default: break;
   }
   if (now_ns() < serial_until_ns.load(std::memory_order_relaxed)) return 1;
-  bool running = false;
-  claimed = team_running.compare_exchange_strong(running, true, std::memory_order_acquire);
-  return claimed ? slots : 1;
+  return calls_under_way.load(std::memory_order_relaxed) > 1 ? 1 : slots;
 }
 
-void release_team() { team_running.store(false, std::memory_order_release); }
+call_under_way::call_under_way() { calls_under_way.fetch_add(1, std::memory_order_relaxed); }
+call_under_way::~call_under_way() { calls_under_way.fetch_sub(1, std::memory_order_relaxed); }
 
 void record_team_call(bool late) {
   parallel_calls.fetch_add(1, std::memory_order_relaxed);

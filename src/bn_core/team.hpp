@@ -22,10 +22,10 @@
 // another is not late either: uneven memory bandwidth does that on an idle
 // machine.
 // After a late call the following calls run on the caller alone for a while
-// (10 ms, doubling while probes find helpers late again, up to 1 s). A process
-// runs one team at a time: a call that finds another call's team running runs
-// on its caller alone, as calls from several threads at once would otherwise
-// wake more threads than there are cores.
+// (10 ms, doubling while probes find helpers late again, up to 1 s). A call
+// that finds another call of this process under way (on a team or not) runs on
+// its caller alone: the callers then already keep the cores busy, and a team's
+// helpers would only take a core from one of them (and arrive late).
 // Between phases members wait for each other with a spin about as long as their
 // own part of the phase, then sleep, so a waiting member never keeps a
 // preempted one off the core for long.
@@ -48,11 +48,17 @@
 namespace bn_core {
 
 // Threads to run a call of `slots` slots on: `slots`, or 1 while helpers have
-// recently been late, while another call of this process runs a team (or as
-// the policy forces). `claimed` is set when the call holds the process's team,
-// which release_team() gives back.
-int32_t team_for(int32_t slots, bool &claimed);
-void release_team();
+// recently been late, while another call of this process is under way (or as
+// the policy forces); the caller holds a call_under_way.
+int32_t team_for(int32_t slots);
+// Marks a multi-slot call as under way for its lifetime (team_for counts them).
+class call_under_way {
+ public:
+  call_under_way();
+  ~call_under_way();
+  call_under_way(const call_under_way &) = delete;
+  call_under_way &operator=(const call_under_way &) = delete;
+};
 // What a parallel call saw: `late` as defined above.
 void record_team_call(bool late);
 int64_t now_ns();  // a monotonic clock
@@ -121,8 +127,8 @@ inline void note_latest(std::atomic<int64_t> &latest, int64_t value) {
 template <class F>
 void run_team(int32_t slots, F &&body) {
 #ifdef _OPENMP
-  bool claimed = false;
-  const int32_t threads = team_for(slots, claimed);
+  const call_under_way counted;
+  const int32_t threads = team_for(slots);
   if (threads > 1) {
     const int64_t region_start_ns = now_ns();
     std::atomic<int64_t> last_arrival_ns{region_start_ns};
@@ -136,7 +142,6 @@ void run_team(int32_t slots, F &&body) {
     }
     const int64_t end_ns = now_ns(), arrival_ns = last_arrival_ns.load(std::memory_order_relaxed);
     const int64_t caller_work_ns = caller_end_ns - region_start_ns;
-    if (claimed) release_team();
     // The end is late from the caller's work or the last helper's arrival,
     // whichever came later: a wake-up's delay counts only past kLateArrivalNs.
     record_team_call(arrival_ns - region_start_ns > kLateArrivalNs ||
