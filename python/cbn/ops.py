@@ -4,6 +4,19 @@ without a copy: buffer protocol, ``__array__``, DLPack).
 ``axis`` always names the *channel* (normalized) axes, as in the layer; statistics
 are reduced over all other axes. Statistics come back in the shape of the channel
 axes (increasing axis order), as float64 for float64 input and float32 otherwise.
+
+Fused epilogue: :func:`batch_normalization`, :func:`batch_norm_train` and
+:func:`batch_norm_backward` take ``activation``, ``activation_alpha``, ``clip`` and
+``residual``, and then compute ``y = act(bn(x) + residual)`` in the same sweep over the
+data (``z = bn(x) + residual`` never goes to memory). ``activation`` is one of None
+(also ``"identity"``, ``"linear"``), ``"relu"``, ``"relu6"``, ``"leaky_relu"`` (slope
+``activation_alpha`` below 0, finite), ``"clip"`` (to ``clip=(lo, hi)``, given only with
+it), ``"silu"`` (``z·sigmoid(z)``) and ``"gelu"`` (alias ``"gelu_tanh"``: the tanh
+approximation). ``residual`` (optional) has the input's shape and is read in its dtype
+(converted otherwise); it may be the ``out`` array itself. The activation is computed in
+float32 for 16- and 32-bit data, in float64 for float64. Derivatives at the kinks are
+PyTorch's: ``relu'(0) = 0``, relu6 and clip have slope 1 strictly inside their bounds,
+leaky_relu slope 1 only for ``z > 0``.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _core
+from ._epilogue import Epilogue, epilogue, input_like, requested
 from ._validate import (
     as_array,
     as_param,
@@ -81,14 +95,6 @@ def _required_statistics(
     return mean, variance
 
 
-def _gradient(dy: ArrayLike, x: np.ndarray) -> np.ndarray:
-    """``dy`` checked to have the input's shape, in the input's dtype."""
-    grad = as_array(dy, "dy")
-    if grad.shape != x.shape:
-        raise ValueError(f"dy has shape {grad.shape}; expected the input's shape {x.shape}")
-    return grad if grad.dtype == x.dtype else grad.astype(x.dtype)
-
-
 def _synchronized_backward(
     allreduce: Allreduce, grad: np.ndarray, x: np.ndarray, dx: np.ndarray,
     axes: tuple[int, ...], mask: np.ndarray | None, mean: np.ndarray, variance: np.ndarray,
@@ -104,6 +110,31 @@ def _synchronized_backward(
     _core.backward_apply(grad, x, dx, axes, mask, mean, variance, gamma, epsilon,
                          sum_across_ranks(allreduce, sums))
     return sum_dy, sum_dy_xhat
+
+
+def _backward(
+    allreduce: Allreduce | None, grad: np.ndarray, x: np.ndarray, dx: np.ndarray,
+    axes: tuple[int, ...], mask: np.ndarray | None, mean: np.ndarray, variance: np.ndarray,
+    gamma: np.ndarray | None, beta: np.ndarray | None, epsilon: float, training: bool,
+    epi: Epilogue | None, output: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Writes ``dx``; returns ``Σg``, ``Σg·x̂`` and ``dresidual`` (``g``, when the epilogue
+    has a residual, else None), ``g = dy·act'(z)`` the gradient at the normalized value
+    (``dy`` itself without an epilogue). Synchronized when ``allreduce`` and training."""
+    dres = None if epi is None or epi[4] is None else np.empty_like(x)
+    if allreduce is not None and training:
+        if epi is not None:
+            g = np.empty_like(x) if dres is None else dres
+            _core.epilogue_gradient(grad, x, g, axes, mean, variance, gamma, beta, epsilon, epi,
+                                    output)
+            grad = g
+        return (*_synchronized_backward(allreduce, grad, x, dx, axes, mask, mean, variance,
+                                        gamma, epsilon), dres)
+    if epi is None:
+        return (*_core.backward(grad, x, dx, axes, mask, mean, variance, gamma, epsilon,
+                                training), None)
+    return (*_core.backward_epilogue(grad, x, dx, axes, mask, mean, variance, gamma, beta,
+                                     epsilon, training, epi, output, dres), dres)
 
 
 def moments(
@@ -139,8 +170,13 @@ def batch_normalization(
     axis: int | list[int] = -1,
     epsilon: float = 1e-3,
     out: Any = None,
+    activation: str | None = None,
+    activation_alpha: float = 0.01,
+    clip: tuple[float, float] | None = None,
+    residual: ArrayLike | None = None,
 ) -> np.ndarray:
-    """Inference: ``(x - mean) * gamma / sqrt(variance + epsilon) + beta`` per channel.
+    """Inference: ``(x - mean) * gamma / sqrt(variance + epsilon) + beta`` per channel,
+    then ``act(· + residual)`` with the fused epilogue's arguments (module docstring).
 
     ``mean``, ``variance``, ``gamma``, ``beta`` have the channel shape (or it with
     extra size-1 dims). ``out=x`` normalizes in place. Returns the output array
@@ -152,17 +188,23 @@ def batch_normalization(
     ...                             beta=[0.5, 0.5])
     array([[-0.5, -0.5],
            [ 1.5,  1.5]], dtype=float32)
+    >>> cbn.ops.batch_normalization(x, mean=[2.0, 20.0], variance=[1.0, 100.0], epsilon=0.0,
+    ...                             activation="relu", residual=[[0.25, 2.0], [0.0, -3.0]])
+    array([[0., 1.],
+           [1., 0.]], dtype=float32)
     """
-    fast: np.ndarray | None = _core.normalize_fast(x, mean, variance, gamma, beta, axis,
-                                                   epsilon, out)
-    if fast is not None:
-        return fast
+    if not requested(activation, clip, residual):
+        fast: np.ndarray | None = _core.normalize_fast(x, mean, variance, gamma, beta, axis,
+                                                       epsilon, out)
+        if fast is not None:
+            return fast
     arr, axes, cshape, eps = _prepare(x, axis, epsilon)
     mu, var, g, b = (as_param(v, cshape, n) for v, n in (
         (mean, "mean"), (variance, "variance"), (gamma, "gamma"), (beta, "beta")))
     mu, var = _required_statistics(mu, var)
+    epi = epilogue(arr, activation, activation_alpha, clip, residual)
     y = _output(arr, out)
-    _core.normalize(arr, y, axes, mu, var, g, b, eps)
+    _core.normalize(arr, y, axes, mu, var, g, b, eps, epilogue=epi)
     return y
 
 
@@ -177,9 +219,14 @@ def batch_norm_train(
     out: Any = None,
     allreduce: Allreduce | None = None,
     shift: ArrayLike | None = None,
+    activation: str | None = None,
+    activation_alpha: float = 0.01,
+    clip: tuple[float, float] | None = None,
+    residual: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training forward: batch statistics (masked as :func:`moments`), then every
-    position normalized with them, in one pass over the data.
+    position normalized with them, in one pass over the data, and the fused epilogue
+    ``act(· + residual)`` if asked for (module docstring).
 
     With ``allreduce`` (a :mod:`cbn.distributed` callback) the statistics are those
     of the union of all ranks' used positions: this rank's partial moments are summed
@@ -202,7 +249,8 @@ def batch_norm_train(
     >>> mean, variance
     (array([ 2., 20.], dtype=float32), array([  1., 100.], dtype=float32))
     """
-    if mask is None and allreduce is None and shift is None:
+    if mask is None and allreduce is None and shift is None and not requested(
+            activation, clip, residual):
         fast: tuple[np.ndarray, np.ndarray, np.ndarray] | None = _core.train_fast(
             x, gamma, beta, axis, epsilon, out)
         if fast is not None:
@@ -213,13 +261,14 @@ def batch_norm_train(
     k = as_param(shift, cshape, "shift")
     m = canonical_mask(mask, arr.shape)
     check_allreduce(allreduce)
+    epi = epilogue(arr, activation, activation_alpha, clip, residual)
     y = _output(arr, out)
     if allreduce is None:
-        mean, var = _core.train_forward(arr, y, axes, m, g, b, eps)
+        mean, var = _core.train_forward(arr, y, axes, m, g, b, eps, epilogue=epi)
     else:
         partial = _core.moments_partial(arr, axes, m, k)
         mean, var = _core.moments_finalize(sum_across_ranks(allreduce, partial), k)
-        _core.normalize(arr, y, axes, mean, var, g, b, eps)
+        _core.normalize(arr, y, axes, mean, var, g, b, eps, epilogue=epi)
     return (y, *_channel_stats(arr, cshape, mean, var))
 
 
@@ -230,14 +279,21 @@ def batch_norm_backward(
     variance: ArrayLike,
     *,
     gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
     axis: int | list[int] = -1,
     epsilon: float = 1e-3,
     mask: ArrayLike | None = None,
     training: bool = True,
     out: Any = None,
     allreduce: Allreduce | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta``.
+    activation: str | None = None,
+    activation_alpha: float = 0.01,
+    clip: tuple[float, float] | None = None,
+    residual: ArrayLike | None = None,
+    output: ArrayLike | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Gradients of ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta``, or of
+    ``y = act(that + residual)`` with the fused epilogue's arguments (module docstring).
 
     ``dy`` is the gradient of the loss with respect to ``y`` (the shape of ``x``).
     With ``training=True`` the derivative goes through the batch statistics, so
@@ -247,16 +303,21 @@ def batch_norm_backward(
     held fixed (an inference call). ``out`` receives ``dx`` and may be ``dy`` or
     ``x`` itself (in place).
 
+    With an epilogue, pass the forward's ``beta`` and epilogue arguments: the gradients
+    below are for ``g = dy·act'(z)``, ``z = bn(x) + residual``. ``output``, the forward's
+    ``y`` (optional), lets relu, relu6, leaky_relu and clip read ``act'`` from it.
+
     With ``allreduce`` and ``training=True``, ``mean`` and ``variance`` are the
     global statistics a synchronized :func:`batch_norm_train` returned, and ``dx``
-    goes through them: this rank's used counts, ``Σdy`` and ``Σdy·x̂`` are summed
+    goes through them: this rank's used counts, ``Σg`` and ``Σg·x̂`` are summed
     across ranks in exactly one call of ``allreduce``. ``dgamma`` and ``dbeta`` stay
     this rank's own (summing parameter gradients is the optimizer's job, as for every
     other weight). With ``training=False`` nothing is communicated. If ``allreduce``
     raises, ``out`` is untouched.
 
-    Returns ``(dx, dgamma, dbeta)``: ``dx`` in the input's dtype, ``dgamma =
-    Σ dy·x̂`` and ``dbeta = Σ dy`` over every position, in the channel shape.
+    Returns ``(dx, dgamma, dbeta)``, or ``(dx, dgamma, dbeta, dresidual)`` when
+    ``residual`` is given: ``dx`` in the input's dtype, ``dgamma = Σ g·x̂`` and ``dbeta =
+    Σ g`` over every position, in the channel shape, ``dresidual = g`` in the input's dtype.
 
     >>> import numpy as np, cbn
     >>> x = np.array([[1.0], [3.0]])
@@ -265,22 +326,26 @@ def batch_norm_backward(
     ...                                                 variance, epsilon=0.0)
     >>> dx.ravel(), dgamma, dbeta
     (array([0., 0.]), array([-1.]), array([1.]))
+    >>> dx, dgamma, dbeta, dresidual = cbn.ops.batch_norm_backward(
+    ...     np.array([[1.0], [2.0]]), x, mean, variance, epsilon=0.0, activation="relu",
+    ...     residual=np.array([[0.5], [0.5]]))  # z = [[-0.5], [1.5]]
+    >>> dgamma, dbeta, dresidual.ravel()
+    (array([2.]), array([2.]), array([0., 2.]))
     """
     arr, axes, cshape, eps = _prepare(x, axis, epsilon)
-    grad = _gradient(dy, arr)
+    grad = input_like(dy, arr, "dy")
     mu, var = _required_statistics(as_param(mean, cshape, "mean"),
                                    as_param(variance, cshape, "variance"))
-    g = as_param(gamma, cshape, "gamma")
+    g, b = as_param(gamma, cshape, "gamma"), as_param(beta, cshape, "beta")
     m = canonical_mask(mask, arr.shape)
     check_allreduce(allreduce)
+    epi = epilogue(arr, activation, activation_alpha, clip, residual)
+    forward_y = None if output is None else input_like(output, arr, "output")
     dx = _output(arr, out, grad)
-    if allreduce is None or not training:
-        sum_dy, sum_dy_xhat = _core.backward(grad, arr, dx, axes, m, mu, var, g, eps,
-                                             bool(training))
-    else:
-        sum_dy, sum_dy_xhat = _synchronized_backward(allreduce, grad, arr, dx, axes, m, mu,
-                                                     var, g, eps)
-    return (dx, *_channel_stats(arr, cshape, sum_dy_xhat, sum_dy))
+    sum_dy, sum_dy_xhat, dresidual = _backward(allreduce, grad, arr, dx, axes, m, mu, var, g,
+                                               b, eps, bool(training), epi, forward_y)
+    grads = (dx, *_channel_stats(arr, cshape, sum_dy_xhat, sum_dy))
+    return grads if dresidual is None else (*grads, dresidual)
 
 
 def fold(

@@ -169,9 +169,14 @@ BN_API bn_status bn_train_forward_epilogue(const bn_tensor *x, const bn_tensor *
  * bn_epilogue_gradient writes g (x's shape and dtype; it may be dy itself or
  * output itself, and must not otherwise overlap x, dy or the residual).
  * mean, variance, gamma (NULL: 1), beta (NULL: 0) and epsilon are the
- * forward's. output is the forward's y, or NULL: with it, relu, relu6, clip
- * and leaky relu (alpha >= 0) read act' from y's sign and bounds, one pass
- * over dy and y instead of two over x, the residual and dy.
+ * forward's. output is the forward's y, or NULL; it is read only with a
+ * residual, where relu, relu6, clip and leaky relu (alpha >= 0) take act'
+ * from y's sign and bounds: one pass over dy and y instead of two over x, the
+ * residual and dy (without a residual, one pass over x and dy forms z in
+ * registers). In the two-pass case z is stored in x's dtype in between, so
+ * for float16 and bfloat16 act' is taken at z rounded to it (as frameworks
+ * running the normalization, the add and the activation as separate
+ * operations do).
  *
  * bn_backward_epilogue is bn_backward with dy replaced by g: dx through the
  * activation, the residual add and the normalization (through the batch
