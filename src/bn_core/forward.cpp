@@ -131,7 +131,8 @@ bn_status bn_normalize_epilogue(const bn_tensor *x, const bn_tensor *y, const in
   return planned_forward(call, y, [&](plan &p) {
     if (p.empty) return BN_OK;
     const int32_t threads = schedule(p);
-    p.stream_y = stream_output(p, saturating_add(cache_bytes(3), saturating_mul(threads - 1, cache_bytes(2))) / 2);
+    const int32_t team = likely_team(threads);
+    p.stream_y = stream_output(p, saturating_add(cache_bytes(3), saturating_mul(team - 1, cache_bytes(2))) / 2);
     affine_state affine;
     if (!affine.allocate(p)) return out_of_memory();
     affine.fill(mean, variance, gamma, beta, epsilon);

@@ -185,7 +185,8 @@ int32_t schedule(plan &p) {
 }
 
 // Inference streams once x and y together fill the L3 and the other working
-// threads' L2s (AMD's L3 holds what the L2s evict), where plain stores would
+// threads' L2s (AMD's L3 holds what the L2s evict; the threads the team will
+// have, not the slots: a caller left alone has no other L2), where plain stores would
 // read every line of y from memory before writing it. A training forward
 // streams once x and y together overflow the L3, so that x stays cached for
 // the normalize. The callers pass those sizes as min_bytes.

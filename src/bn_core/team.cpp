@@ -13,6 +13,12 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 
 constexpr int64_t kFirstBackoffNs = 10'000'000;   // caller alone for 10 ms after a late helper
+// Calls of several threads overlapped: every call stays on its caller for this
+// long. Callers in a loop leave short gaps (their own code between calls, the
+// GIL of a Python caller: a 5 ms switch interval) in which one call finds
+// itself alone; a team it formed then would wait for a helper the other
+// callers keep off the cores.
+constexpr int64_t kConcurrentHoldNs = 20'000'000;
 constexpr int64_t kLongestBackoffNs = 1'000'000'000;
 // A member that finished its part of a phase spins about as long as that part
 // took (the others, given as much work, should be about as far from done), at
@@ -30,6 +36,7 @@ std::atomic<int64_t> parallel_calls{0}, late_calls{0}, serial_calls{0};
 // a call alone, see team.hpp). Of two calls that overlap, the later one to
 // count itself sees both: at most one runs a team.
 std::atomic<int32_t> calls_under_way{0};
+std::atomic<int64_t> concurrent_until_ns{0};
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -46,15 +53,35 @@ int64_t now_ns() {
       .count();
 }
 
-int32_t team_for(int32_t slots) {
+namespace {
+
+// The team for `slots` slots while `other_calls` other calls are under way;
+// `counted`: the call asking is one of them (it notes the overlap).
+int32_t team_given(int32_t slots, int32_t other_calls, bool counted) {
   if (slots <= 1) return 1;
   switch (policy.load(std::memory_order_relaxed)) {
     case BN_TEAM_FULL: return slots;
     case BN_TEAM_CALLER_ONLY: return 1;
     default: break;
   }
-  if (now_ns() < serial_until_ns.load(std::memory_order_relaxed)) return 1;
-  return calls_under_way.load(std::memory_order_relaxed) > 1 ? 1 : slots;
+  const int64_t now = now_ns();
+  if (other_calls > 0) {
+    if (counted) concurrent_until_ns.store(now + kConcurrentHoldNs, std::memory_order_relaxed);
+    return 1;
+  }
+  const bool held = now < std::max(serial_until_ns.load(std::memory_order_relaxed),
+                                   concurrent_until_ns.load(std::memory_order_relaxed));
+  return held ? 1 : slots;
+}
+
+}  // namespace
+
+int32_t team_for(int32_t slots) {
+  return team_given(slots, calls_under_way.load(std::memory_order_relaxed) - 1, true);
+}
+
+int32_t likely_team(int32_t slots) {
+  return team_given(slots, calls_under_way.load(std::memory_order_relaxed), false);
 }
 
 call_under_way::call_under_way() { calls_under_way.fetch_add(1, std::memory_order_relaxed); }

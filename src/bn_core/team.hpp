@@ -24,8 +24,9 @@
 // After a late call the following calls run on the caller alone for a while
 // (10 ms, doubling while probes find helpers late again, up to 1 s). A call
 // that finds another call of this process under way (on a team or not) runs on
-// its caller alone: the callers then already keep the cores busy, and a team's
-// helpers would only take a core from one of them (and arrive late).
+// its caller alone, as do all calls for 20 ms after: the callers then already
+// keep the cores busy, and a team's helpers would only take a core from one of
+// them (and arrive late).
 // Between phases members wait for each other with a spin about as long as their
 // own part of the phase, then sleep, so a waiting member never keeps a
 // preempted one off the core for long.
@@ -51,6 +52,9 @@ namespace bn_core {
 // recently been late, while another call of this process is under way (or as
 // the policy forces); the caller holds a call_under_way.
 int32_t team_for(int32_t slots);
+// The team a call of `slots` slots about to start would get now (a hint for
+// choices that change speed only, such as streaming stores).
+int32_t likely_team(int32_t slots);
 // Marks a multi-slot call as under way for its lifetime (team_for counts them).
 class call_under_way {
  public:
