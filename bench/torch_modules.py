@@ -13,7 +13,6 @@ difference is the module's per-call overhead.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import cbn
@@ -21,7 +20,7 @@ import cbn.ops
 import cbn.torch
 import numpy as np
 import torch
-from cbnbench.cases import TINY, Case, select_cases
+from cbnbench.cases import TINY, Case, case_arguments, select_cases
 from cbnbench.timing import DEFAULT, QUICK, interleaved_medians
 
 
@@ -74,11 +73,7 @@ def calls_for(case: Case) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the quick cases, fewer samples")
-    p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    p.add_argument("--cases", default=None, help="case names (compare.py's), 'all', 'quick'")
-    args = p.parse_args(argv)
+    args = case_arguments(argv, __doc__.split("\n\n")[0])
     policy = QUICK if args.quick else DEFAULT
     cases = select_cases(args.cases, args.quick)
     print("| case | layout | threads | torch nn (ms) | cbn.torch (ms) | speed-up | "
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for case in cases:
         calls = calls_for(case)
-        for n in (int(t) for t in args.threads.split(",")):
+        for n in args.threads:
             torch.set_num_threads(n)
             cbn.set_num_threads(n)
             med = interleaved_medians(calls, policy)

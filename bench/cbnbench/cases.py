@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -140,3 +141,15 @@ def make_data(case: Case, seed: int = 0) -> CaseData:
     gamma = rng.uniform(0.5, 2.0, c).astype(np.float32)
     variance = (gamma.astype(np.float64) ** 2 - EPSILON).astype(np.float32)
     return CaseData(case, x, out, mean, variance, gamma, beta=mean.copy())
+
+
+def case_arguments(argv: list[str] | None, description: str) -> argparse.Namespace:
+    """The options of the benchmarks that time the cases at a few thread counts:
+    ``--quick``, ``--threads`` (a list of ints) and ``--cases`` (see select_cases)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="the quick cases, fewer samples")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    p.add_argument("--cases", default=None, help="case names (compare.py's), 'all', 'quick'")
+    args = p.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",")]
+    return args

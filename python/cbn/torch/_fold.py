@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from .. import ops
+from ._bn_act import _BatchNormAct
 from ._ops import as_numpy
 
 __all__ = ["fold"]
@@ -83,9 +84,10 @@ def fold(model: nn.Module) -> nn.Module:
     Pairs are found with ``torch.fx`` tracing (the convolution's output must feed only the
     batch norm, and each module must be called once); a model ``fx`` cannot trace is
     searched for neighbours inside its ``nn.Sequential`` containers. Batch norms without
-    running statistics (``track_running_stats=False``), on other devices than the CPU, or
-    after any other module are left as they are. The folded model computes the same
-    outputs to rounding (float64 factors).
+    running statistics (``track_running_stats=False``), on other devices than the CPU,
+    after any other module, or with a fused activation (``BatchNormAct1d/2d/3d``) are
+    left as they are. The folded model computes the same outputs to rounding (float64
+    factors).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects a torch.nn.Module; received {type(model).__name__}")
@@ -95,7 +97,8 @@ def fold(model: nn.Module) -> nn.Module:
     for layer_name, norm_name in _sequential_pairs(model) if pairs is None else pairs:
         layer, norm = modules.get(layer_name), modules.get(norm_name)
         if (isinstance(layer, _LINEAR) and isinstance(norm, _NORMS)
-                and norm.running_mean is not None and layer.weight.device.type == "cpu"
+                and not isinstance(norm, _BatchNormAct) and norm.running_mean is not None
+                and layer.weight.device.type == "cpu"
                 and layer.weight.shape[0] == norm.num_features):
             foldable.append((layer, norm_name, norm))
     training = [name for _, name, norm in foldable if norm.training]

@@ -109,6 +109,14 @@ def _mask(mask: Tensor | None, x: Tensor) -> np.ndarray | None:
     return as_numpy(m.reshape((1,) * (x.dim() - m.dim()) + tuple(m.shape)))
 
 
+def like_input(t: Tensor, x: Tensor, name: str) -> Tensor:
+    """``t`` checked to have ``x``'s shape, in ``x``'s dtype."""
+    if t.shape != x.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}; expected x's shape {tuple(x.shape)}")
+    return t.to(x.dtype)
+
+
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -120,30 +128,46 @@ def _stats(values: np.ndarray, x: Tensor, cshape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(values.reshape(cshape))
 
 
-def _train_impl(
+def train_core(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, axes: list[int], eps: float,
-    mask: Tensor | None,
+    mask: Tensor | None, epilogue: tuple | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The training forward on the core; ``epilogue`` is the core's epilogue tuple."""
     ax, cshape = _geometry(x, axes)
     c = math.prod(cshape)
     y = torch.empty_like(x)
     mean, var = _core.train_forward(as_numpy(x), as_numpy(y), ax, _mask(mask, x),
                                     _param(weight, c, "weight"), _param(bias, c, "bias"),
-                                    float(eps))
+                                    float(eps), epilogue)
     return y, _stats(mean, x, cshape), _stats(var, x, cshape)
+
+
+def infer_core(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    axes: list[int], eps: float, epilogue: tuple | None = None,
+) -> Tensor:
+    """Inference on the core; ``epilogue`` is the core's epilogue tuple."""
+    ax, cshape = _geometry(x, axes)
+    c = math.prod(cshape)
+    y = torch.empty_like(x)
+    _core.normalize(as_numpy(x), as_numpy(y), ax, _param(mean, c, "mean"),
+                    _param(var, c, "var"), _param(weight, c, "weight"), _param(bias, c, "bias"),
+                    float(eps), epilogue)
+    return y
+
+
+def _train_impl(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, axes: list[int], eps: float,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return train_core(x, weight, bias, axes, eps, mask)
 
 
 def _infer_impl(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
     axes: list[int], eps: float,
 ) -> Tensor:
-    ax, cshape = _geometry(x, axes)
-    c = math.prod(cshape)
-    y = torch.empty_like(x)
-    _core.normalize(as_numpy(x), as_numpy(y), ax, _param(mean, c, "mean"),
-                    _param(var, c, "var"), _param(weight, c, "weight"), _param(bias, c, "bias"),
-                    float(eps))
-    return y
+    return infer_core(x, mean, var, weight, bias, axes, eps)
 
 
 def _backward_impl(
@@ -152,9 +176,7 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     ax, cshape = _geometry(x, axes)
     c = math.prod(cshape)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {tuple(dy.shape)}; expected x's shape {tuple(x.shape)}")
-    dy = dy.to(x.dtype)
+    dy = like_input(dy, x, "dy")
     dx = torch.empty_like(x)
     sum_dy, sum_dy_xhat = _core.backward(
         as_numpy(dy), as_numpy(x), as_numpy(dx), ax, _mask(mask, x), _param(mean, c, "mean"),
@@ -239,32 +261,31 @@ batch_norm_infer.register_autograd(
     setup_context=_setup_infer)
 
 
-# The eager path: the same functions without the dispatcher's per-call cost of a
-# custom operator (tens of microseconds, more than the kernels take on small tensors).
-# forward takes ctx itself: with a separate setup_context, Function.apply binds the
-# arguments through inspect.signature on every call (another ~30 µs).
-class _EagerTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, axes, eps, mask):
-        output = _train_impl(x, weight, bias, axes, eps, mask)
-        _setup_train(ctx, (x, weight, bias, axes, eps, mask), output)
+def eager_function(name: str, impl, setup, grads, backward_impl
+                   ) -> type[torch.autograd.Function]:
+    """The eager path of a custom operator: ``impl`` as a ``torch.autograd.Function``
+    without the dispatcher's per-call cost (tens of microseconds, more than the kernels
+    take on small tensors). ``forward`` takes ctx itself: with a separate setup_context,
+    ``Function.apply`` binds the arguments through inspect.signature on every call
+    (another ~30 µs). ``grads(ctx, dy, backward_impl)`` gives the input gradients from
+    the output's (the statistics an operator also returns carry none)."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup(ctx, inputs, output)
         return output
 
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        return _train_grads(ctx, dy, _backward_impl)
+    def backward(ctx, dy, *_statistics):
+        return grads(ctx, dy, backward_impl)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class _EagerInfer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, axes, eps):
-        output = _infer_impl(x, mean, var, weight, bias, axes, eps)
-        _setup_infer(ctx, (x, mean, var, weight, bias, axes, eps), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _infer_grads(ctx, dy, _backward_impl)
+_EagerTrain = eager_function("_EagerTrain", _train_impl, _setup_train, _train_grads,
+                             _backward_impl)
+_EagerInfer = eager_function("_EagerInfer", _infer_impl, _setup_infer, _infer_grads,
+                             _backward_impl)
 
 
 def _traced() -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._epilogue_ops import Epilogue, infer_act, train_act
 from ._ops import infer, train
 from ._sync import sync_batch_norm_train
 
@@ -36,39 +37,54 @@ def _check_features(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     return per_channel
 
 
-def _update_running_stats(
-    module: Any, mean: torch.Tensor, var: torch.Tensor, count: int
+def running_average(
+    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+    var: torch.Tensor, count: int, momentum: float | None, tracked: torch.Tensor | None = None,
 ) -> None:
-    """torch's update: exponential (momentum) or cumulative (momentum=None) average of
-    the batch mean and the unbiased batch variance."""
-    buffers = module._buffers  # one lookup instead of three through Module.__getattr__
-    tracked, running_mean, running_var = (
-        buffers["num_batches_tracked"], buffers["running_mean"], buffers["running_var"])
-    tracked.add_(1)
+    """torch's update of the running statistics with a batch's mean and biased variance
+    over ``count`` values: exponential (``momentum``) or, with ``momentum=None``,
+    cumulative over ``tracked`` batches, of the mean and the unbiased variance."""
     mean, var = mean.detach(), var.detach()
     if mean.dtype != running_mean.dtype:
         mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
     unbiased = count / (count - 1)
-    if module.momentum is None:
+    if momentum is None:
+        assert tracked is not None, "momentum=None needs the count of batches tracked"
         running_mean.add_((mean - running_mean) / tracked)
         running_var.add_((var * unbiased - running_var) / tracked)
     else:
-        momentum = module.momentum
         running_mean.lerp_(mean, momentum)
         running_var.mul_(1 - momentum).add_(var, alpha=momentum * unbiased)
 
 
+def _update_running_stats(
+    module: Any, mean: torch.Tensor, var: torch.Tensor, count: int
+) -> None:
+    """A module's running statistics and ``num_batches_tracked`` after a batch."""
+    buffers = module._buffers  # one lookup instead of three through Module.__getattr__
+    tracked = buffers["num_batches_tracked"]
+    tracked.add_(1)
+    running_average(buffers["running_mean"], buffers["running_var"], mean, var, count,
+                    module.momentum, tracked)
+
+
 def _batch_norm(
-    module: Any, x: torch.Tensor, sync_group: object = None
+    module: Any, x: torch.Tensor, sync_group: object = None, epilogue: Epilogue | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The forward shared by every module; ``sync_group`` is set when the batch
-    statistics are to be reduced across the ranks of a process group."""
+    statistics are to be reduced across the ranks of a process group; ``epilogue`` (and
+    ``residual``) make the output ``act(bn(x) + residual)`` (not with ``sync_group``)."""
     per_channel = _check_features(module, x)
     if not module.training and module.running_mean is not None:
-        return infer(x, module.running_mean, module.running_var, module.weight, module.bias,
-                     _CHANNELS, module.eps)
+        stats = (x, module.running_mean, module.running_var, module.weight, module.bias,
+                 _CHANNELS, module.eps)
+        return infer(*stats) if epilogue is None else infer_act(*stats, epilogue, residual)
     if sync_group is None:
-        y, mean, var = train(x, module.weight, module.bias, _CHANNELS, module.eps)
+        y, mean, var = (
+            train(x, module.weight, module.bias, _CHANNELS, module.eps) if epilogue is None
+            else train_act(x, module.weight, module.bias, _CHANNELS, module.eps, None, epilogue,
+                           residual))
     else:
         y, mean, var, per_channel = sync_batch_norm_train(x, module, sync_group)
     if module.training and module.track_running_stats:
