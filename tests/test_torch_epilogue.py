@@ -5,6 +5,7 @@ and mode; reduced precision; gradcheck; torch.compile; ``fuse`` on a ResNet-styl
 errors leave the buffers untouched."""
 
 import copy
+from pathlib import Path
 
 import cbn.torch
 import pytest
@@ -421,3 +422,11 @@ def test_fuse_recognizes_each_activation(act, kind):
     x, residual = randn((4, 3, 3, 3), scale=2.0), randn((4, 3, 3, 3))
     torch.testing.assert_close(fused(x, residual), model(x, residual), rtol=1e-12,
                                atol=1e-12)
+
+
+def test_readme_example_runs():
+    """README.md's PyTorch "Fused activation and residual" example runs as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## PyTorch", 1)[1].split("#### Fused activation and residual", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
