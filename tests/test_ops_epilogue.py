@@ -211,6 +211,34 @@ def test_forward_against_float64(name, kind, training, shape, axes, dtype):
         np.testing.assert_allclose(var, case.var, rtol=1e-5)
 
 
+# Out-of-place outputs past the caches are written with streaming stores on aligned
+# vectors; back-to-back rows on a misaligned output are walked with their channels (and
+# the residual's) rotated. A tiny "L3" makes every output stream; offsets of one element
+# and one byte into the output buffer misalign it.
+@pytest.fixture
+def streaming_outputs():
+    cbn.set_cache_sizes(l2=1024, l3=2048)
+    yield
+    cbn.set_cache_sizes()
+
+
+@pytest.mark.parametrize("offset", ["none", "element", "byte"])
+@pytest.mark.parametrize("shape,axes", [((8, 12, 12, 64), (3,)), ((8, 12, 12, 17), (3,)),
+                                        ((6, 40, 9, 9), (1,))])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("name", ["relu", "silu"])
+def test_streamed_outputs(streaming_outputs, name, training, shape, axes, offset):
+    case = Case(shape, axes, np.float32, training, seed=7)
+    size = case.x.dtype.itemsize
+    buffer = np.full(case.x.nbytes + size, 0xA5, np.uint8)
+    skip = {"none": 0, "element": size, "byte": 1}[offset]
+    out = buffer[skip:skip + case.x.nbytes].view(np.float32).reshape(shape)
+    y, _, _ = case.forward(name, out=out)
+    assert y is out
+    assert_output_close(y, case, name)
+    assert np.all(np.r_[buffer[:skip], buffer[skip + case.x.nbytes:]] == 0xA5)
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 @pytest.mark.parametrize("shape,axes", [LAYOUTS[0], LAYOUTS[3]])
 def test_masked_training_forward(name, shape, axes):

@@ -46,10 +46,16 @@ inline V exp_of(V x) {
   const V n = shifted - splat<V>(shifter);
   V r = clamped - n * splat<V>(wide ? 0.6931471803691238 : 0.693359375);
   r = r - n * splat<V>(wide ? 1.9082149292705877e-10 : -2.12194440e-4);
+  // Horner's rule on the coefficients 1/k!: one multiply-add per degree.
   constexpr int degree = wide ? 13 : 7;
-  V poly = splat<V>(1.0);
+  constexpr auto inverse_factorial = [](int k) {
+    double f = 1.0;
+    for (int i = 2; i <= k; ++i) f *= i;
+    return 1.0 / f;
+  };
+  V poly = splat<V>(inverse_factorial(degree));
 #pragma GCC unroll 16
-  for (int k = degree; k >= 1; --k) poly = poly * r * splat<V>(1.0 / k) + splat<V>(1.0);
+  for (int k = degree - 1; k >= 0; --k) poly = poly * r + splat<V>(inverse_factorial(k));
   I shifted_bits, shifter_bits;
   std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
   const V shifter_v = splat<V>(shifter);
@@ -139,6 +145,7 @@ struct activation {
 // epilogues existed.
 struct no_epilogue {
   static constexpr int64_t row = 0, stride = 0;
+  static constexpr const char *residual = nullptr;
   static constexpr bool has_residual = false;
   no_epilogue at(int64_t) const { return *this; }
   template <class E, class V>

@@ -142,10 +142,12 @@ constexpr int64_t kRotatedMaxChannels = 4096;
 // The first row's head gets plain stores (it shares a line with what precedes
 // y), the last row's rest streamed ones. Its own function, so that only this
 // walk's frame holds the rotated parameters.
-template <class E>
+// An epilogue's second stream (residual or dy) must have x's rows (epi.row ==
+// row), so that it is rotated alike.
+template <class E, class Epi>
 __attribute__((noinline)) void normalize_rows_rotated(const plan &p, const char *x, char *y, int64_t row,
                                                       int64_t n_rows, int64_t len, int64_t head,
-                                                      const affine_params &a, int64_t c0) {
+                                                      const affine_params &a, int64_t c0, const Epi &epi) {
   using acc = typename E::acc;
   acc rotated[3][kRotatedMaxChannels];
   const acc *params[3] = {static_cast<const acc *>(a.mean_hi), static_cast<const acc *>(a.scale),
@@ -153,25 +155,26 @@ __attribute__((noinline)) void normalize_rows_rotated(const plan &p, const char 
   for (int i = 0; i < 3; ++i)
     for (int64_t k = 0; k < len; ++k) rotated[i][k] = params[i][c0 + (head + k) % len];
   const affine_params rotated_a{rotated[0], rotated[1], rotated[2]};
-  const no_epilogue plain;
-  normalize_rows_run<E, false>(x, row, y, row, 1, head, a, c0, p.x_from, plain);
+  normalize_rows_run<E, false>(x, row, y, row, 1, head, a, c0, p.x_from, epi);
   normalize_rows_run<E, true>(x + head * E::size, row, y + head * E::size, row, n_rows - 1, len,
-                              rotated_a, 0, p.x_from, plain);
+                              rotated_a, 0, p.x_from, epi.at(head * E::size));
   const int64_t last = (n_rows - 1) * row + head * E::size;
-  normalize_rows_run<E, true>(x + last, row, y + last, row, 1, len - head, a, c0 + head, p.x_from, plain);
+  normalize_rows_run<E, true>(x + last, row, y + last, row, 1, len - head, a, c0 + head, p.x_from,
+                              epi.at(last));
 }
 
-// epi: the epilogue, its residual at the run's first element. An epilogue
-// streams only into vector-aligned rows (the rotated walk is the plain one's).
+// epi: the epilogue, its residual at the run's first element.
 template <class E, class Epi>
 void normalize_rows(const plan &p, const char *x, int64_t x_row, char *y, int64_t y_row,
                     int64_t n_rows, int64_t len, const affine_params &a, int64_t c0, const Epi &epi) {
   constexpr int64_t align = E::lanes * E::size;
   const int64_t head = (align - reinterpret_cast<uintptr_t>(y) % align) % align / E::size;
   const int64_t row_bytes = len * E::size;
-  if (std::is_same_v<Epi, no_epilogue> && p.stream_y && head != 0 && x_row == row_bytes && y_row == row_bytes && row_bytes % align == 0 &&
-      reinterpret_cast<uintptr_t>(y) % E::size == 0 && n_rows >= 2 && len <= kRotatedMaxChannels)
-    normalize_rows_rotated<E>(p, x, y, row_bytes, n_rows, len, head, a, c0);
+  const bool second_rows_match = !epi.residual || epi.row == row_bytes;
+  if (p.stream_y && head != 0 && x_row == row_bytes && y_row == row_bytes && row_bytes % align == 0 &&
+      second_rows_match && reinterpret_cast<uintptr_t>(y) % E::size == 0 && n_rows >= 2 &&
+      len <= kRotatedMaxChannels)
+    normalize_rows_rotated<E>(p, x, y, row_bytes, n_rows, len, head, a, c0, epi);
   else if (p.stream_y && vector_aligned<E>(y, y_row))
     normalize_rows_run<E, true>(x, x_row, y, y_row, n_rows, len, a, c0, p.x_from, epi);
   else
