@@ -12,15 +12,15 @@ followed by ``torch.relu`` (and the add), eager and under ``torch.compile`` (ind
 fullgraph). Step rows: forward and backward of a fixed gradient through BN → add →
 ReLU (gradients for x, the residual and the parameters), cbn fused against torch eager
 and torch.compile. Kernel rows: ``cbn.ops`` into preallocated ``out=`` buffers (no page
-faults of fresh outputs): the training forward alone, with each activation, with a residual and ReLU,
-and one read-only sweep of the residual (``cbn.ops.moments`` of it), so that
-``+add/(bn+read)`` is the fused call over its separate parts; inference with ReLU and
-with a residual and ReLU against the memory-bound limit of the same traffic (the
-compiled sweeps of bench/cbnbench/sweep.py, the faster of plain and streaming stores;
-``share`` = limit time / cbn time). Every implementation of a row group is sampled in
-turn in one process (bench/cbnbench/timing.py), medians in ms. Ratios: ``+relu/bn`` and ``+add/bn`` are the
-fused calls over cbn's batch norm alone (the epilogue's cost); ``x...`` columns are
-torch's time over cbn's fused one (above 1: cbn is faster).
+faults of fresh outputs): the training forward alone, with each activation, with a residual and ReLU, and
+one read-only sweep of the residual (``cbn.ops.moments`` of it), so that
+``+add/(bn+read)`` is the fused call over its separate parts; inference with ReLU and with
+a residual and ReLU against the memory-bound limit of the same traffic (the compiled
+sweeps of bench/cbnbench/sweep.py, the faster of plain and streaming stores; ``share`` =
+limit time / cbn time). Every implementation of a row group is sampled in turn in one
+process (bench/cbnbench/timing.py), medians in ms. Ratios: ``+relu/bn`` and ``+add/bn``
+are the fused calls over cbn's batch norm alone (the epilogue's cost); ``x...`` columns
+are torch's time over cbn's fused one (above 1: cbn is faster).
 """
 
 from __future__ import annotations
