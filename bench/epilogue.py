@@ -12,8 +12,9 @@ followed by ``torch.relu`` (and the add), eager and under ``torch.compile`` (ind
 fullgraph). Step rows: forward and backward of a fixed gradient through BN → add →
 ReLU (gradients for x, the residual and the parameters), cbn fused against torch eager
 and torch.compile. Kernel rows: ``cbn.ops`` into preallocated ``out=`` buffers (no page
-faults of fresh outputs): the training forward alone, with each activation, with a residual and ReLU, and
-one read-only sweep of the residual (``cbn.ops.moments`` of it), so that
+faults of fresh outputs): the training forward alone, with each activation, with a
+residual and ReLU, and one read-only sweep of the residual (``cbn.ops.moments`` of it), so
+that
 ``+add/(bn+read)`` is the fused call over its separate parts; inference with ReLU and with
 a residual and ReLU against the memory-bound limit of the same traffic (the compiled
 sweeps of bench/cbnbench/sweep.py, the faster of plain and streaming stores; ``share`` =
