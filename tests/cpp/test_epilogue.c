@@ -223,6 +223,12 @@ static void fill_case(const grad_case *k, char *x, char *r, char *dy, double *me
   }
 }
 
+/* worst = max(worst, error), out of line: GCC 12 for aarch64 crashed (an
+ * internal compiler error in the vectorizer) on these reductions inlined. */
+static __attribute__((noinline)) void note_error(double *worst, double error) {
+  if (error > *worst) *worst = error;
+}
+
 /* The largest error of dx, dgamma, dbeta and dresidual against the float64 formula. */
 static double grad_error(const grad_case *k, const char *x, const char *r, const double *dy_ref, const char *dx,
                          const char *dres, const double *mean, const double *var, const double *gamma,
@@ -241,12 +247,13 @@ static double grad_error(const grad_case *k, const char *x, const char *r, const
         g[j] = dy_ref[at] * slope(k->act, xhat[j] * gamma[c] + beta[c] + res, alpha, lo, hi);
         sg += g[j];
         sgx += g[j] * xhat[j];
-        if (dres) worst = fmax(worst, fabs(get(dres, k->dt, at) - g[j]));
+        if (dres) note_error(&worst, fabs(get(dres, k->dt, at) - g[j]));
       }
-    worst = fmax(worst, fmax(fabs(sum_dy[c] - sg), fabs(sum_dy_xhat[c] - sgx)) / (N * L));
+    note_error(&worst, fabs(sum_dy[c] - sg) / (N * L));
+    note_error(&worst, fabs(sum_dy_xhat[c] - sgx) / (N * L));
     for (int64_t j = 0; j < N * L; ++j) {
       const double want = k->training ? gamma[c] * s * (g[j] - (sg + xhat[j] * sgx) / (N * L)) : gamma[c] * s * g[j];
-      worst = fmax(worst, fabs(get(dx, k->dt, index_of(k->channels_last, 1, j / L, c, j % L)) - want) / (1 + fabs(want)));
+      note_error(&worst, fabs(get(dx, k->dt, index_of(k->channels_last, 1, j / L, c, j % L)) - want) / (1 + fabs(want)));
     }
   }
   return worst;
