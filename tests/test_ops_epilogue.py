@@ -239,6 +239,39 @@ def test_streamed_outputs(streaming_outputs, name, training, shape, axes, offset
     assert np.all(np.r_[buffer[:skip], buffer[skip + case.x.nbytes:]] == 0xA5)
 
 
+# Leaky slopes up to 1 and the other piecewise-linear activations share one branch-free
+# walk (the larger of z and alpha·z, clamped); steeper slopes take the general one.
+@pytest.mark.parametrize("alpha", [-0.5, 0.0, 0.1, 1.0, 2.5])
+@pytest.mark.parametrize("shape,axes", LAYOUTS[:2])
+@pytest.mark.parametrize("residual", [False, True])
+def test_leaky_slopes(alpha, shape, axes, residual):
+    case = Case(shape, axes, np.float32, False, residual=residual, seed=11)
+    y = ops.batch_normalization(case.x, case.mean, case.var, beta=case.beta, gamma=case.gamma,
+                                epsilon=EPS, axis=list(axes), activation="leaky_relu",
+                                activation_alpha=alpha, residual=case.residual)
+    want = np.where(case.z >= 0, case.z, alpha * case.z)
+    terms = 1.0 + np.abs(case.bn) + np.abs(case.z - case.bn)
+    assert np.all(np.abs(f64(y) - want) <= 16 * UNIT[np.dtype(np.float32)] * terms)
+
+
+# NaN stays NaN and infinities are clamped or kept, as PyTorch's activations do:
+# x = bn(x) with mean 0, variance 1 - eps, gamma 1, beta 0.
+@pytest.mark.parametrize("name", ["relu", "relu6", "leaky_relu", "clip", None])
+@pytest.mark.parametrize("shape,axes", LAYOUTS[:2])
+def test_special_values(name, shape, axes):
+    c = shape[axes[0]]
+    x = np.zeros(shape, np.float32)
+    values = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, -3.0, 7.0, 0.5], np.float32)
+    x.reshape(-1)[:values.size * 5] = np.tile(values, 5)
+    y = ops.batch_normalization(x, np.zeros(c), np.full(c, 1 - 2.0**-10), axis=list(axes),
+                                epsilon=2.0**-10, **kwargs(name))
+    lo, hi = {"relu": (0.0, np.inf), "relu6": (0.0, 6.0), "clip": CLIP}.get(
+        name, (-np.inf, np.inf))
+    slope = ALPHA if name == "leaky_relu" else 1.0
+    want = np.clip(np.where(x < 0, x * np.float32(slope), x), lo, hi).astype(np.float32)
+    np.testing.assert_array_equal(y, want)
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 @pytest.mark.parametrize("shape,axes", [LAYOUTS[0], LAYOUTS[3]])
 def test_masked_training_forward(name, shape, axes):

@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "backward.hpp"
 #include "bn_core/bn_core.h"
 #include "dispatch.hpp"
 #include "planning.hpp"
@@ -92,6 +93,27 @@ bn_status backward_in_chunks(std::vector<chunk> &chunks, int32_t threads, const 
 }
 
 }  // namespace
+
+bn_status backward_checked(const backward_request &r, const bool is_channel[]) {
+  plan p;
+  make_plan(*r.x, r.dx, r.mask, r.dy, is_channel, p);
+  // The sums are needed for dx in training; scratch when the caller skips them.
+  const int64_t channels = p.channels;
+  const std::unique_ptr<double[]> scratch = new_doubles(saturating_add(saturating_mul(3, channels), 1), true);
+  if (!scratch) return out_of_memory();
+  double *count = scratch.get();
+  double *sum_dy = r.sum_dy ? r.sum_dy : count + channels;
+  double *sum_dy_xhat = r.sum_dy_xhat ? r.sum_dy_xhat : count + 2 * channels;
+  const backward_call c{p, r.mean, r.variance, r.gamma, r.epsilon, r.training, true, true,
+                        count, sum_dy, sum_dy_xhat};
+  const int32_t threads = schedule(p);
+  const int64_t per_chunk = p.empty ? 0 : chunk_channels(*r.x, r.axes, r.n_axes, threads, 2);
+  if (per_chunk == 0) return c.run();
+  const int32_t axis = r.axes[0] < 0 ? r.axes[0] + r.x->rank : r.axes[0];
+  std::vector<chunk> chunks = cut_into_chunks(*r.x, r.dx, r.mask, r.dy, axis, p, per_chunk);
+  return backward_in_chunks(chunks, threads, c);
+}
+
 }  // namespace bn_core
 
 using namespace bn_core;
@@ -104,22 +126,11 @@ bn_status bn_backward(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *
                       double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat) {
   const call_args call{x, {{dy, "dy"}, {dx, "dx"}}, mask, axes, n_axes, {{mean, "mean"}, {variance, "variance"}},
                        &epsilon};
-  return planned_call(call, dx, dy, [&](plan &p) {
-    // The sums are needed for dx in training; scratch when the caller skips them.
-    const int64_t channels = p.channels;
-    const std::unique_ptr<double[]> scratch = new_doubles(saturating_add(saturating_mul(3, channels), 1), true);
-    if (!scratch) return out_of_memory();
-    double *count = scratch.get();
-    if (!sum_dy) sum_dy = count + channels;
-    if (!sum_dy_xhat) sum_dy_xhat = count + 2 * channels;
-    const backward_call c{p, mean, variance, gamma, epsilon, training != 0, true, true,
-                          count, sum_dy, sum_dy_xhat};
-    const int32_t threads = schedule(p);
-    const int64_t per_chunk = p.empty ? 0 : chunk_channels(*x, axes, n_axes, threads, 2);
-    if (per_chunk == 0) return c.run();
-    const int32_t axis = axes[0] < 0 ? axes[0] + x->rank : axes[0];
-    std::vector<chunk> chunks = cut_into_chunks(*x, dx, mask, dy, axis, p, per_chunk);
-    return backward_in_chunks(chunks, threads, c);
+  return guarded([&] {
+    bool is_channel[BN_MAX_RANK];
+    if (bn_status st = check_call(call, is_channel)) return st;
+    return backward_checked({dy, x, dx, axes, n_axes, mask, mean, variance, gamma, epsilon, training != 0,
+                             sum_dy, sum_dy_xhat}, is_channel);
   });
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <numeric>
 
+#include "backward.hpp"
 #include "bn_core/bn_core.h"
 #include "dispatch.hpp"
 #include "planning.hpp"
@@ -66,9 +67,9 @@ bn_status walk_pass(const bn_tensor &in, const bn_tensor &out, const bn_tensor *
   if (params) affine.fill(params->mean, params->variance, params->gamma, params->beta, params->epsilon);
   else affine.fill_identity();
   const affine_params a = affine.params();
-  const kernel_table &k = active_kernels();
+  const auto normalize = active_kernels().normalize_walk(p);
   const auto walk = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
-    k.normalize_epilogue(p, begin, end, a);
+    normalize(p, begin, end, a);
   });
   return run_slots(threads, walk) ? BN_OK : out_of_memory();
 }
@@ -139,7 +140,8 @@ bn_status bn_backward_epilogue(const bn_tensor *dy, const bn_tensor *x, const bn
     }
     const forward_params params{mean, variance, gamma, beta, epsilon};
     if (bn_status st = gradient_passes(*dy, *x, *g, is_channel, params, *epilogue, output)) return st;
-    return bn_backward(g, x, dx, axes, n_axes, mask, mean, variance, gamma, epsilon, training, sum_dy, sum_dy_xhat);
+    return backward_checked({g, x, dx, axes, n_axes, mask, mean, variance, gamma, epsilon, training != 0,
+                             sum_dy, sum_dy_xhat}, is_channel);
   });
 }
 

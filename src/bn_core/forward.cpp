@@ -33,10 +33,6 @@ bn_status moments_of(plan &p, double *mean, double *variance, double *count) {
   return BN_OK;
 }
 
-// The normalize walk of p: with its epilogue, or the plain one.
-auto normalize_walk(const kernel_table &k, const plan &p) {
-  return p.epilogue.active ? k.normalize_epilogue : k.normalize;
-}
 
 // What a training forward produces from what.
 struct training {
@@ -64,7 +60,7 @@ bn_status train_in_one_team(const plan &whole, int32_t threads, const training &
     state.finish(threads, whole, t.mean, t.variance, nullptr);
     affine.fill(t.mean, t.variance, t.gamma, t.beta, t.epsilon);
   };
-  const auto walk = normalize_walk(k, whole);
+  const auto walk = k.normalize_walk(whole);
   const auto normalize = slot_items(whole, threads, [&](int64_t begin, int64_t end, int32_t) {
     walk(whole, begin, end, params);
   });
@@ -97,7 +93,7 @@ bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const tra
       // the caches: memory stays busy, and its statistics read it from there.
       const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
       if (following < chunks.size()) p.prefetch_ahead = chunks[following].p.x - p.x;
-      normalize_walk(k, p)(p, 0, items, params);
+      k.normalize_walk(p)(p, 0, items, params);
       i = following;
     }
   });
@@ -137,7 +133,7 @@ bn_status bn_normalize_epilogue(const bn_tensor *x, const bn_tensor *y, const in
     if (!affine.allocate(p)) return out_of_memory();
     affine.fill(mean, variance, gamma, beta, epsilon);
     const affine_params params = affine.params();
-    const auto walk = normalize_walk(active_kernels(), p);
+    const auto walk = active_kernels().normalize_walk(p);
     const auto normalize = slot_items(p, threads, [&](int64_t begin, int64_t end, int32_t) {
       walk(p, begin, end, params);
     });

@@ -41,6 +41,17 @@ struct epilogue_params {
   int32_t activation;  // a bn_activation
   double alpha, lo, hi;
   bool gradient;
+
+  // A forward of identity, relu, relu6, clip or leaky relu of a slope <= 1:
+  // one clamp formula (kernels/epilogue.hpp, clamp_activation), walked by a
+  // kernel of its own.
+  bool piecewise_linear() const {
+    switch (activation) {
+      case BN_ACT_IDENTITY: case BN_ACT_RELU: case BN_ACT_RELU6: case BN_ACT_CLIP: return !gradient;
+      case BN_ACT_LEAKY_RELU: return !gradient && alpha <= 1;
+      default: return false;
+    }
+  }
 };
 
 struct plan {
@@ -151,8 +162,16 @@ struct kernel_table {
                         const backward_params &b, const backward_scratch &s);
   void (*backward_apply)(const plan &p, int64_t item_begin, int64_t item_end,
                          const backward_params &b);
-  // normalize with p.epilogue applied to every value (an active one).
+  // normalize with p.epilogue applied to every value (an active one); a
+  // piecewise-linear forward's own walk.
   void (*normalize_epilogue)(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
+  void (*normalize_piecewise)(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
+
+  // The normalize walk of p: plain, or with its epilogue.
+  auto normalize_walk(const plan &p) const {
+    if (!p.epilogue.active) return normalize;
+    return p.epilogue.piecewise_linear() ? normalize_piecewise : normalize_epilogue;
+  }
 };
 
 namespace scalar { extern const kernel_table table; }

@@ -66,7 +66,11 @@ int32_t team_given(int32_t slots, int32_t other_calls, bool counted) {
   }
   const int64_t now = now_ns();
   if (other_calls > 0) {
-    if (counted) concurrent_until_ns.store(now + kConcurrentHoldNs, std::memory_order_relaxed);
+    // Extended in steps of a tenth of the hold: overlapping callers would
+    // otherwise write the shared line on every call.
+    const int64_t until = now + kConcurrentHoldNs;
+    if (counted && until - concurrent_until_ns.load(std::memory_order_relaxed) > kConcurrentHoldNs / 10)
+      concurrent_until_ns.store(until, std::memory_order_relaxed);
     return 1;
   }
   const bool held = now < std::max(serial_until_ns.load(std::memory_order_relaxed),

@@ -18,6 +18,7 @@
 #endif
 
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <immintrin.h>

@@ -1,4 +1,4 @@
-// The five entries of one ISA's kernel_table, each defined in its own translation
+// The six entries of one ISA's kernel_table, each defined in its own translation
 // unit (<operation>_<isa>.cpp) so that the build compiles them in parallel.
 // Include after kernels/target_<isa>.hpp.
 #include "../plan.hpp"
@@ -9,6 +9,7 @@ namespace BN_ISA_NS {
 void moments_entry(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s);
 void normalize_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
 void normalize_epilogue_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
+void normalize_piecewise_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
 void backward_sums_entry(const plan &p, int64_t item_begin, int64_t item_end,
                          const backward_params &b, const backward_scratch &s);
 void backward_apply_entry(const plan &p, int64_t item_begin, int64_t item_end,

@@ -1,6 +1,6 @@
 // Defines the entry of the operation the including translation unit names
 // (BN_KERNEL_MOMENTS, BN_KERNEL_NORMALIZE, BN_KERNEL_NORMALIZE_EPILOGUE,
-// BN_KERNEL_BACKWARD_SUMS or BN_KERNEL_BACKWARD_APPLY): the element type
+// BN_KERNEL_NORMALIZE_PIECEWISE, // BN_KERNEL_BACKWARD_SUMS or BN_KERNEL_BACKWARD_APPLY): the element type
 // dispatch into that operation.
 #include "all.hpp"
 #include "entries.hpp"
@@ -24,7 +24,14 @@ void normalize_entry(const plan &p, int64_t item_begin, int64_t item_end, const 
 void normalize_epilogue_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
   with_element_type(p.dtype, [&](auto elem) {
     using E = decltype(elem);
-    normalize_items<E, with_epilogue<typename E::acc>>(p, item_begin, item_end, a);
+    normalize_items<E, with_epilogue<typename E::acc, activation>>(p, item_begin, item_end, a);
+  });
+}
+#elif defined(BN_KERNEL_NORMALIZE_PIECEWISE)
+void normalize_piecewise_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {
+  with_element_type(p.dtype, [&](auto elem) {
+    using E = decltype(elem);
+    normalize_items<E, with_epilogue<typename E::acc, clamp_activation>>(p, item_begin, item_end, a);
   });
 }
 #elif defined(BN_KERNEL_BACKWARD_SUMS)

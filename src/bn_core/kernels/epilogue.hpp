@@ -138,7 +138,38 @@ struct activation {
   }
 };
 
-// ---- the two variants of a normalize walk ---------------------------------------
+// The piecewise-linear activations (identity, relu, relu6, clip, leaky relu of
+// a slope <= 1) as one formula without branches: the larger of z and
+// negative·z (z's negative side scaled by a slope <= 1), clamped to [lo, hi]
+// (no bound: an infinity). act(z) bit for bit, NaN and signed zeros included,
+// in four vector instructions: walked per vector, a switch on the activation
+// would cost more than the normalization itself (its branches and the
+// registers its other cases need).
+template <class T>
+struct clamp_activation {
+  T negative, lo, hi;
+
+  static clamp_activation of(const epilogue_params &e) {
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    switch (e.activation) {
+      case BN_ACT_RELU: return {T(1), T(0), inf};
+      case BN_ACT_RELU6: return {T(1), T(0), T(6)};
+      case BN_ACT_LEAKY_RELU: return {T(e.alpha), -inf, inf};
+      case BN_ACT_CLIP: return {T(1), T(e.lo), T(e.hi)};
+      default: return {T(1), -inf, inf};
+    }
+  }
+
+  template <class V>
+  V operator()(V z) const {
+    const V scaled_z = z * splat<V>(negative);
+    const V scaled = scaled_z > z ? scaled_z : z;
+    const V above = scaled < splat<V>(lo) ? splat<V>(lo) : scaled;
+    return above > splat<V>(hi) ? splat<V>(hi) : above;
+  }
+};
+
+// ---- the variants of a normalize walk --------------------------------------------
 
 // Plain: the normalized value as it is. Every member a walk uses is a constant
 // or returns its argument, so the walk compiles to the code it had before
@@ -156,17 +187,18 @@ struct no_epilogue {
 // offset from `residual`, which the walk moves like x), then the activation.
 // In a gradient pass the second stream is the incoming gradient dy instead,
 // and the value is dy·act'(z) (epilogue_params::gradient). row and stride are
-// the second stream's row step and inner stride in bytes.
-template <class T>
+// the second stream's row step and inner stride in bytes. Act: activation<T>,
+// any activation and the gradient pass, or clamp_activation<T>, the forward
+// of the piecewise-linear ones (a walk of its own, normalize_piecewise_entry).
+template <class T, template <class> class Act>
 struct with_epilogue {
   const char *residual;  // the second stream (dy in a gradient pass); null: none
   int64_t row, stride;
-  activation<T> act;
+  Act<T> act;
   bool has_residual, gradient;
 
   with_epilogue(const plan &p, const char *at, int64_t row_step)
-      : residual(at), row(row_step), stride(p.inner.d_stride),
-        act{p.epilogue.activation, T(p.epilogue.alpha), T(p.epilogue.lo), T(p.epilogue.hi)},
+      : residual(at), row(row_step), stride(p.inner.d_stride), act(activation_of(p.epilogue)),
         has_residual(p.residual != nullptr), gradient(p.epilogue.gradient) {}
 
   with_epilogue at(int64_t bytes) const {
@@ -181,7 +213,14 @@ struct with_epilogue {
     V second;
     if constexpr (std::is_same_v<V, typename E::vec>) second = E::load_vec(residual + at);
     else second = E::load(residual + at);
-    return gradient ? second * act.slope(z) : act(z + second);
+    if constexpr (std::is_same_v<Act<T>, clamp_activation<T>>) return act(z + second);
+    else return gradient ? second * act.slope(z) : act(z + second);
+  }
+
+ private:
+  static Act<T> activation_of(const epilogue_params &e) {
+    if constexpr (std::is_same_v<Act<T>, clamp_activation<T>>) return clamp_activation<T>::of(e);
+    else return activation<T>{e.activation, T(e.alpha), T(e.lo), T(e.hi)};
   }
 };
 

@@ -32,11 +32,14 @@ constexpr int64_t kNormalizeL1ParamBytes = 8 << 10;
 // prefetches (x, and y out of place unless streamed). epi: the epilogue, its
 // residual at this tile's first element.
 template <class E, bool Stream, int K, int B, class Epi>
-void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
+[[gnu::always_inline]] inline void normalize_rows_tile(const char *x, int64_t x_row, char *y, int64_t y_row, int64_t n_rows,
                          int64_t ahead, const typename E::acc *mean_hi, const typename E::acc *scale,
-                         const typename E::acc *bias, const Epi &epi) {
+                         const typename E::acc *bias, const Epi &epilogue) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes;
+  // A copy of its own: the stores through char pointers might write the
+  // caller's, which would then be reloaded for every vector.
+  const Epi epi = epilogue;
   vec mh[K], sc[K], b[K];
 #pragma GCC unroll 8
   for (int k = 0; k < K; ++k) {
