@@ -137,10 +137,11 @@ class Case:
         raise AssertionError("could not move the data away from the kinks")
 
     def forward(self, name, out=None, residual=None, **extra):
-        """cbn's forward with this case's data: (y, returned mean, variance or None)."""
-        common = dict(gamma=self.gamma, beta=self.beta, axis=list(self.axes), epsilon=EPS,
-                      out=out, residual=self.residual if residual is None else residual,
-                      **kwargs(name), **extra)
+        """cbn's forward with this case's data: (y, returned mean, variance or None). The
+        axes go as a list, which takes the general path; ``extra`` overrides any argument."""
+        common = {**dict(gamma=self.gamma, beta=self.beta, axis=list(self.axes), epsilon=EPS,
+                         out=out, residual=self.residual if residual is None else residual),
+                  **kwargs(name), **extra}
         if self.training:
             return ops.batch_norm_train(self.x, mask=self.mask, **common)
         return ops.batch_normalization(self.x, self.mean, self.var, **common), None, None

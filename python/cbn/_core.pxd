@@ -43,6 +43,12 @@ cdef extern from "bn_core/bn_core.h" nogil:
                           double epsilon, int32_t training, double *sum_dy, double *sum_dy_xhat)
     ctypedef enum bn_activation:
         BN_ACT_IDENTITY
+        BN_ACT_RELU
+        BN_ACT_RELU6
+        BN_ACT_LEAKY_RELU
+        BN_ACT_CLIP
+        BN_ACT_SILU
+        BN_ACT_GELU_TANH
     ctypedef struct bn_epilogue:
         bn_activation activation
         double alpha

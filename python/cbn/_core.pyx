@@ -151,6 +151,21 @@ def moments(cnp.ndarray x, tuple axes, mask):
     return mean, var, count
 
 
+cdef const bn_tensor *optional_tensor(tensor_desc *d, object a) except? NULL:
+    if a is None:
+        return NULL
+    describe(d, a, False)
+    return &d.t
+
+
+#: Activation names and the core's codes (its bn_activation enum); cbn._epilogue's table.
+ACTIVATIONS = {
+    "identity": BN_ACT_IDENTITY, "linear": BN_ACT_IDENTITY, "relu": BN_ACT_RELU,
+    "relu6": BN_ACT_RELU6, "leaky_relu": BN_ACT_LEAKY_RELU, "clip": BN_ACT_CLIP,
+    "silu": BN_ACT_SILU, "gelu": BN_ACT_GELU_TANH, "gelu_tanh": BN_ACT_GELU_TANH,
+}
+
+
 # A fused epilogue described to the core: the tuple (activation code, alpha, lo,
 # hi, residual array or None) cbn._epilogue builds, or None for none.
 cdef struct epilogue_desc:
@@ -158,25 +173,20 @@ cdef struct epilogue_desc:
     tensor_desc residual
 
 
+cdef const bn_epilogue *set_epilogue(epilogue_desc *d, int32_t code, double alpha, double lo,
+                                     double hi, object residual) except NULL:
+    # The core checks the code's range (an int, as C passes it).
+    memcpy(&d.e.activation, &code, sizeof(int32_t))
+    d.e.alpha, d.e.lo, d.e.hi = alpha, lo, hi
+    d.e.residual = optional_tensor(&d.residual, residual)
+    return &d.e
+
+
 cdef const bn_epilogue *describe_epilogue(epilogue_desc *d, object epilogue) except? NULL:
     if epilogue is None:
         return NULL
     activation, alpha, lo, hi, residual = epilogue
-    cdef int32_t code = activation  # the core checks the range (an int, as C passes it)
-    memcpy(&d.e.activation, &code, sizeof(int32_t))
-    d.e.alpha, d.e.lo, d.e.hi = alpha, lo, hi
-    d.e.residual = NULL
-    if residual is not None:
-        describe(&d.residual, residual, False)
-        d.e.residual = &d.residual.t
-    return &d.e
-
-
-cdef const bn_tensor *optional_tensor(tensor_desc *d, object a) except? NULL:
-    if a is None:
-        return NULL
-    describe(d, a, False)
-    return &d.t
+    return set_epilogue(d, activation, alpha, lo, hi, residual)
 
 
 def normalize(cnp.ndarray x, cnp.ndarray y, tuple axes, mean, variance, gamma, beta,
@@ -307,22 +317,39 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes, mask, me
     return sum_dy, sum_dy_xhat
 
 
+# The operands of a backward through an epilogue: those of grad_operands, then beta
+# (absent: NULL), the epilogue and the forward's output (absent: NULL).
+cdef struct epilogue_grad_operands:
+    grad_operands g
+    const double *beta
+    epilogue_desc epilogue
+    const bn_epilogue *ep
+    tensor_desc output
+    const bn_tensor *output_p
+
+
+cdef int describe_epilogue_grad(epilogue_grad_operands *o, cnp.ndarray dy, cnp.ndarray x,
+                                object dx, tuple axes, mask, mean, variance, gamma, beta,
+                                epilogue, output) except -1:
+    describe_grad(&o.g, dy, x, dx, axes, mask, mean, variance, gamma)
+    o.beta = param_ptr(beta, o.g.channels, "beta")
+    o.ep = describe_epilogue(&o.epilogue, epilogue)
+    o.output_p = optional_tensor(&o.output, output)
+    return 0
+
+
 def epilogue_gradient(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray g, tuple axes, mean,
                       variance, gamma, beta, double epsilon, epilogue, output):
     """g = dy * act'(z), z = bn(x) + residual, the gradient at the epilogue's input
     (g may be dy or output; output: the forward's y or None)."""
-    cdef grad_operands go
+    cdef epilogue_grad_operands o
     cdef _Axes ax = _Axes(axes)
-    describe_grad(&go, dy, x, g, axes, None, mean, variance, gamma)
-    cdef const double *beta_p = param_ptr(beta, go.channels, "beta")
-    cdef epilogue_desc ed
-    cdef const bn_epilogue *ep = describe_epilogue(&ed, epilogue)
-    cdef tensor_desc od
-    cdef const bn_tensor *op = optional_tensor(&od, output)
+    describe_epilogue_grad(&o, dy, x, g, axes, None, mean, variance, gamma, beta, epilogue,
+                           output)
     cdef bn_status st
     with nogil:
-        st = bn_epilogue_gradient(&go.dy.t, &go.x.t, &go.dx.t, ax.values, ax.count, go.mean,
-                                  go.variance, go.gamma, beta_p, epsilon, ep, op)
+        st = bn_epilogue_gradient(&o.g.dy.t, &o.g.x.t, &o.g.dx.t, ax.values, ax.count, o.g.mean,
+                                  o.g.variance, o.g.gamma, o.beta, epsilon, o.ep, o.output_p)
     check(st)
 
 
@@ -331,25 +358,22 @@ def backward_epilogue(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, tuple axes,
                       dresidual):
     """backward through the epilogue: dx, dresidual (an array or None) = g, and
     per-channel (Σg, Σg·x̂) as float64."""
-    cdef grad_operands g
+    cdef epilogue_grad_operands o
     cdef _Axes ax = _Axes(axes)
-    describe_grad(&g, dy, x, dx, axes, mask, mean, variance, gamma)
-    cdef const double *beta_p = param_ptr(beta, g.channels, "beta")
-    cdef epilogue_desc ed
-    cdef const bn_epilogue *ep = describe_epilogue(&ed, epilogue)
-    cdef tensor_desc od, rd
-    cdef const bn_tensor *op = optional_tensor(&od, output)
+    describe_epilogue_grad(&o, dy, x, dx, axes, mask, mean, variance, gamma, beta, epilogue,
+                           output)
     if dresidual is not None:
         check_output(dresidual)
+    cdef tensor_desc rd
     cdef const bn_tensor *rp = optional_tensor(&rd, dresidual)
-    cdef cnp.ndarray sum_dy = np.empty(g.channels), sum_dy_xhat = np.empty(g.channels)
+    cdef cnp.ndarray sum_dy = np.empty(o.g.channels), sum_dy_xhat = np.empty(o.g.channels)
     cdef double *s1 = out_ptr(sum_dy)
     cdef double *s2 = out_ptr(sum_dy_xhat)
     cdef bn_status st
     with nogil:
-        st = bn_backward_epilogue(&g.dy.t, &g.x.t, &g.dx.t, ax.values, ax.count, g.mask_p,
-                                  g.mean, g.variance, g.gamma, beta_p, epsilon, training, s1, s2,
-                                  ep, op, rp)
+        st = bn_backward_epilogue(&o.g.dy.t, &o.g.x.t, &o.g.dx.t, ax.values, ax.count,
+                                  o.g.mask_p, o.g.mean, o.g.variance, o.g.gamma, o.beta, epsilon,
+                                  training, s1, s2, o.ep, o.output_p, rp)
     check(st)
     return sum_dy, sum_dy_xhat
 

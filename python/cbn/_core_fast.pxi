@@ -1,5 +1,8 @@
 # Included by _core.pyx: the small common call of ops.batch_normalization and
-# ops.batch_norm_train (and the layer's plain calls), without the general validation.
+# ops.batch_norm_train, with or without a fused epilogue (and the layer's plain calls),
+# without the general validation.
+
+from libc.math cimport isfinite
 
 cdef enum:
     FAST_MAX_CHANNELS = 64
@@ -56,21 +59,22 @@ cdef bint byte_extent(cnp.ndarray a, char **lo, char **hi):
     return True
 
 
+cdef bint fast_like(object o, cnp.ndarray a):
+    """Whether o is an ndarray of a's dtype and shape."""
+    return type(o) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>o) == cnp.PyArray_TYPE(a) \
+        and cnp.PyArray_SAMESHAPE(<cnp.ndarray>o, a)
+
+
 cdef bint fast_out(object out, cnp.ndarray a):
     """Whether out can take a's output on the fast path: a writeable ndarray of a's
     dtype and shape, with no stride-0 axis, that is a's own view (in place) or shares
     no byte with it."""
-    if type(out) is not np.ndarray:
+    if not fast_like(out, a) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
         return False
     cdef cnp.ndarray o = <cnp.ndarray>out
-    cdef int d, rank = cnp.PyArray_NDIM(a)
-    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(a) or cnp.PyArray_NDIM(o) != rank \
-            or not cnp.PyArray_ISWRITEABLE(o):
-        return False
+    cdef int d
     cdef bint same_view = cnp.PyArray_DATA(o) == cnp.PyArray_DATA(a)
-    for d in range(rank):
-        if cnp.PyArray_DIMS(o)[d] != cnp.PyArray_DIMS(a)[d]:
-            return False
+    for d in range(cnp.PyArray_NDIM(a)):
         if cnp.PyArray_DIMS(o)[d] > 1 and cnp.PyArray_STRIDES(o)[d] == 0:
             return False  # a broadcast output: the general path says why it is refused
         same_view = same_view and cnp.PyArray_STRIDES(o)[d] == cnp.PyArray_STRIDES(a)[d]
@@ -110,6 +114,59 @@ cdef int fast_axis(object x, object axis, object epsilon, object out) except -2:
     return ax
 
 
+cdef bint fast_real(object v, double *out):
+    """v as a double when it is a float, or an int (not a bool) a double holds."""
+    if type(v) is not float and type(v) is not int:
+        return False
+    try:
+        out[0] = v
+    except OverflowError:
+        return False
+    return True
+
+
+cdef bint fast_bounds(object clip, double *lo_hi):
+    """clip's (lo, hi) when it is a tuple or list of two reals (fast_real's), lo <= hi."""
+    if (type(clip) is not tuple and type(clip) is not list) or len(clip) != 2:
+        return False
+    return fast_real(clip[0], lo_hi) and fast_real(clip[1], lo_hi + 1) and lo_hi[0] <= lo_hi[1]
+
+
+cdef int fast_code(object activation, object alpha, object clip, double *bounds) except -2:
+    """The core's code of activation when (activation, alpha, clip) make a fast call — None
+    or a name of ACTIVATIONS, a finite real alpha, clip :func:`fast_bounds`' with "clip"
+    and None otherwise — with (alpha, lo, hi) in bounds; else -1."""
+    cdef int code = BN_ACT_IDENTITY
+    if activation is not None:
+        found = ACTIVATIONS.get(activation) if type(activation) is str else None
+        if found is None:
+            return -1
+        code = found
+    if not fast_real(alpha, bounds) or not isfinite(bounds[0]):
+        return -1
+    bounds[1] = bounds[2] = 0.0
+    if code == BN_ACT_CLIP:
+        return code if fast_bounds(clip, bounds + 1) else -1
+    return code if clip is None else -1
+
+
+cdef bint fast_epilogue(epilogue_desc *d, const bn_epilogue **ep, cnp.ndarray a, object out,
+                        object activation, object alpha, object clip,
+                        object residual) except -1:
+    """Whether the epilogue arguments make a fast call on a — :func:`fast_code`'s, and no
+    residual or an ndarray of a's dtype and shape that is out's own view or shares no
+    byte with it — and then *ep: d describing them, or NULL when there is nothing to fuse."""
+    cdef double bounds[3]
+    cdef int code = fast_code(activation, alpha, clip, bounds)
+    if code < 0 or (residual is not None and not (
+            fast_like(residual, a) and (out is None or fast_out(out, residual)))):
+        return False
+    ep[0] = NULL
+    if code != BN_ACT_IDENTITY or residual is not None:
+        ep[0] = set_epilogue(d, code, bounds[0], bounds[1], bounds[2], residual)
+    return True
+
+
 cdef object heap_params(Py_ssize_t values):
     """None when values float64s fit the caller's stack buffer of 4 * FAST_MAX_CHANNELS
     (a heap array costs more than a tiny call), else a new array of them."""
@@ -117,14 +174,32 @@ cdef object heap_params(Py_ssize_t values):
 
 
 cdef bn_status fast_core_call(bint train, const bn_tensor *x, const bn_tensor *y,
-                              const int32_t *axes, double *params, Py_ssize_t c,
-                              double eps) noexcept nogil:
+                              const int32_t *axes, double *params, Py_ssize_t c, double eps,
+                              const bn_epilogue *ep) noexcept nogil:
     """The core call of a fast call; params holds 4 * c values: (mean, variance, gamma,
     beta) to normalize with, or (gamma, beta) then room for (mean, variance) to train."""
     if train:
-        return bn_train_forward(x, y, axes, 1, NULL, params, params + c, eps, params + 2 * c,
-                                params + 3 * c)
-    return bn_normalize(x, y, axes, 1, params, params + c, params + 2 * c, params + 3 * c, eps)
+        return bn_train_forward_epilogue(x, y, axes, 1, NULL, params, params + c, eps,
+                                         params + 2 * c, params + 3 * c, ep)
+    return bn_normalize_epilogue(x, y, axes, 1, params, params + c, params + 2 * c,
+                                 params + 3 * c, eps, ep)
+
+
+cdef int fast_run(bint train, cnp.ndarray a, cnp.ndarray y, int ax, double *params,
+                  Py_ssize_t c, double eps, const bn_epilogue *ep) except -1:
+    """fast_core_call on a and y, without the GIL when the core may use threads."""
+    cdef tensor_desc xd, yd
+    describe(&xd, a, False)
+    describe(&yd, y, False)
+    cdef int32_t axes[1]
+    axes[0] = ax
+    cdef bn_status st
+    if cnp.PyArray_SIZE(a) < BN_SERIAL_THRESHOLD:  # the core runs these on this thread anyway
+        st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps, ep)
+    else:
+        with nogil:
+            st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps, ep)
+    return check(st)
 
 
 cdef cnp.ndarray stats_array(const double *values, Py_ssize_t c, int type_num):
@@ -141,14 +216,35 @@ cdef cnp.ndarray stats_array(const double *values, Py_ssize_t c, int type_num):
     return a
 
 
+cdef object fast_result(bint train, bint keep_params, cnp.ndarray y, const double *params,
+                        Py_ssize_t c):
+    """What a fast call returns: y (normalize_fast), (y, mean, variance) (train_fast), or
+    (y, the 4 * c params as a (4, c) float64 array) with keep_params."""
+    cdef cnp.npy_intp dims[2]
+    if keep_params:
+        dims[0], dims[1] = 4, c
+        kept = cnp.PyArray_SimpleNew(2, dims, cnp.NPY_FLOAT64)
+        memcpy(cnp.PyArray_DATA(kept), params, 4 * c * sizeof(double))
+        return y, kept
+    if train:
+        return (y, stats_array(params + 2 * c, c, cnp.PyArray_TYPE(y)),
+                stats_array(params + 3 * c, c, cnp.PyArray_TYPE(y)))
+    return y
+
+
 cdef object fast_call(bint train, object x, object axis, object epsilon, object out,
                       object mean, object variance, object gamma, object beta,
+                      object activation, object alpha, object clip, object residual,
                       bint keep_params):
     """A fast call (see normalize_fast and train_fast), or None when it is not one."""
     cdef int ax = fast_axis(x, axis, epsilon, out)
     if ax < 0 or (not train and (mean is None or variance is None)):
         return None
     cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef epilogue_desc ed
+    cdef const bn_epilogue *ep
+    if not fast_epilogue(&ed, &ep, a, out, activation, alpha, clip, residual):
+        return None
     cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
     cdef double small[4 * FAST_MAX_CHANNELS]
     cdef object large = heap_params(4 * c)
@@ -163,45 +259,31 @@ cdef object fast_call(bint train, object x, object axis, object epsilon, object 
         return None
     cdef cnp.ndarray y = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1) if out is None \
         else <cnp.ndarray>out
-    cdef tensor_desc xd, yd
-    describe(&xd, a, False)
-    describe(&yd, y, False)
-    cdef int32_t axes[1]
-    axes[0] = ax
-    cdef double eps = epsilon
-    cdef bn_status st
-    if cnp.PyArray_SIZE(a) < BN_SERIAL_THRESHOLD:  # the core runs these on this thread anyway
-        st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
-    else:
-        with nogil:
-            st = fast_core_call(train, &xd.t, &yd.t, axes, params, c, eps)
-    check(st)
-    cdef cnp.npy_intp dims[2]
-    if keep_params:
-        dims[0], dims[1] = 4, c
-        kept = cnp.PyArray_SimpleNew(2, dims, cnp.NPY_FLOAT64)
-        memcpy(cnp.PyArray_DATA(kept), params, 4 * c * sizeof(double))
-        return y, kept
-    if train:
-        return (y, stats_array(params + 2 * c, c, cnp.PyArray_TYPE(a)),
-                stats_array(params + 3 * c, c, cnp.PyArray_TYPE(a)))
-    return y
+    fast_run(train, a, y, ax, params, c, epsilon, ep)
+    return fast_result(train, keep_params, y, params, c)
 
 
 def normalize_fast(object x, object mean, object variance, object gamma, object beta,
-                   object axis, object epsilon, object out=None, bint keep_params=False):
+                   object axis, object epsilon, object out=None, object activation=None,
+                   object activation_alpha=0.01, object clip=None, object residual=None,
+                   bint keep_params=False):
     """``cbn.ops.batch_normalization`` for its common call — :func:`fast_axis`'s, with
-    1-D float32/float64 parameters — or None when the call is anything else (the
-    caller then takes the general path, which validates and explains). With
-    keep_params, returns (y, the float64 parameters used as a (4, C) array)."""
-    return fast_call(False, x, axis, epsilon, out, mean, variance, gamma, beta, keep_params)
+    1-D float32/float64 parameters and :func:`fast_epilogue`'s epilogue arguments — or
+    None when the call is anything else (the caller then takes the general path, which
+    validates and explains). With keep_params, returns (y, the float64 parameters used
+    as a (4, C) array)."""
+    return fast_call(False, x, axis, epsilon, out, mean, variance, gamma, beta, activation,
+                     activation_alpha, clip, residual, keep_params)
 
 
 def train_fast(object x, object gamma, object beta, object axis, object epsilon,
-               object out=None, bint keep_params=False):
+               object out=None, object activation=None, object activation_alpha=0.01,
+               object clip=None, object residual=None, bint keep_params=False):
     """``cbn.ops.batch_norm_train`` for its common call — :func:`fast_axis`'s, with
-    1-D float32/float64 gamma and beta (or None), no mask and no allreduce — as
-    ``(y, mean, variance)`` (statistics in float64 for float64 input, else float32),
-    or None when the call is anything else. With keep_params, returns (y, a float64
-    (4, C) array of the gamma and beta used and the mean and variance computed)."""
-    return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, keep_params)
+    1-D float32/float64 gamma and beta (or None), :func:`fast_epilogue`'s epilogue
+    arguments, no mask and no allreduce — as ``(y, mean, variance)`` (statistics in
+    float64 for float64 input, else float32), or None when the call is anything else.
+    With keep_params, returns (y, a float64 (4, C) array of the gamma and beta used and
+    the mean and variance computed)."""
+    return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, activation,
+                     activation_alpha, clip, residual, keep_params)

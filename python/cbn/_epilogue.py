@@ -13,22 +13,16 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _core
 from ._validate import as_array, short_repr
 
-#: Activation names and the core's codes (its ``bn_activation`` enum).
-ACTIVATIONS: dict[str, int] = {
-    "identity": 0, "linear": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "clip": 4,
-    "silu": 5, "gelu": 6, "gelu_tanh": 6,
-}
+#: Activation names and the core's codes (its ``bn_activation`` enum), as the ``_fast``
+#: paths of ``_core`` read them.
+ACTIVATIONS: dict[str, int] = _core.ACTIVATIONS
 _IDENTITY, _CLIP = ACTIVATIONS["identity"], ACTIVATIONS["clip"]
 
 #: What the core takes: (activation code, alpha, lo, hi, residual or None).
 Epilogue = tuple[int, float, float, float, np.ndarray | None]
-
-
-def requested(activation: str | None, clip: object, residual: object) -> bool:
-    """Whether any epilogue argument was given (the ``_fast`` paths take none)."""
-    return activation is not None or clip is not None or residual is not None
 
 
 def input_like(value: ArrayLike, x: np.ndarray, name: str) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _core
-from ._epilogue import Epilogue, epilogue, input_like, requested
+from ._epilogue import Epilogue, epilogue, input_like
 from ._validate import (
     as_array,
     as_param,
@@ -193,11 +193,11 @@ def batch_normalization(
     array([[0., 1.],
            [1., 0.]], dtype=float32)
     """
-    if not requested(activation, clip, residual):
-        fast: np.ndarray | None = _core.normalize_fast(x, mean, variance, gamma, beta, axis,
-                                                       epsilon, out)
-        if fast is not None:
-            return fast
+    fast: np.ndarray | None = _core.normalize_fast(x, mean, variance, gamma, beta, axis, epsilon,
+                                                   out, activation, activation_alpha, clip,
+                                                   residual)
+    if fast is not None:
+        return fast
     arr, axes, cshape, eps = _prepare(x, axis, epsilon)
     mu, var, g, b = (as_param(v, cshape, n) for v, n in (
         (mean, "mean"), (variance, "variance"), (gamma, "gamma"), (beta, "beta")))
@@ -249,10 +249,9 @@ def batch_norm_train(
     >>> mean, variance
     (array([ 2., 20.], dtype=float32), array([  1., 100.], dtype=float32))
     """
-    if mask is None and allreduce is None and shift is None and not requested(
-            activation, clip, residual):
+    if mask is None and allreduce is None and shift is None:
         fast: tuple[np.ndarray, np.ndarray, np.ndarray] | None = _core.train_fast(
-            x, gamma, beta, axis, epsilon, out)
+            x, gamma, beta, axis, epsilon, out, activation, activation_alpha, clip, residual)
         if fast is not None:
             return fast
     arr, axes, cshape, eps = _prepare(x, axis, epsilon)
