@@ -124,9 +124,13 @@ inline typename E::vec load_acc(const typename E::acc *p) {
 // Prefetches `bytes` from each of `rows` rows, `step` apart from `first`, one
 // line at a time (Write: for a store). Tiles that walk down rows fetch the next
 // block this way: the hardware prefetchers do not follow such walks.
+// Unrolled (-O2 would leave a loop of a few known trips, the epilogue walks'
+// optimization level) for the tiles' compile-time row counts and widths.
 template <int Write>
 inline void prefetch_rows(const char *first, int64_t step, int64_t rows, int64_t bytes) {
+#pragma GCC unroll 4
   for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 4
     for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(first + r * step + at, Write, 2);
 }
 
