@@ -89,6 +89,26 @@ def test_half_inputs_with_float32_parameters(dtype, tol, fmt):
     assert ours.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3),
+                                       (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_of_every_buffer_dtype(dtype, tol, momentum):
+    # float32/float64 buffers take the core's one-call update, half-precision ones NumPy's;
+    # both bump the buffers' version counters as torch's in-place ops do.
+    torch.manual_seed(4)
+    ref = nn.BatchNorm2d(4, momentum=momentum).to(dtype)
+    ours = cbn.torch.BatchNorm2d(4, momentum=momentum).to(dtype)
+    versions = [b._version for b in ours.buffers()]
+    for _ in range(3):
+        x = (torch.randn(3, 4, 5, 5) * 2 + 1).to(dtype)
+        ref(x)
+        ours(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=tol, atol=tol,
+                                   msg=name)
+    assert all(b._version > v for b, v in zip(ours.buffers(), versions, strict=True))
+
+
 def test_state_dict_round_trips_both_ways():
     torch.manual_seed(2)
     ref = nn.BatchNorm2d(5)

@@ -444,6 +444,9 @@ def set_num_threads(int n):
 # The small common call, without the general validation: _core_fast.pxi.
 include "_core_fast.pxi"
 
+# cbn.torch's running-statistics update: _core_running.pxi.
+include "_core_running.pxi"
+
 
 def set_cache_bytes(int64_t l2, int64_t l3):
     check(bn_set_cache_bytes(l2, l3))

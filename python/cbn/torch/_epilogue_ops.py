@@ -39,22 +39,27 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import _core
 from .._epilogue import ACTIVATIONS as _CORE_CODES
 from ._ops import (
+    Channels,
+    Geometry,
+    Statistics,
+    _apply,
     _fake_stats,
     _geometry,
     _mask,
     _meta,
     _needs_graph,
-    _param,
     _param_grad,
     _stats,
     _traced,
+    _with_stats,
+    as_channels,
     as_numpy,
-    eager_function,
     infer_core,
     like_input,
     train_core,
@@ -107,9 +112,10 @@ def _reads_output(activation: int, alpha: float) -> bool:
     return activation in _PIECEWISE or (activation == _LEAKY and alpha >= 0.0)
 
 
-def _core_epilogue(x: Tensor, activation: int, alpha: float, lo: float, hi: float,
-                   residual: Tensor | None) -> tuple:
+def _core_epilogue(x: Tensor, epilogue: Epilogue, residual: Tensor | None) -> tuple:
+    """The core's epilogue tuple; ``residual`` checked to have ``x``'s shape, in its dtype."""
     res = None if residual is None else as_numpy(like_input(residual, x, "residual"))
+    activation, alpha, lo, hi = epilogue
     return int(activation), float(alpha), float(lo), float(hi), res
 
 
@@ -118,8 +124,9 @@ def _act_train_impl(
     mask: Tensor | None, activation: int, alpha: float, lo: float, hi: float,
     residual: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    ep = _core_epilogue(x, activation, alpha, lo, hi, residual)
-    return train_core(x, weight, bias, axes, eps, mask, ep)
+    geometry = _geometry(x, axes)
+    ep = _core_epilogue(x, Epilogue(activation, alpha, lo, hi), residual)
+    return _with_stats(x, geometry, train_core(x, weight, bias, geometry, eps, mask, ep))
 
 
 def _act_infer_impl(
@@ -127,8 +134,27 @@ def _act_infer_impl(
     axes: list[int], eps: float, activation: int, alpha: float, lo: float, hi: float,
     residual: Tensor | None,
 ) -> Tensor:
-    ep = _core_epilogue(x, activation, alpha, lo, hi, residual)
-    return infer_core(x, mean, var, weight, bias, axes, eps, ep)
+    geometry = _geometry(x, axes)
+    ep = _core_epilogue(x, Epilogue(activation, alpha, lo, hi), residual)
+    return infer_core(x, mean, var, weight, bias, geometry, eps, ep)[0]
+
+
+def act_backward_core(
+    dy: Tensor, x: Tensor, channels: Channels, geometry: Geometry, eps: float,
+    mask: Tensor | None, training: bool, epilogue: Epilogue, residual: Tensor | None,
+    output: Tensor | None, need_dresidual: bool,
+) -> tuple[Tensor, np.ndarray, np.ndarray, Tensor]:
+    """``dx``, the float64 weight and bias gradients and ``dresidual`` (empty unless
+    ``need_dresidual``) of the forward that had ``channels``; ``dy`` and ``output`` (the
+    forward's ``y`` or None) have ``x``'s shape and dtype."""
+    out = None if output is None else as_numpy(output)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if need_dresidual else x.new_empty(0)
+    sum_dy, sum_dy_xhat = _core.backward_epilogue(
+        as_numpy(dy), as_numpy(x), as_numpy(dx, output=True), geometry.axes, _mask(mask, x),
+        *channels, float(eps), bool(training), _core_epilogue(x, epilogue, residual), out,
+        as_numpy(dres, output=True) if need_dresidual else None)
+    return dx, sum_dy_xhat, sum_dy, dres
 
 
 def _act_backward_impl(
@@ -137,18 +163,14 @@ def _act_backward_impl(
     activation: int, alpha: float, lo: float, hi: float, residual: Tensor | None,
     output: Tensor | None, need_dresidual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ax, cshape = _geometry(x, axes)
-    c = math.prod(cshape)
+    geometry = _geometry(x, axes)
     dy = like_input(dy, x, "dy")
-    out = None if output is None else as_numpy(like_input(output, x, "output"))
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if need_dresidual else x.new_empty(0)
-    sum_dy, sum_dy_xhat = _core.backward_epilogue(
-        as_numpy(dy), as_numpy(x), as_numpy(dx), ax, _mask(mask, x), _param(mean, c, "mean"),
-        _param(var, c, "var"), _param(weight, c, "weight"), _param(bias, c, "bias"),
-        float(eps), bool(training), _core_epilogue(x, activation, alpha, lo, hi, residual),
-        out, as_numpy(dres) if need_dresidual else None)
-    return dx, _stats(sum_dy_xhat, x, cshape), _stats(sum_dy, x, cshape), dres
+    output = None if output is None else like_input(output, x, "output")
+    channels = as_channels(geometry, mean, var, weight, bias)
+    dx, dweight, dbias, dres = act_backward_core(
+        dy, x, channels, geometry, eps, mask, training, Epilogue(activation, alpha, lo, hi),
+        residual, output, need_dresidual)
+    return dx, _stats(dweight, x, geometry.shape), _stats(dbias, x, geometry.shape), dres
 
 
 batch_norm_act_train = torch.library.custom_op("cbn::batch_norm_act_train", _act_train_impl,
@@ -186,7 +208,8 @@ def _(dy, x, mean, var, weight, bias, axes, eps, mask, training, activation, alp
 
 def _save(ctx, x, mean, var, weight, bias, mask, residual, y, epilogue: Epilogue) -> None:
     """What the backward needs: the residual (the identity needs none) and, for
-    piecewise-linear activations, ``y``."""
+    piecewise-linear activations, ``y`` (mean and var: None on the eager path, which keeps
+    the float64 statistics instead)."""
     identity = epilogue.activation == _IDENTITY
     reads_output = _reads_output(epilogue.activation, epilogue.alpha)
     ctx.save_for_backward(x, mean, var, weight, bias, mask, None if identity else residual,
@@ -210,11 +233,24 @@ def _setup_infer(ctx, inputs, output):
     ctx.axes, ctx.eps = axes, eps
 
 
+def _op_backward(ctx, dy, training: bool, need_dresidual: bool):
+    """The backward through ``torch.ops.cbn.batch_norm_act_backward`` (traced)."""
+    x, mean, var, weight, bias, mask, residual, y = ctx.saved_tensors
+    return torch.ops.cbn.batch_norm_act_backward(
+        dy, x, mean, var, weight, bias, ctx.axes, ctx.eps, mask, training, *ctx.epilogue,
+        residual, y, need_dresidual)
+
+
+def _eager_backward(ctx, dy, training: bool, need_dresidual: bool):
+    """The backward on the core, with the float64 arrays the eager forward kept."""
+    x, _, _, _, _, mask, residual, y = ctx.saved_tensors
+    return act_backward_core(dy, x, ctx.channels, ctx.geometry, ctx.eps, mask, training,
+                             ctx.epilogue, residual, y, need_dresidual)
+
+
 def _grads(ctx, dy, backward, training: bool, needs: tuple[bool, bool, bool, bool]):
     """(dx, dweight, dbias, dresidual), each None unless ``needs`` says so."""
-    x, mean, var, weight, bias, mask, residual, y = ctx.saved_tensors
-    dx, dweight, dbias, dres = backward(dy, x, mean, var, weight, bias, ctx.axes, ctx.eps,
-                                        mask, training, *ctx.epilogue, residual, y, needs[3])
+    dx, dweight, dbias, dres = backward(ctx, dy, training, needs[3])
     return (dx if needs[0] else None, _param_grad(dweight, ctx.metas[0], needs[1]),
             _param_grad(dbias, ctx.metas[1], needs[2]), dres if needs[3] else None)
 
@@ -232,38 +268,77 @@ def _infer_grads(ctx, dy, backward):
 
 
 batch_norm_act_train.register_autograd(
-    lambda ctx, dy, _dmean, _dvar: _train_grads(ctx, dy, torch.ops.cbn.batch_norm_act_backward),
+    lambda ctx, dy, _dmean, _dvar: _train_grads(ctx, dy, _op_backward),
     setup_context=_setup_train)
 batch_norm_act_infer.register_autograd(
-    lambda ctx, dy: _infer_grads(ctx, dy, torch.ops.cbn.batch_norm_act_backward),
-    setup_context=_setup_infer)
+    lambda ctx, dy: _infer_grads(ctx, dy, _op_backward), setup_context=_setup_infer)
 
 
-_EagerActTrain = eager_function("_EagerActTrain", _act_train_impl, _setup_train, _train_grads,
-                                _act_backward_impl)
-_EagerActInfer = eager_function("_EagerActInfer", _act_infer_impl, _setup_infer, _infer_grads,
-                                _act_backward_impl)
+class _EagerActTrain(torch.autograd.Function):
+    """``cbn::batch_norm_act_train`` in eager mode (the geometry in place of the axes; see
+    :mod:`cbn.torch._ops`' eager path)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, eps, mask, activation, alpha, lo, hi,
+                residual):
+        epilogue = Epilogue(activation, alpha, lo, hi)
+        y, channels = train_core(x, weight, bias, geometry, eps, mask,
+                                 _core_epilogue(x, epilogue, residual))
+        _save(ctx, x, None, None, weight, bias, mask, residual, y, epilogue)
+        ctx.channels, ctx.geometry, ctx.eps = channels, geometry, eps
+        return y, channels  # the arrays pass through as a non-tensor output
+
+    @staticmethod
+    def backward(ctx, dy, _channels):
+        return _train_grads(ctx, dy, _eager_backward)
+
+
+class _EagerActInfer(torch.autograd.Function):
+    """``cbn::batch_norm_act_infer`` in eager mode (the geometry in place of the axes)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, geometry, eps, activation, alpha, lo, hi,
+                residual):
+        epilogue = Epilogue(activation, alpha, lo, hi)
+        y, channels = infer_core(x, mean, var, weight, bias, geometry, eps,
+                                 _core_epilogue(x, epilogue, residual))
+        _save(ctx, x, None, None, weight, bias, None, residual, y, epilogue)
+        ctx.channels, ctx.geometry, ctx.eps = channels, geometry, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _infer_grads(ctx, dy, _eager_backward)
 
 
 def train_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, axes: list[int],
               eps: float, mask: Tensor | None, epilogue: Epilogue,
-              residual: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.ops.cbn.batch_norm_act_train``, called directly in eager mode."""
-    args = (x, weight, bias, axes, eps, mask, *epilogue, residual)
+              residual: Tensor | None = None) -> tuple[Tensor, Statistics, Statistics]:
+    """``torch.ops.cbn.batch_norm_act_train``, called directly in eager mode, where the
+    batch statistics are the core's float64 arrays."""
     if _traced():
-        return torch.ops.cbn.batch_norm_act_train(*args)
+        return torch.ops.cbn.batch_norm_act_train(x, weight, bias, axes, eps, mask, *epilogue,
+                                                  residual)
+    geometry = _geometry(x, axes)
     if _needs_graph(x, weight, bias, residual):
-        return _EagerActTrain.apply(*args)
-    return _act_train_impl(*args)
+        y, channels = _apply(_EagerActTrain, x, weight, bias, geometry, eps, mask, *epilogue,
+                             residual)
+    else:
+        y, channels = train_core(x, weight, bias, geometry, eps, mask,
+                                 _core_epilogue(x, epilogue, residual))
+    return y, channels.mean, channels.var
 
 
 def infer_act(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
               bias: Tensor | None, axes: list[int], eps: float, epilogue: Epilogue,
               residual: Tensor | None = None) -> Tensor:
     """``torch.ops.cbn.batch_norm_act_infer``, called directly in eager mode."""
-    args = (x, mean, var, weight, bias, axes, eps, *epilogue, residual)
     if _traced():
-        return torch.ops.cbn.batch_norm_act_infer(*args)
+        return torch.ops.cbn.batch_norm_act_infer(x, mean, var, weight, bias, axes, eps,
+                                                  *epilogue, residual)
+    geometry = _geometry(x, axes)
     if _needs_graph(x, weight, bias, residual):
-        return _EagerActInfer.apply(*args)
-    return _act_infer_impl(*args)
+        return _apply(_EagerActInfer, x, mean, var, weight, bias, geometry, eps, *epilogue,
+                      residual)
+    return infer_core(x, mean, var, weight, bias, geometry, eps,
+                      _core_epilogue(x, epilogue, residual))[0]

@@ -11,7 +11,7 @@ import torch
 
 from .. import _core
 from ..distributed import TorchAllreduce, sum_across_ranks
-from ._ops import _param, _stats_dtype, as_numpy
+from ._ops import _param, as_numpy
 
 _AXES = (1,)
 
@@ -26,15 +26,12 @@ class _SyncBatchNormTrain(torch.autograd.Function):
                                                                    shift64))
         mean, var = _core.moments_finalize(summed, shift64)
         y = torch.empty_like(x)
-        _core.normalize(as_numpy(x), as_numpy(y), _AXES, mean, var, _param(weight, c, "weight"),
-                        _param(bias, c, "bias"), float(eps))
+        _core.normalize(as_numpy(x), as_numpy(y, output=True), _AXES, mean, var,
+                        _param(weight, c, "weight"), _param(bias, c, "bias"), float(eps))
         ctx.save_for_backward(x, weight)
         ctx.stats, ctx.eps, ctx.allreduce = (mean, var), eps, allreduce
         ctx.has_bias = bias is not None
-        dtype = _stats_dtype(x)
-        mean_t, var_t = torch.from_numpy(mean).to(dtype), torch.from_numpy(var).to(dtype)
-        ctx.mark_non_differentiable(mean_t, var_t)  # statistics carry no gradient
-        return y, mean_t, var_t, int(summed[0])
+        return y, mean, var, int(summed[0])  # non-tensor outputs: no gradient
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dcount):
@@ -47,8 +44,8 @@ class _SyncBatchNormTrain(torch.autograd.Function):
         # This rank's Σdy and Σdy·x̂ are the parameter gradients (kept before the
         # collective, which sums in place); dx goes through the global sums.
         sum_dy, sum_dy_xhat = sums[c:2 * c].copy(), sums[2 * c:].copy()
-        _core.backward_apply(as_numpy(dy), as_numpy(x), as_numpy(dx), _AXES, None, mean, var,
-                             _param(weight, c, "weight"), ctx.eps,
+        _core.backward_apply(as_numpy(dy), as_numpy(x), as_numpy(dx, output=True), _AXES, None,
+                             mean, var, _param(weight, c, "weight"), ctx.eps,
                              sum_across_ranks(ctx.allreduce, sums))
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -60,7 +57,7 @@ class _SyncBatchNormTrain(torch.autograd.Function):
 
 def sync_batch_norm_train(x: torch.Tensor, module, group):
     """``(y, mean, biased var, values per channel over all ranks)`` for ``module``'s
-    training forward on this rank's ``x``; the running mean (when tracked) is the
-    shift every rank shares."""
+    training forward on this rank's ``x``, the statistics as float64 arrays; the running
+    mean (when tracked) is the shift every rank shares."""
     shift = module.running_mean if module.track_running_stats else None
     return _SyncBatchNormTrain.apply(x, module.weight, module.bias, module.eps, shift, group)

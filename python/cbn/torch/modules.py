@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .. import _core
 from ._epilogue_ops import Epilogue, infer_act, train_act
-from ._ops import infer, train
+from ._ops import Statistics, as_numpy, infer, train
 from ._sync import sync_batch_norm_train
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
@@ -38,34 +40,74 @@ def _check_features(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
 
 
 def running_average(
-    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-    var: torch.Tensor, count: int, momentum: float | None, tracked: torch.Tensor | None = None,
+    running_mean: torch.Tensor, running_var: torch.Tensor, mean: Statistics, var: Statistics,
+    count: int, momentum: float | None, tracked: torch.Tensor | None = None,
 ) -> None:
-    """torch's update of the running statistics with a batch's mean and biased variance
-    over ``count`` values: exponential (``momentum``) or, with ``momentum=None``,
-    cumulative over ``tracked`` batches, of the mean and the unbiased variance."""
-    mean, var = mean.detach(), var.detach()
-    if mean.dtype != running_mean.dtype:
-        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    """torch's update of the running statistics after a batch of ``count`` values per
+    channel with ``mean`` and biased ``var``: ``tracked`` (``num_batches_tracked``; None
+    for the functional form) += 1, then each of the mean and the unbiased variance moves
+    toward the batch's by ``momentum`` or, with ``momentum=None``, by ``1 / tracked`` (a
+    cumulative average).
+
+    The eager path's float64 statistics update the buffers through NumPy views, in float64
+    as torch's CPU kernel computes it: float32/float64 buffers in one core call (as many
+    small torch or NumPy ops cost tens of microseconds), others with NumPy; the buffers'
+    version counters are then bumped as an in-place torch op bumps them. A traced
+    operator's tensors take torch ops."""
+    assert momentum is not None or tracked is not None, "momentum=None needs tracked"
     unbiased = count / (count - 1)
-    if momentum is None:
-        assert tracked is not None, "momentum=None needs the count of batches tracked"
-        running_mean.add_((mean - running_mean) / tracked)
-        running_var.add_((var * unbiased - running_var) / tracked)
+    buffers = [running_mean, running_var] + ([] if tracked is None else [tracked])
+    if isinstance(mean, np.ndarray):
+        views = [as_numpy(b, output=True) for b in buffers]
+        if not _core.running_average_fast(views[0], views[1], views[2] if tracked is not None
+                                          else None, mean, var, unbiased, momentum):
+            _update(views, mean, var, unbiased, momentum)
+        torch.autograd.graph.increment_version(buffers)
     else:
-        running_mean.lerp_(mean, momentum)
-        running_var.mul_(1 - momentum).add_(var, alpha=momentum * unbiased)
+        _update(buffers, mean, var, unbiased, momentum)
 
 
-def _update_running_stats(
-    module: Any, mean: torch.Tensor, var: torch.Tensor, count: int
-) -> None:
+def _update(runnings: list[Any], mean: Statistics, var: Statistics, unbiased: float,
+            momentum: float | None) -> None:
+    """:func:`running_average`'s arithmetic on ``runnings`` — the running mean, variance
+    and, if tracked, the batch count — as tensors or NumPy views."""
+    batches = None
+    if len(runnings) == 3:
+        runnings[2][()] += 1  # a scalar add: a 0-d NumPy ufunc costs several times more
+        batches = runnings[2]
+    _move(runnings[0], _values(mean), momentum, batches)
+    _move(runnings[1], _values(var) * unbiased, momentum, batches)
+
+
+def _values(statistics: Statistics) -> Any:
+    """Statistics to compute with: a tensor detached (no graph into the buffers)."""
+    return statistics.detach() if isinstance(statistics, torch.Tensor) else statistics
+
+
+def _move(running: Any, batch: Any, momentum: float | None, batches: Any) -> None:
+    """``running`` (a buffer, or its NumPy view) moved in place toward ``batch`` by
+    ``momentum``, or by ``1 / batches`` when ``momentum`` is None."""
+    step = batch - running  # float64 for the eager path's float64 batch
+    running += step / batches if momentum is None else step * momentum
+
+
+_MISSING = object()
+
+
+def _state(module: Any, store: dict[str, Any], name: str) -> Any:
+    """``getattr(module, name)`` of a parameter or buffer, as a lookup in its ``store``
+    (``module._parameters`` or ``_buffers``; through ``Module.__getattr__`` each name costs
+    about a microsecond), or getattr when a parametrization or pruning moved it."""
+    value = store.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
+
+
+def _update_running_stats(module: Any, mean: Statistics, var: Statistics, count: int) -> None:
     """A module's running statistics and ``num_batches_tracked`` after a batch."""
-    buffers = module._buffers  # one lookup instead of three through Module.__getattr__
-    tracked = buffers["num_batches_tracked"]
-    tracked.add_(1)
-    running_average(buffers["running_mean"], buffers["running_var"], mean, var, count,
-                    module.momentum, tracked)
+    buffers = module._buffers
+    running_average(_state(module, buffers, "running_mean"),
+                    _state(module, buffers, "running_var"), mean, var, count, module.momentum,
+                    _state(module, buffers, "num_batches_tracked"))
 
 
 def _batch_norm(
@@ -76,15 +118,17 @@ def _batch_norm(
     statistics are to be reduced across the ranks of a process group; ``epilogue`` (and
     ``residual``) make the output ``act(bn(x) + residual)`` (not with ``sync_group``)."""
     per_channel = _check_features(module, x)
-    if not module.training and module.running_mean is not None:
-        stats = (x, module.running_mean, module.running_var, module.weight, module.bias,
+    weight = _state(module, module._parameters, "weight")
+    bias = _state(module, module._parameters, "bias")
+    running_mean = _state(module, module._buffers, "running_mean")
+    if not module.training and running_mean is not None:
+        stats = (x, running_mean, _state(module, module._buffers, "running_var"), weight, bias,
                  _CHANNELS, module.eps)
         return infer(*stats) if epilogue is None else infer_act(*stats, epilogue, residual)
     if sync_group is None:
         y, mean, var = (
-            train(x, module.weight, module.bias, _CHANNELS, module.eps) if epilogue is None
-            else train_act(x, module.weight, module.bias, _CHANNELS, module.eps, None, epilogue,
-                           residual))
+            train(x, weight, bias, _CHANNELS, module.eps) if epilogue is None
+            else train_act(x, weight, bias, _CHANNELS, module.eps, None, epilogue, residual))
     else:
         y, mean, var, per_channel = sync_batch_norm_train(x, module, sync_group)
     if module.training and module.track_running_stats:

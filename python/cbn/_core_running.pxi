@@ -1,0 +1,79 @@
+# Included by _core.pyx: cbn.torch's update of a module's running statistics in one call
+# (a handful of NumPy or torch calls on small arrays cost several times more).
+
+
+cdef bint f64_vector(object a, Py_ssize_t c):
+    """Whether a is a contiguous 1-D float64 ndarray of c values."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray v = <cnp.ndarray>a
+    return (cnp.PyArray_NDIM(v) == 1 and cnp.PyArray_DIMS(v)[0] == c
+            and cnp.PyArray_TYPE(v) == cnp.NPY_FLOAT64 and cnp.PyArray_IS_C_CONTIGUOUS(v))
+
+
+cdef bint running_buffer(object a, Py_ssize_t c):
+    """Whether a is a writeable 1-D float32 or float64 ndarray of c values (any stride)."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray r = <cnp.ndarray>a
+    cdef int type_num = cnp.PyArray_TYPE(r)
+    return (cnp.PyArray_NDIM(r) == 1 and cnp.PyArray_DIMS(r)[0] == c
+            and cnp.PyArray_ISWRITEABLE(r)
+            and (type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64))
+
+
+cdef bint batch_counter(object a):
+    """Whether a is a writeable 0-d int64 ndarray (num_batches_tracked's view)."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray n = <cnp.ndarray>a
+    return (cnp.PyArray_NDIM(n) == 0 and cnp.PyArray_TYPE(n) == cnp.NPY_INT64
+            and cnp.PyArray_ISWRITEABLE(n))
+
+
+cdef void move_toward(cnp.ndarray running, const double *batch, double scale,
+                      double weight) noexcept:
+    """running[i] += weight * (scale * batch[i] - running[i]), in float64."""
+    cdef char *data = <char *>cnp.PyArray_DATA(running)
+    cdef Py_ssize_t i, stride = cnp.PyArray_STRIDES(running)[0]
+    cdef double value
+    if cnp.PyArray_TYPE(running) == cnp.NPY_FLOAT64:
+        for i in range(cnp.PyArray_DIMS(running)[0]):
+            value = (<double *>(data + i * stride))[0]
+            (<double *>(data + i * stride))[0] = value + weight * (scale * batch[i] - value)
+    else:
+        for i in range(cnp.PyArray_DIMS(running)[0]):
+            value = (<float *>(data + i * stride))[0]
+            (<float *>(data + i * stride))[0] = <float>(value + weight * (scale * batch[i] - value))
+
+
+def running_average_fast(object running_mean, object running_var, object batches, object mean,
+                         object variance, double unbiased, object momentum):
+    """torch's update of a batch norm's running statistics, in float64 as its CPU kernel:
+    ``batches`` (None, or num_batches_tracked as a 0-d int64 array) += 1, then
+    ``running += w * (batch - running)`` for the mean and for the variance times
+    ``unbiased``, ``w`` the ``momentum`` or, when that is None, ``1 / batches``. The
+    buffers are 1-D float32 or float64 arrays (any stride), the batch statistics contiguous
+    float64 ones. Returns False, writing nothing, when an operand is anything else."""
+    if type(mean) is not np.ndarray:
+        return False
+    cdef Py_ssize_t c = cnp.PyArray_SIZE(<cnp.ndarray>mean)
+    if not (f64_vector(mean, c) and f64_vector(variance, c) and running_buffer(running_mean, c)
+            and running_buffer(running_var, c)):
+        return False
+    if batches is None and momentum is None:  # a cumulative average needs the count
+        return False
+    if batches is not None and not batch_counter(batches):
+        return False
+    cdef double weight = 0.0 if momentum is None else momentum  # before anything is written
+    cdef int64_t *count
+    if batches is not None:
+        count = <int64_t *>cnp.PyArray_DATA(<cnp.ndarray>batches)
+        count[0] += 1
+        if momentum is None:
+            weight = 1.0 / <double>count[0]
+    move_toward(<cnp.ndarray>running_mean, <double *>cnp.PyArray_DATA(<cnp.ndarray>mean), 1.0,
+                weight)
+    move_toward(<cnp.ndarray>running_var, <double *>cnp.PyArray_DATA(<cnp.ndarray>variance),
+                unbiased, weight)
+    return True
