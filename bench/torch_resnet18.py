@@ -1,15 +1,19 @@
 """End to end: a ResNet-18 (defined here, random weights, no download) training step
-and inference with torch's batch norm, after ``cbn.torch.convert``, and under
+and inference with torch's batch norm, after ``cbn.torch.convert``, after
+``cbn.torch.fuse`` (batch norm → ReLU and batch norm → add → ReLU in one sweep), and under
 ``torch.compile`` with torch's batch norm (inductor generates its own BN code).
 
     python bench/torch_resnet18.py                       # batch 16, 112x112, 1 and 2 threads
     python bench/torch_resnet18.py --threads 2 --samples 3 --size 64   # a short run
 
 A training step is forward, cross-entropy, backward and an SGD update; inference is an
-eval-mode forward without grad. Both memory formats (channels_last, contiguous). The
-variants of each (format, threads, mode) are sampled in turn, medians. ``--profile``
-adds the BN share of the eager training step from torch.profiler: the time inside the
-batch norm modules' forward calls plus their backward nodes, over the step's total.
+eval-mode forward without grad. The "BN at no cost" column bounds what any batch norm
+can give: in training the model with every batch norm replaced by ``nn.Identity``, in
+inference ``cbn.torch.fold`` (every batch norm merged into its convolution). Both memory
+formats (channels_last, contiguous). The variants of each (format, threads, mode) are
+sampled in turn, medians. ``--profile`` adds the BN share of the eager training step
+from torch.profiler: the time inside the batch norm modules' forward calls plus their
+backward nodes, over the step's total.
 """
 
 from __future__ import annotations
@@ -53,10 +57,29 @@ def resnet18(classes: int = 1000) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def variants(fmt: torch.memory_format, compile_too: bool) -> dict[str, nn.Module]:
+BOUND = "BN at no cost"
+
+
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """``model`` with every batch norm replaced by ``nn.Identity`` (in place)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.Identity())
+        else:
+            without_batch_norm(child)
+    return model
+
+
+def variants(fmt: torch.memory_format, mode: str, compile_too: bool) -> dict[str, nn.Module]:
+    """The models compared in ``mode`` ("train" or "infer"), the same weights in each."""
     torch.manual_seed(0)
     base = resnet18().to(memory_format=fmt)
-    models = {"torch BN": base, "cbn.torch": cbn.torch.convert(copy.deepcopy(base))}
+    if mode == "infer":
+        base.eval()
+    models = {"torch BN": base, "cbn.torch": cbn.torch.convert(copy.deepcopy(base)),
+              "cbn.torch.fuse": cbn.torch.fuse(copy.deepcopy(base)),
+              BOUND: (without_batch_norm(copy.deepcopy(base)) if mode == "train"
+                      else cbn.torch.fold(copy.deepcopy(base)))}
     if compile_too:
         models["torch.compile (torch BN)"] = torch.compile(copy.deepcopy(base))
     return models
@@ -139,8 +162,8 @@ def run(fmt_name: str, threads: int, args) -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).contiguous(
         memory_format=fmt)
     labels = torch.randint(0, 1000, (args.batch,), generator=gen)
-    models = variants(fmt, not args.no_compile)
     for mode in ("train", "infer"):
+        models = variants(fmt, mode, not args.no_compile)
         fns = {k: (train_step(m, x, labels) if mode == "train" else infer_step(m, x))
                for k, m in models.items()}
         med = interleaved(fns, args.samples, args.warmup)
@@ -164,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--profile", action="store_true", help="add the BN share of the step")
     args = p.parse_args(argv)
-    names = ["torch BN", "cbn.torch"] + ([] if args.no_compile else ["torch.compile (torch BN)"])
+    names = (["torch BN", "cbn.torch", "cbn.torch.fuse", BOUND]
+             + ([] if args.no_compile else ["torch.compile (torch BN)"]))
     print(f"ResNet-18, batch {args.batch}, {args.size}x{args.size}, float32; ms per call "
           "(speed-up over torch BN)")
     print("| format | threads | mode | " + " | ".join(names)

@@ -92,6 +92,9 @@ struct activation {
   int32_t kind;
   T alpha, lo, hi;
 
+  static constexpr bool has_slope = true;  // serves the gradient passes too
+  static activation of(const epilogue_params &e) { return {e.activation, T(e.alpha), T(e.lo), T(e.hi)}; }
+
   // act(z); a NaN z stays NaN (the comparisons are false for it).
   template <class V>
   V operator()(V z) const {
@@ -149,6 +152,7 @@ template <class T>
 struct clamp_activation {
   T negative, lo, hi;
 
+  static constexpr bool has_slope = false;  // forward walks only
   static clamp_activation of(const epilogue_params &e) {
     constexpr T inf = std::numeric_limits<T>::infinity();
     switch (e.activation) {
@@ -179,6 +183,7 @@ struct no_epilogue {
   static constexpr const char *residual = nullptr;
   static constexpr bool has_residual = false;
   no_epilogue at(int64_t) const { return *this; }
+  no_epilogue first_stream_only() const { return *this; }
   template <class E, class V>
   V apply(V z, int64_t) const { return z; }
 };
@@ -198,7 +203,7 @@ struct with_epilogue {
   bool has_residual, gradient;
 
   with_epilogue(const plan &p, const char *at, int64_t row_step)
-      : residual(at), row(row_step), stride(p.inner.d_stride), act(activation_of(p.epilogue)),
+      : residual(at), row(row_step), stride(p.inner.d_stride), act(Act<T>::of(p.epilogue)),
         has_residual(p.residual != nullptr), gradient(p.epilogue.gradient) {}
 
   with_epilogue at(int64_t bytes) const {
@@ -207,20 +212,24 @@ struct with_epilogue {
     return moved;
   }
 
+  // This epilogue where it has no second stream, as a copy whose null residual
+  // the compiler sees: a loop over it tests nothing per vector.
+  with_epilogue first_stream_only() const {
+    with_epilogue alone = *this;
+    alone.residual = nullptr;
+    return alone;
+  }
+
   template <class E, class V>
   V apply(V z, int64_t at) const {
     if (!residual) return act(z);
     V second;
     if constexpr (std::is_same_v<V, typename E::vec>) second = E::load_vec(residual + at);
     else second = E::load(residual + at);
-    if constexpr (std::is_same_v<Act<T>, clamp_activation<T>>) return act(z + second);
-    else return gradient ? second * act.slope(z) : act(z + second);
-  }
-
- private:
-  static Act<T> activation_of(const epilogue_params &e) {
-    if constexpr (std::is_same_v<Act<T>, clamp_activation<T>>) return clamp_activation<T>::of(e);
-    else return activation<T>{e.activation, T(e.alpha), T(e.lo), T(e.hi)};
+    if constexpr (Act<T>::has_slope) {
+      if (gradient) return second * act.slope(z);
+    }
+    return act(z + second);
   }
 };
 

@@ -15,15 +15,18 @@ namespace {
 // cache, and a streaming store must be aligned (bench/DESIGN.md,
 // 'kernels/normalize_channels_first.hpp'). ahead > 0: also prefetch x's lines
 // that many bytes on (a training forward's next chunk, fetched while this one
-// runs from the caches). epi: the epilogue (a contiguous residual).
+// runs from the caches). epi: the epilogue (a contiguous residual). Flattened:
+// at the epilogue walks' -O2 the inliner leaves the epilogue's apply a call per
+// vector in each copy of the vector loop.
 template <class E, bool Stream, class Epi>
-void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, typename E::acc sc,
+[[gnu::flatten]] void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, typename E::acc sc,
                      typename E::acc b, int64_t ahead, const Epi &epi) {
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes, align = W * E::size;
-  auto vector_at = [&](int64_t at) {
-    return epi.template apply<E>(normalized<vec>(E::load_vec(x + at * E::size), mh, sc, b), at * E::size);
+  auto vector_with = [&](const auto &e, int64_t at) {
+    return e.template apply<E>(normalized<vec>(E::load_vec(x + at * E::size), mh, sc, b), at * E::size);
   };
+  auto vector_at = [&](int64_t at) { return vector_with(epi, at); };
   auto value_at = [&](int64_t at) {
     return epi.template apply<E>(normalized(E::load(x + at * E::size), mh, sc, b), at * E::size);
   };
@@ -46,10 +49,20 @@ void normalize_plane(const char *x, char *y, int64_t len, typename E::acc mh, ty
   }
   for (; i < peel_end && (y_at + i * E::size) % align; ++i)
     E::store(y + i * E::size, value_at(i));
-  for (; i + W <= len; i += W) {
-    if (ahead) __builtin_prefetch(x + i * E::size + ahead, 0, 2);
-    E::template store_vec<Stream>(y + i * E::size, vector_at(i));
-  }
+  // The vector loop once per combination of the plane's run-time choices (the
+  // epilogue's second stream or none, prefetching or not): as tests in the
+  // loop, their branches were a third of its instructions. The epilogue by
+  // value: the stores through char pointers might write a referenced one, whose
+  // members would then be reloaded for every vector.
+  auto vectors = [&](const auto e, auto prefetching) {
+    for (; i + W <= len; i += W) {
+      if constexpr (decltype(prefetching)::value) __builtin_prefetch(x + i * E::size + ahead, 0, 2);
+      E::template store_vec<Stream>(y + i * E::size, vector_with(e, i));
+    }
+  };
+  const auto alone = epi.first_stream_only();
+  if (epi.residual) ahead ? vectors(epi, std::true_type{}) : vectors(epi, std::false_type{});
+  else ahead ? vectors(alone, std::true_type{}) : vectors(alone, std::false_type{});
   if (overlap_stores && i < len) {
     E::template store_vec<false>(y + (len - W) * E::size, vector_at(len - W));
     i = len;
