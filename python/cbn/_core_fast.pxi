@@ -1,6 +1,6 @@
 # Included by _core.pyx: the small common call of ops.batch_normalization and
 # ops.batch_norm_train, with or without a fused epilogue (and the layer's plain calls),
-# without the general validation.
+# and of ops.batch_norm_backward without one, without the general validation.
 
 from libc.math cimport isfinite
 
@@ -287,3 +287,58 @@ def train_fast(object x, object gamma, object beta, object axis, object epsilon,
     the mean and variance computed)."""
     return fast_call(True, x, axis, epsilon, out, None, None, gamma, beta, activation,
                      activation_alpha, clip, residual, keep_params)
+
+
+cdef bn_status fast_backward_call(const bn_tensor *dy, const bn_tensor *x, const bn_tensor *dx,
+                                  const int32_t *axes, double *params, Py_ssize_t c,
+                                  double eps, bint training) noexcept nogil:
+    """The core call of backward_fast; params holds (mean, variance, gamma) and then room
+    for (Σdy, Σdy·x̂), c values each."""
+    return bn_backward(dy, x, dx, axes, 1, NULL, params, params + c, params + 2 * c, eps,
+                       training, params + 3 * c, params + 4 * c)
+
+
+def backward_fast(object dy, object x, object mean, object variance, object gamma,
+                  object axis, object epsilon, object training, object out=None,
+                  object activation=None, object activation_alpha=0.01, object clip=None):
+    """``cbn.ops.batch_norm_backward`` for its common call — :func:`fast_axis`'s x, axis,
+    epsilon and out (which must also be dy's own view or share no byte with it), dy an
+    ndarray of x's dtype and shape, 1-D float32/float64 mean and variance, gamma likewise
+    or None, a bool training, and epilogue arguments that fuse nothing (:func:`fast_code`'s
+    identity) — as ``(dx, dgamma, dbeta)`` (float64 for float64 input, else float32), or
+    None when the call is anything else. The caller passes no mask, allreduce, beta,
+    residual or output."""
+    cdef double bounds[3]
+    cdef int ax = fast_axis(x, axis, epsilon, out)
+    if ax < 0 or type(training) is not bool or mean is None or variance is None:
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    if not fast_like(dy, a) or (out is not None and not fast_out(out, <cnp.ndarray>dy)) \
+            or fast_code(activation, activation_alpha, clip, bounds) != BN_ACT_IDENTITY:
+        return None
+    cdef Py_ssize_t c = cnp.PyArray_DIMS(a)[ax]
+    cdef double small[4 * FAST_MAX_CHANNELS]
+    cdef object large = heap_params(5 * c)
+    cdef double *params = &small[0] if large is None else <double *>cnp.PyArray_DATA(large)
+    if not (fast_param(mean, c, params, 0.0) and fast_param(variance, c, params + c, 0.0)
+            and fast_param(gamma, c, params + 2 * c, 1.0)):
+        return None
+    cdef cnp.ndarray dx = PyArray_NewLikeArray(a, cnp.NPY_KEEPORDER, NULL, 1) if out is None \
+        else <cnp.ndarray>out
+    cdef tensor_desc dyd, xd, dxd
+    describe(&dyd, <cnp.ndarray>dy, False)
+    describe(&xd, a, False)
+    describe(&dxd, dx, False)
+    cdef int32_t axes[1]
+    axes[0] = ax
+    cdef double eps = epsilon
+    cdef bint train = training
+    cdef bn_status st
+    if cnp.PyArray_SIZE(a) < BN_SERIAL_THRESHOLD:  # the core runs these on this thread anyway
+        st = fast_backward_call(&dyd.t, &xd.t, &dxd.t, axes, params, c, eps, train)
+    else:
+        with nogil:
+            st = fast_backward_call(&dyd.t, &xd.t, &dxd.t, axes, params, c, eps, train)
+    check(st)
+    return (dx, stats_array(params + 4 * c, c, cnp.PyArray_TYPE(a)),
+            stats_array(params + 3 * c, c, cnp.PyArray_TYPE(a)))

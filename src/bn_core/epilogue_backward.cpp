@@ -28,7 +28,7 @@ class tensor_like {
     const int64_t es = element_bytes(x.dtype);
     int32_t order[BN_MAX_RANK];
     std::iota(order, order + x.rank, 0);
-    std::stable_sort(order, order + x.rank, [&](int32_t a, int32_t b) {
+    stable_sort_dims(order, order + x.rank, [&](int32_t a, int32_t b) {
       return std::abs(x.strides[a]) < std::abs(x.strides[b]);
     });
     int64_t step = es;

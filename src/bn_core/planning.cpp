@@ -88,7 +88,7 @@ bool continues(int64_t outer_stride, int64_t n, int64_t inner_stride) {
 // Sorts dims outermost first and merges neighbours that walk every array as
 // one dim. Returns the number left (at least 1).
 int32_t merge_dims(loop_dim dims[], int32_t n) {
-  std::stable_sort(dims, dims + n, [](const loop_dim &a, const loop_dim &b) {
+  stable_sort_dims(dims, dims + n, [](const loop_dim &a, const loop_dim &b) {
     if (a.x_stride != b.x_stride) return a.x_stride > b.x_stride;
     return std::abs(a.y_stride) > std::abs(b.y_stride);
   });

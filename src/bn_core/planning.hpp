@@ -11,6 +11,19 @@ namespace bn_core {
 
 int64_t element_bytes(bn_dtype dt);  // of x, y and dy (masks are 1 byte)
 
+// Sorts a tensor's few dims (at most BN_MAX_RANK) stably, before(a, b) saying
+// that a goes first: an insertion sort, because std::stable_sort allocates a
+// buffer, and on a tiny call that allocation cost more than the rest of its plan.
+template <class T, class Before>
+void stable_sort_dims(T *first, T *last, Before before) {
+  for (T *i = first + 1; i < last; ++i) {
+    const T value = *i;
+    T *j = i;
+    for (; j > first && before(value, j[-1]); --j) *j = j[-1];
+    *j = value;
+  }
+}
+
 // Drops size-1 dims, turns negative x strides positive, orders dims by x stride
 // (memory order) and merges dims that walk memory as one. The innermost
 // remaining dim becomes the inner run. y, mask and dy may be null (dy is given
