@@ -1,5 +1,6 @@
-# Included by _core.pyx: cbn.torch's update of a module's running statistics in one call
-# (a handful of NumPy or torch calls on small arrays cost several times more).
+# Included by _core.pyx: the update of running (moving) statistics in one call, for
+# cbn.torch's modules and the layer's small calls (a handful of NumPy or torch calls on
+# small arrays cost several times more than the call they follow).
 
 
 cdef bint f64_vector(object a, Py_ssize_t c):
@@ -31,35 +32,58 @@ cdef bint batch_counter(object a):
             and cnp.PyArray_ISWRITEABLE(n))
 
 
-cdef void move_toward(cnp.ndarray running, const double *batch, double scale,
-                      double weight) noexcept:
-    """running[i] += weight * (scale * batch[i] - running[i]), in float64."""
+cdef void blend_into(cnp.ndarray running, const double *batch, double scale, double keep,
+                     double take) noexcept:
+    """running[i] = running[i] * keep + take * (scale * batch[i]), in float64."""
     cdef char *data = <char *>cnp.PyArray_DATA(running)
     cdef Py_ssize_t i, stride = cnp.PyArray_STRIDES(running)[0]
     cdef double value
     if cnp.PyArray_TYPE(running) == cnp.NPY_FLOAT64:
         for i in range(cnp.PyArray_DIMS(running)[0]):
             value = (<double *>(data + i * stride))[0]
-            (<double *>(data + i * stride))[0] = value + weight * (scale * batch[i] - value)
+            (<double *>(data + i * stride))[0] = value * keep + take * (scale * batch[i])
     else:
         for i in range(cnp.PyArray_DIMS(running)[0]):
             value = (<float *>(data + i * stride))[0]
-            (<float *>(data + i * stride))[0] = <float>(value + weight * (scale * batch[i] - value))
+            (<float *>(data + i * stride))[0] = <float>(value * keep + take * (scale * batch[i]))
+
+
+cdef bint statistics_and_buffers(object running_mean, object running_var, object mean,
+                                 object variance):
+    """Whether mean and variance are contiguous 1-D float64 arrays of one length, and the
+    running buffers writeable 1-D float32/float64 arrays of it."""
+    if type(mean) is not np.ndarray:
+        return False
+    cdef Py_ssize_t c = cnp.PyArray_SIZE(<cnp.ndarray>mean)
+    return (f64_vector(mean, c) and f64_vector(variance, c) and running_buffer(running_mean, c)
+            and running_buffer(running_var, c))
+
+
+def moving_average_fast(object moving_mean, object moving_variance, object mean,
+                        object variance, double momentum):
+    """Keras' update of a layer's moving statistics, ``moving * momentum + batch * (1 -
+    momentum)`` in float64 (the layer's general path computes the same): the moving
+    arrays 1-D float32 or float64 (any stride), the batch's contiguous float64 ones.
+    Returns False, writing nothing, when an operand is anything else."""
+    if not statistics_and_buffers(moving_mean, moving_variance, mean, variance):
+        return False
+    blend_into(<cnp.ndarray>moving_mean, <double *>cnp.PyArray_DATA(<cnp.ndarray>mean), 1.0,
+               momentum, 1.0 - momentum)
+    blend_into(<cnp.ndarray>moving_variance,
+               <double *>cnp.PyArray_DATA(<cnp.ndarray>variance), 1.0, momentum,
+               1.0 - momentum)
+    return True
 
 
 def running_average_fast(object running_mean, object running_var, object batches, object mean,
                          object variance, double unbiased, object momentum):
     """torch's update of a batch norm's running statistics, in float64 as its CPU kernel:
     ``batches`` (None, or num_batches_tracked as a 0-d int64 array) += 1, then
-    ``running += w * (batch - running)`` for the mean and for the variance times
+    ``running = (1 - w) * running + w * batch`` for the mean and for the variance times
     ``unbiased``, ``w`` the ``momentum`` or, when that is None, ``1 / batches``. The
     buffers are 1-D float32 or float64 arrays (any stride), the batch statistics contiguous
     float64 ones. Returns False, writing nothing, when an operand is anything else."""
-    if type(mean) is not np.ndarray:
-        return False
-    cdef Py_ssize_t c = cnp.PyArray_SIZE(<cnp.ndarray>mean)
-    if not (f64_vector(mean, c) and f64_vector(variance, c) and running_buffer(running_mean, c)
-            and running_buffer(running_var, c)):
+    if not statistics_and_buffers(running_mean, running_var, mean, variance):
         return False
     if batches is None and momentum is None:  # a cumulative average needs the count
         return False
@@ -72,8 +96,8 @@ def running_average_fast(object running_mean, object running_var, object batches
         count[0] += 1
         if momentum is None:
             weight = 1.0 / <double>count[0]
-    move_toward(<cnp.ndarray>running_mean, <double *>cnp.PyArray_DATA(<cnp.ndarray>mean), 1.0,
-                weight)
-    move_toward(<cnp.ndarray>running_var, <double *>cnp.PyArray_DATA(<cnp.ndarray>variance),
-                unbiased, weight)
+    blend_into(<cnp.ndarray>running_mean, <double *>cnp.PyArray_DATA(<cnp.ndarray>mean), 1.0,
+               1.0 - weight, weight)
+    blend_into(<cnp.ndarray>running_var, <double *>cnp.PyArray_DATA(<cnp.ndarray>variance),
+               unbiased, 1.0 - weight, weight)
     return True

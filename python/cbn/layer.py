@@ -553,6 +553,10 @@ class BatchNormalization(LayerOptions):
         training calls compose like sequential ones.
         """
         with self._lock:
+            if not self.renorm and _core.moving_average_fast(
+                    self._weights["moving_mean"], self._weights["moving_variance"], mean,
+                    variance, self.momentum):
+                return  # the common call: 1-D weights, float64 batch statistics
             self._assign(moving_updates(
                 self._weights, mean, variance, momentum=self.momentum, epsilon=self.epsilon,
                 renorm_momentum=self.renorm_momentum if self.renorm else None,

@@ -107,7 +107,11 @@ bn_status backward_checked(const backward_request &r, const bool is_channel[]) {
   const backward_call c{p, r.mean, r.variance, r.gamma, r.epsilon, r.training, true, true,
                         count, sum_dy, sum_dy_xhat};
   const int32_t threads = schedule(p);
-  const int64_t per_chunk = p.empty ? 0 : chunk_channels(*r.x, r.axes, r.n_axes, threads, 2);
+  // One thread reads x and dy twice from memory instead: in a chunk, a channel's
+  // planes are short runs far apart, on which the hardware prefetchers restart,
+  // and that costs one thread more than the second read saves.
+  const int64_t per_chunk =
+      p.empty || threads == 1 ? 0 : chunk_channels(*r.x, r.axes, r.n_axes, threads, 2);
   if (per_chunk == 0) return c.run();
   const int32_t axis = r.axes[0] < 0 ? r.axes[0] + r.x->rank : r.axes[0];
   std::vector<chunk> chunks = cut_into_chunks(*r.x, r.dx, r.mask, r.dy, axis, p, per_chunk);

@@ -87,8 +87,8 @@ def _values(statistics: Statistics) -> Any:
 def _move(running: Any, batch: Any, momentum: float | None, batches: Any) -> None:
     """``running`` (a buffer, or its NumPy view) moved in place toward ``batch`` by
     ``momentum``, or by ``1 / batches`` when ``momentum`` is None."""
-    step = batch - running  # float64 for the eager path's float64 batch
-    running += step / batches if momentum is None else step * momentum
+    weight = 1 / batches if momentum is None else momentum
+    running[...] = running * (1 - weight) + batch * weight
 
 
 _MISSING = object()
