@@ -260,3 +260,46 @@ def test_adjustment_with_renorm_is_constant():
     xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + EPS)
     np.testing.assert_allclose(layer.gradients[0],
                                (r_out * ((xhat * r0 + d0) * a_scale + a_bias)).sum(0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("scale", [True, False])
+def test_small_call_backward_equals_the_general_path(dtype, training, scale):
+    """A small call's backward takes one core call (dy an ndarray of x's dtype); given dy
+    as nested lists it takes the general path: the same dx and gradients, bitwise, and
+    both equal to a float64 closed form written here (R15)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(1.0, 2.0, (6, 5)).astype(dtype)
+    dy = rng.normal(0.0, 1.0, x.shape).astype(dtype)
+    layer = cbn.BatchNormalization(epsilon=EPS, scale=scale, dtype=dtype)
+    layer.build(x.shape)
+    gamma = rng.uniform(0.5, 2.0, 5)
+    layer.set_weights([gamma, rng.normal(0, 1, 5), rng.normal(0, 1, 5), rng.uniform(1, 2, 5)]
+                      if scale else [rng.normal(0, 1, 5), rng.normal(0, 1, 5),
+                                     rng.uniform(1, 2, 5)])
+    layer(x, training=training)
+    dx_fast, grads_fast = layer.backward(dy), [g.copy() for g in layer.gradients]
+    dx_general, grads_general = layer.backward(dy.tolist()), layer.gradients
+    np.testing.assert_array_equal(dx_fast, dx_general)
+    assert dx_fast.dtype == dx_general.dtype == np.dtype(dtype)
+    for fast, general in zip(grads_fast, grads_general, strict=True):
+        np.testing.assert_array_equal(fast, general)
+        assert fast.dtype == general.dtype
+
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    g = gamma if scale else np.ones(5)
+    if training:
+        mean, var = x64.mean(0), x64.var(0)
+    else:
+        mean, var = (w.astype(np.float64) for w in layer.get_weights()[-2:])
+    xhat = (x64 - mean) / np.sqrt(var + EPS)
+    dxhat = dy64 * g
+    expected = dxhat / np.sqrt(var + EPS)
+    if training:
+        expected = (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)) / np.sqrt(var + EPS)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(dx_fast, expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grads_fast[-1], dy64.sum(0), rtol=tol, atol=tol)
+    if scale:
+        np.testing.assert_allclose(grads_fast[0], (dy64 * xhat).sum(0), rtol=tol, atol=tol)

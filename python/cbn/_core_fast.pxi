@@ -2,6 +2,8 @@
 # ops.batch_norm_train, with or without a fused epilogue (and the layer's plain calls),
 # and of ops.batch_norm_backward without one, without the general validation.
 
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongAndOverflow
 from libc.math cimport isfinite
 
 cdef enum:
@@ -22,7 +24,7 @@ cdef bint fast_param(object p, Py_ssize_t c, double *out, double default):
         for i in range(c):
             out[i] = default
         return True
-    if type(p) is not np.ndarray:
+    if not cnp.PyArray_CheckExact(p):
         return False
     a = <cnp.ndarray>p
     if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != c:
@@ -61,7 +63,7 @@ cdef bint byte_extent(cnp.ndarray a, char **lo, char **hi):
 
 cdef bint fast_like(object o, cnp.ndarray a):
     """Whether o is an ndarray of a's dtype and shape."""
-    return type(o) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>o) == cnp.PyArray_TYPE(a) \
+    return cnp.PyArray_CheckExact(o) and cnp.PyArray_TYPE(<cnp.ndarray>o) == cnp.PyArray_TYPE(a) \
         and cnp.PyArray_SAMESHAPE(<cnp.ndarray>o, a)
 
 
@@ -93,7 +95,7 @@ cdef int fast_axis(object x, object axis, object epsilon, object out) except -2:
     """x's channel axis when (x, axis, epsilon, out) make a fast call — a float32 or
     float64 ndarray, an int axis, a float epsilon >= 0, no ``out`` or an ``out`` that
     is x's view or a separate buffer of its shape and dtype — else -1."""
-    if type(x) is not np.ndarray or type(axis) is not int or type(epsilon) is not float:
+    if not cnp.PyArray_CheckExact(x) or type(axis) is not int or type(epsilon) is not float:
         return -1
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int type_num = cnp.PyArray_TYPE(a)
@@ -101,13 +103,14 @@ cdef int fast_axis(object x, object axis, object epsilon, object out) except -2:
     if (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64) or rank < 1 \
             or rank > BN_MAX_RANK:
         return -1
-    if not -rank <= axis < rank:  # compared as Python ints: 10**30 must not overflow a C int
+    cdef int overflow = 0
+    cdef long ax = PyLong_AsLongAndOverflow(axis, &overflow)  # 10**30 sets overflow
+    if overflow or not -rank <= ax < rank:
         return -1
-    cdef int ax = axis
     if ax < 0:
         ax += rank
-    cdef double eps = epsilon
-    if not (0.0 <= eps < float("inf")):
+    cdef double eps = PyFloat_AS_DOUBLE(epsilon)
+    if not (0.0 <= eps and isfinite(eps)):
         return -1
     if out is not None and not fast_out(out, a):
         return -1

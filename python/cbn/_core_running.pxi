@@ -5,7 +5,7 @@
 
 cdef bint f64_vector(object a, Py_ssize_t c):
     """Whether a is a contiguous 1-D float64 ndarray of c values."""
-    if type(a) is not np.ndarray:
+    if not cnp.PyArray_CheckExact(a):
         return False
     cdef cnp.ndarray v = <cnp.ndarray>a
     return (cnp.PyArray_NDIM(v) == 1 and cnp.PyArray_DIMS(v)[0] == c
@@ -14,7 +14,7 @@ cdef bint f64_vector(object a, Py_ssize_t c):
 
 cdef bint running_buffer(object a, Py_ssize_t c):
     """Whether a is a writeable 1-D float32 or float64 ndarray of c values (any stride)."""
-    if type(a) is not np.ndarray:
+    if not cnp.PyArray_CheckExact(a):
         return False
     cdef cnp.ndarray r = <cnp.ndarray>a
     cdef int type_num = cnp.PyArray_TYPE(r)
@@ -25,7 +25,7 @@ cdef bint running_buffer(object a, Py_ssize_t c):
 
 cdef bint batch_counter(object a):
     """Whether a is a writeable 0-d int64 ndarray (num_batches_tracked's view)."""
-    if type(a) is not np.ndarray:
+    if not cnp.PyArray_CheckExact(a):
         return False
     cdef cnp.ndarray n = <cnp.ndarray>a
     return (cnp.PyArray_NDIM(n) == 0 and cnp.PyArray_TYPE(n) == cnp.NPY_INT64
@@ -52,7 +52,7 @@ cdef bint statistics_and_buffers(object running_mean, object running_var, object
                                  object variance):
     """Whether mean and variance are contiguous 1-D float64 arrays of one length, and the
     running buffers writeable 1-D float32/float64 arrays of it."""
-    if type(mean) is not np.ndarray:
+    if not cnp.PyArray_CheckExact(mean):
         return False
     cdef Py_ssize_t c = cnp.PyArray_SIZE(<cnp.ndarray>mean)
     return (f64_vector(mean, c) and f64_vector(variance, c) and running_buffer(running_mean, c)

@@ -462,13 +462,29 @@ class BatchNormalization(LayerOptions):
                 f"layer {self.name!r} has no call to differentiate: call it on an input "
                 "before backward"
             )
-        dx, per_weight = backward_through(record_of(record), dy, self._channels, self.epsilon)
         dtype = self._policy.variable_dtype
+        fast = self._small_backward(record, dy, dtype)
+        dx, per_weight = fast if fast is not None else backward_through(
+            record_of(record), dy, self._channels, self.epsilon)
         self.gradients = [
             per_weight[name].astype(dtype).reshape(self._channel_shape)
             for name, _ in self._trainable_items()
         ]
         return dx
+
+    def _small_backward(self, record: _ForwardRecord | _PlainCall, dy: ArrayLike,
+                        dtype: np.dtype) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """backward_through's result for a small call's record in one core call (gradients
+        in x's dtype, which must be the weights'), or None (backward_through explains)."""
+        if isinstance(record, _ForwardRecord) or record[0].dtype != dtype:
+            return None
+        x, _, axes, through_stats, mean, variance, gamma = record
+        fast = _core.backward_fast(dy, x, mean, variance, gamma, axes[0], self.epsilon,
+                                   through_stats)
+        if fast is None:
+            return None
+        dx, dgamma, dbeta = fast
+        return dx, {"gamma": dgamma, "beta": dbeta}
 
     def _autocast(self, inputs: ArrayLike) -> np.ndarray:
         """Integers and bool read as float32, then everything cast to
