@@ -76,7 +76,7 @@ bn_status backward_in_chunks(std::vector<chunk> &chunks, int32_t threads, const 
   std::atomic<size_t> next_chunk{0};
   run_team(threads, [&](int32_t member, int32_t) {
     backward_state &state = states[member];
-    for (size_t i; (i = next_chunk.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
+    for (size_t i = next_chunk.fetch_add(1, std::memory_order_relaxed); i < chunks.size();) {
       plan &p = chunks[i].p;
       const int64_t c0 = chunks[i].first_channel, items = p.lines * p.segments;
       double *count = c.count + c0, *sum_dy = c.sum_dy + c0, *sum_dy_xhat = c.sum_dy_xhat + c0;
@@ -86,7 +86,16 @@ bn_status backward_in_chunks(std::vector<chunk> &chunks, int32_t threads, const 
       state.finish(1, p, count, sum_dy, sum_dy_xhat);
       state.fill_dx(c.mean + c0, c.variance + c0, c.gamma ? c.gamma + c0 : nullptr, c.epsilon,
                     c.training ? count : nullptr, sum_dy, sum_dy_xhat);
+      // Claim the next chunk now and fetch its x and dy while this one's dx is
+      // computed from the caches: memory stays busy, and its sums read it from
+      // there. One distance for both: only when x and dy lie alike.
+      const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
+      if (following < chunks.size()) {
+        const plan &q = chunks[following].p;
+        if (q.x - p.x == q.dy - p.dy) p.prefetch_ahead = q.x - p.x;
+      }
       k.backward_apply(p, 0, items, state.params());
+      i = following;
     }
   });
   return BN_OK;
@@ -107,12 +116,16 @@ bn_status backward_checked(const backward_request &r, const bool is_channel[]) {
   const backward_call c{p, r.mean, r.variance, r.gamma, r.epsilon, r.training, true, true,
                         count, sum_dy, sum_dy_xhat};
   const int32_t threads = schedule(p);
-  // One thread reads x and dy twice from memory instead: in a chunk, a channel's
-  // planes are short runs far apart, on which the hardware prefetchers restart,
-  // and that costs one thread more than the second read saves.
+  // One thread reads x and dy twice from memory instead: its chunks gained only
+  // on tensors several times the L3 and lost on those just above half of it
+  // (bench/DESIGN.md, 'A chunked backward fetches the next chunk').
   const int64_t per_chunk =
       p.empty || threads == 1 ? 0 : chunk_channels(*r.x, r.axes, r.n_axes, threads, 2);
   if (per_chunk == 0) return c.run();
+  // A chunk's dx is written around the caches: nothing reads it again, and its
+  // old lines would come from memory only to be overwritten, while the caches
+  // hold this chunk's x and dy and the next chunk's, fetched meanwhile.
+  p.stream_y = stream_output(p, 0);
   const int32_t axis = r.axes[0] < 0 ? r.axes[0] + r.x->rank : r.axes[0];
   std::vector<chunk> chunks = cut_into_chunks(*r.x, r.dx, r.mask, r.dy, axis, p, per_chunk);
   return backward_in_chunks(chunks, threads, c);

@@ -87,8 +87,9 @@ struct plan {
   // forward's normalize.
   bool stream_y;
   x_source x_from;
-  // Bytes from x to data the plane normalize prefetches alongside (0: none):
-  // the next chunk of a cache-blocked training forward.
+  // Bytes from x (and from dy) to data a plane's normalize or dx prefetches
+  // alongside (0: none): the next chunk of a chunked training forward or
+  // backward.
   int64_t prefetch_ahead;
   epilogue_params epilogue;
 };

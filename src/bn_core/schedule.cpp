@@ -222,8 +222,13 @@ int64_t chunk_channels(const bn_tensor &x, const int32_t *axes, int32_t n_axes, 
   if (channels < 2 * threads || bytes <= l3 / 2) return 0;
   const int64_t per_channel = bytes / channels;
   if (per_channel > l3 / (2 * threads)) return 0;  // one channel would not stay cached
-  const int64_t chunk = std::max<int64_t>(1, l3 / (4 * std::max(threads, 2)) / per_channel);
-  return std::min(chunk, channels / (2 * threads));  // enough chunks to share out
+  int64_t chunk = std::min(std::max<int64_t>(1, l3 / (4 * std::max(threads, 2)) / per_channel),
+                           channels / (2 * threads));  // enough chunks to share out
+  // A chunk count that the team shares out evenly: in a last round with fewer
+  // chunks than threads, the others wait (13 chunks on 2 threads: 1/13 of the
+  // call on one thread alone).
+  while (chunk > 1 && (channels + chunk - 1) / chunk % threads != 0) --chunk;
+  return chunk;
 }
 
 std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,

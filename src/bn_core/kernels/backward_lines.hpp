@@ -134,6 +134,54 @@ void grad_sums_segment(const plan &p, const grad_segment &g, const backward_para
   }
 }
 
+// One channel's coefficients: dx = dy_scale·dy + (xc_scale·(x − mean) + shift),
+// the mean in two parts (hi + lo).
+template <class E>
+struct plane_grad_coefficients {
+  typename E::acc mean_hi, mean_lo, dy_scale, xc_scale, shift;
+};
+
+// dx of one channel's contiguous unmasked run, up to its last whole vector;
+// returns where the caller's element loop takes over. Explicit vectors: the
+// autovectorized loop's set-up (alignment peeling, trip-count checks) on every
+// plane is about as long as a short plane's (14x14) work. The vector loop once
+// per (prefetching or not, streaming or not). ahead > 0: also prefetch x's and
+// dy's lines that many bytes on (a chunked backward's next chunk, fetched while
+// this one runs from the caches). Streamed: plain stores up to dx's first
+// aligned vector, since a streaming store must be aligned; a dx off the element
+// size never aligns and takes plain stores throughout. k by value: a store
+// through dx might write a referenced one, reloaded then for every vector.
+template <class E>
+[[gnu::always_inline]] inline int64_t grad_apply_plane(const char *x, const char *dy, char *dx, int64_t len, const plane_grad_coefficients<E> k,
+                         int64_t ahead, bool stream) {
+  using vec = typename E::vec;
+  constexpr int64_t align = E::lanes * E::size;
+  const uintptr_t dx_at = reinterpret_cast<uintptr_t>(dx);
+  stream = stream && dx_at % E::size == 0;
+  int64_t i = 0;
+  for (; stream && i < len && (dx_at + i * E::size) % align; ++i) {
+    const typename E::acc centred = (E::load(x + i * E::size) - k.mean_hi) - k.mean_lo;
+    E::store(dx + i * E::size, k.dy_scale * E::load(dy + i * E::size) + (k.xc_scale * centred + k.shift));
+  }
+  const int64_t last_vector = len - E::lanes;
+  auto vectors = [&](auto prefetching, auto streaming) {
+    for (; i <= last_vector; i += E::lanes) {
+      if constexpr (decltype(prefetching)::value) {
+        __builtin_prefetch(x + i * E::size + ahead, 0, 2);
+        __builtin_prefetch(dy + i * E::size + ahead, 0, 2);
+      }
+      const vec centred = (E::load_vec(x + i * E::size) - k.mean_hi) - k.mean_lo;
+      E::template store_vec<decltype(streaming)::value>(
+          dx + i * E::size, k.dy_scale * E::load_vec(dy + i * E::size) + (k.xc_scale * centred + k.shift));
+    }
+  };
+  auto stores = [&](auto prefetching) {
+    stream ? vectors(prefetching, std::true_type{}) : vectors(prefetching, std::false_type{});
+  };
+  ahead ? stores(std::true_type{}) : stores(std::false_type{});
+  return i;
+}
+
 template <class E, bool Contig, bool Masked>
 void grad_apply_segment(const plan &p, const grad_segment &g, const backward_params &b) {
   using acc = typename E::acc;
@@ -158,15 +206,8 @@ void grad_apply_segment(const plan &p, const grad_segment &g, const backward_par
   if (!p.inner_is_channel) {
     const acc mh = mean_hi[c0], ml = mean_lo[c0], dy_sc = dy_scale[c0], xc = xc_scale[c0], sh = shift[c0];
     int64_t i = 0;
-    // Explicit vectors: the autovectorized loop's set-up (alignment peeling,
-    // trip-count checks) on every plane is about as long as a short plane's
-    // (14x14) work.
     if constexpr (Contig && !Masked) {
-      using vec = typename E::vec;
-      for (; i + E::lanes <= len; i += E::lanes) {
-        const vec centred = (E::load_vec(x + i * E::size) - mh) - ml;
-        E::store_vec(dx + i * E::size, dy_sc * E::load_vec(dy + i * E::size) + (xc * centred + sh));
-      }
+      i = grad_apply_plane<E>(x, dy, dx, len, {mh, ml, dy_sc, xc, sh}, p.prefetch_ahead, p.stream_y);
     }
     for (; i < len; ++i) {
       const acc centred = (E::load(x + i * xs) - mh) - ml;

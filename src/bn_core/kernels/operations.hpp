@@ -176,6 +176,7 @@ void backward_apply_items(const plan &p, int64_t item_begin, int64_t item_end,
       else grad_apply_segment<E, false, false>(p, g, b);
     }
   });
+  if (p.stream_y) end_streaming();
 }
 
 // Calls f(E{}) with the element type E of dtype (validated by the caller).
