@@ -24,7 +24,7 @@ template <class E, bool Stream, class Epi>
   using vec = typename E::vec;
   constexpr int64_t W = E::lanes, align = W * E::size;
   auto vector_with = [&](const auto &e, int64_t at) {
-    return e.template apply<E>(normalized<vec>(E::load_vec(x + at * E::size), mh, sc, b), at * E::size);
+    return e.template apply<E>(normalized<vec>(load_whole_vec<E>(x + at * E::size), mh, sc, b), at * E::size);
   };
   auto vector_at = [&](int64_t at) { return vector_with(epi, at); };
   auto value_at = [&](int64_t at) {

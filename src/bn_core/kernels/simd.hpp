@@ -75,6 +75,19 @@ struct native_elem {
 using f32_elem = native_elem<float, f32_vec>;
 using f64_elem = native_elem<double, f64_vec>;
 
+// A vector of float or double in one load, for a walk that loads and stores one
+// vector at a time along one run (a channels-first plane): there the halves'
+// shuffle cost in-cache planes up to 10% and gained nothing from memory
+// (bench/DESIGN.md). Other element types convert and load as load_vec does.
+template <class E>
+typename E::vec load_whole_vec(const char *p) {
+  if constexpr (std::is_same_v<E, f32_elem> || std::is_same_v<E, f64_elem>) {
+    typename E::vec v; std::memcpy(&v, p, sizeof v); return v;
+  } else {
+    return E::load_vec(p);
+  }
+}
+
 struct f16_elem {
   using acc = float;
   using vec = f32_vec;
