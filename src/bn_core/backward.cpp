@@ -86,14 +86,7 @@ bn_status backward_in_chunks(std::vector<chunk> &chunks, int32_t threads, const 
       state.finish(1, p, count, sum_dy, sum_dy_xhat);
       state.fill_dx(c.mean + c0, c.variance + c0, c.gamma ? c.gamma + c0 : nullptr, c.epsilon,
                     c.training ? count : nullptr, sum_dy, sum_dy_xhat);
-      // Claim the next chunk now and fetch its x and dy while this one's dx is
-      // computed from the caches: memory stays busy, and its sums read it from
-      // there. One distance for both: only when x and dy lie alike.
-      const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
-      if (following < chunks.size()) {
-        const plan &q = chunks[following].p;
-        if (q.x - p.x == q.dy - p.dy) p.prefetch_ahead = q.x - p.x;
-      }
+      const size_t following = claim_and_prefetch_next(next_chunk, chunks, p, true);
       k.backward_apply(p, 0, items, state.params());
       i = following;
     }

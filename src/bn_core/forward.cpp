@@ -89,10 +89,7 @@ bn_status train_in_chunks(std::vector<chunk> &chunks, int32_t threads, const tra
       affine.fit(p);
       affine.fill(t.mean + c0, t.variance + c0, t.gamma ? t.gamma + c0 : nullptr,
                   t.beta ? t.beta + c0 : nullptr, t.epsilon);
-      // Claim the next chunk now and fetch it while this one is normalized from
-      // the caches: memory stays busy, and its statistics read it from there.
-      const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
-      if (following < chunks.size()) p.prefetch_ahead = chunks[following].p.x - p.x;
+      const size_t following = claim_and_prefetch_next(next_chunk, chunks, p, false);
       k.normalize_walk(p)(p, 0, items, params);
       i = following;
     }

@@ -250,6 +250,16 @@ std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const
   return chunks;
 }
 
+size_t claim_and_prefetch_next(std::atomic<size_t> &next_chunk, const std::vector<chunk> &chunks, plan &p,
+                               bool and_dy) {
+  const size_t following = next_chunk.fetch_add(1, std::memory_order_relaxed);
+  if (following < chunks.size()) {
+    const plan &q = chunks[following].p;
+    if (!and_dy || q.dy - p.dy == q.x - p.x) p.prefetch_ahead = q.x - p.x;
+  }
+  return following;
+}
+
 void item_range(const plan &p, int32_t slot, int32_t team, int64_t &begin, int64_t &end) {
   const int64_t items = p.lines * p.segments;
   const int64_t base = items / team, extra = items % team;

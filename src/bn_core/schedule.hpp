@@ -1,10 +1,11 @@
 // Scheduling: how many threads a call uses, whether it streams its output past
-// the caches, how a training forward is cut into cache-sized chunks, and which
-// items of the plan each slot of the team walks.
+// the caches, how a training forward or a backward is cut into cache-sized
+// chunks, and which items of the plan each slot of the team walks.
 #ifndef BN_CORE_SCHEDULE_HPP
 #define BN_CORE_SCHEDULE_HPP
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <utility>
 #include <vector>
@@ -65,6 +66,14 @@ struct chunk {
 // and where x is read from are the whole call's decisions (whole's).
 std::vector<chunk> cut_into_chunks(const bn_tensor &x, const bn_tensor *y, const bn_tensor *mask,
                                    const bn_tensor *dy, int32_t axis, const plan &whole, int64_t per_chunk);
+
+// Claims a team member's next chunk from next_chunk (chunks.size() or more:
+// none) between the two passes of p's chunk, and has p's second pass, which
+// runs from the caches, prefetch it (x, and dy with and_dy where it lies at
+// the same distance: the kernels take one): memory stays busy, and the next
+// chunk's first pass reads it from the caches.
+size_t claim_and_prefetch_next(std::atomic<size_t> &next_chunk, const std::vector<chunk> &chunks, plan &p,
+                               bool and_dy);
 
 // Slot `slot`'s share [begin, end) of p's items among `team` slots.
 void item_range(const plan &p, int32_t slot, int32_t team, int64_t &begin, int64_t &end);

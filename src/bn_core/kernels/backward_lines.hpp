@@ -152,8 +152,9 @@ struct plane_grad_coefficients {
 // size never aligns and takes plain stores throughout. k by value: a store
 // through dx might write a referenced one, reloaded then for every vector.
 template <class E>
-[[gnu::always_inline]] inline int64_t grad_apply_plane(const char *x, const char *dy, char *dx, int64_t len, const plane_grad_coefficients<E> k,
-                         int64_t ahead, bool stream) {
+[[gnu::always_inline]] inline int64_t grad_apply_plane(const char *x, const char *dy, char *dx, int64_t len,
+                                                      const plane_grad_coefficients<E> k, int64_t ahead,
+                                                      bool stream) {
   using vec = typename E::vec;
   constexpr int64_t align = E::lanes * E::size;
   const uintptr_t dx_at = reinterpret_cast<uintptr_t>(dx);
