@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--against", type=Path, default=None,
                    help="the installed cbn package directory of another build, timed "
                         "interleaved with this one (columns prev-*, speed-ups xprev-*)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times, minutes apart, and report each "
+                        "cell's median over the rounds (tames the bandwidth's swings)")
     p.add_argument("--l3", type=int, default=None,
                    help="bytes: plan cbn's schedules for this L3 (cbn.set_cache_sizes), e.g. "
                         "314572800 to see what a VM reporting its host's 300 MiB would get")
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     if not args.threads or min(args.threads) < 1:
         p.error("--threads takes positive integers")
+    if args.rounds < 1:
+        p.error("--rounds takes a positive integer")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.modes) <= set(MODES):
         p.error(f"--modes takes {', '.join(MODES)}")
@@ -78,8 +83,11 @@ def set_threads(libraries: list[Library], n: int) -> None:
 
 
 def run_case(case: Case, threads: list[int], modes: list[str], libraries: list[Library],
-             policy: Policy, notes: list[str]) -> list[report.Row]:
-    """All groups of one case; its arrays are allocated once and shared."""
+             policy: Policy, notes: list[str], reverse: bool = False) -> list[report.Row]:
+    """All groups of one case; its arrays are allocated once and shared. With
+    ``reverse`` the implementations are sampled in the opposite turn order (what
+    the previous sample left in the caches and the write-back queue then falls
+    on another implementation)."""
     data = make_data(case)
     rows = []
     for n in threads:
@@ -87,6 +95,8 @@ def run_case(case: Case, threads: list[int], modes: list[str], libraries: list[L
         for mode in modes:
             start = time.monotonic()
             calls = bind_all(libraries, data, mode, notes)
+            if reverse:
+                calls = dict(reversed(calls.items()))
             load = LoadMonitor()
             seconds = interleaved_medians(calls, policy)
             del calls
@@ -138,7 +148,8 @@ def render(args: argparse.Namespace, command: str, setup: list[str], rows: list[
         "# cbn benchmark results",
         "",
         f"Command: `{command}` — {stamp}, {wall_s:.0f} s, "
-        f"{'quick' if args.quick else 'default'} sampling.",
+        f"{'quick' if args.quick else 'default'} sampling"
+        + (f", each cell the median of {args.rounds} rounds." if args.rounds > 1 else "."),
         "",
         "## Machine and libraries",
         "",
@@ -179,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(setup), flush=True)
 
     notes: list[str] = []
-    rows = []
-    for case in cases:
-        rows += run_case(case, args.threads, args.modes, libraries, policy, notes)
+    rounds: list[list[report.Row]] = []
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {number + 1} of {args.rounds}", flush=True)
+        rounds.append([row for case in cases for row in
+                       run_case(case, args.threads, args.modes, libraries, policy, notes,
+                                reverse=number % 2 == 1)])
+    rows = report.median_over_rounds(rounds)
     print("  per-call overhead ...", flush=True)
     overhead = run_overhead(args.threads, libraries, policy, notes)
 

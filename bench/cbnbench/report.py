@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from .cases import MODES, Case
@@ -64,6 +65,21 @@ def _row_id(row: Row) -> list[str]:
 
 
 ROW_ID_HEADERS = ["case", "layout", "mode", "thr", "busy"]
+
+
+def median_over_rounds(rounds: list[list[Row]]) -> list[Row]:
+    """One row per case, mode and thread count: each column's median over the
+    rounds that ran it (the rounds run the same groups in the same order)."""
+    merged = []
+    for group in zip(*rounds, strict=True):
+        first = group[0]
+        columns = {key for row in group for key in row.seconds}
+        seconds = {key: statistics.median(row.seconds[key] for row in group if key in row.seconds)
+                   for key in columns}
+        busy = [row.other_cpus for row in group if row.other_cpus is not None]
+        merged.append(Row(first.case, first.mode, first.threads, seconds,
+                          max(busy) if busy else None))
+    return merged
 
 
 def sorted_rows(rows: list[Row], case_order: list[Case]) -> list[Row]:
