@@ -139,6 +139,12 @@ void grad_sums_segment(const plan &p, const grad_segment &g, const backward_para
 template <class E>
 struct plane_grad_coefficients {
   typename E::acc mean_hi, mean_lo, dy_scale, xc_scale, shift;
+
+  // dx of x and dy, one value or a vector of them.
+  template <class V>
+  [[gnu::always_inline]] V dx(V x, V dy) const {
+    return dy_scale * dy + (xc_scale * ((x - mean_hi) - mean_lo) + shift);
+  }
 };
 
 // dx of one channel's contiguous unmasked run, up to its last whole vector;
@@ -155,15 +161,12 @@ template <class E>
 [[gnu::always_inline]] inline int64_t grad_apply_plane(const char *x, const char *dy, char *dx, int64_t len,
                                                       const plane_grad_coefficients<E> k, int64_t ahead,
                                                       bool stream) {
-  using vec = typename E::vec;
   constexpr int64_t align = E::lanes * E::size;
   const uintptr_t dx_at = reinterpret_cast<uintptr_t>(dx);
   stream = stream && dx_at % E::size == 0;
   int64_t i = 0;
-  for (; stream && i < len && (dx_at + i * E::size) % align; ++i) {
-    const typename E::acc centred = (E::load(x + i * E::size) - k.mean_hi) - k.mean_lo;
-    E::store(dx + i * E::size, k.dy_scale * E::load(dy + i * E::size) + (k.xc_scale * centred + k.shift));
-  }
+  for (; stream && i < len && (dx_at + i * E::size) % align; ++i)
+    E::store(dx + i * E::size, k.dx(E::load(x + i * E::size), E::load(dy + i * E::size)));
   const int64_t last_vector = len - E::lanes;
   auto vectors = [&](auto prefetching, auto streaming) {
     for (; i <= last_vector; i += E::lanes) {
@@ -171,9 +174,8 @@ template <class E>
         __builtin_prefetch(x + i * E::size + ahead, 0, 2);
         __builtin_prefetch(dy + i * E::size + ahead, 0, 2);
       }
-      const vec centred = (E::load_vec(x + i * E::size) - k.mean_hi) - k.mean_lo;
       E::template store_vec<decltype(streaming)::value>(
-          dx + i * E::size, k.dy_scale * E::load_vec(dy + i * E::size) + (k.xc_scale * centred + k.shift));
+          dx + i * E::size, k.dx(E::load_vec(x + i * E::size), E::load_vec(dy + i * E::size)));
     }
   };
   auto stores = [&](auto prefetching) {

@@ -67,8 +67,10 @@ struct native_elem {
       vec v; std::memcpy(&v, &w, sizeof v); return v;
     }
 #endif
-    vec v; std::memcpy(&v, p, sizeof v); return v;
+    return load_whole_vec(p);
   }
+  // One load of the whole vector (see the free load_whole_vec below).
+  static vec load_whole_vec(const char *p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(char *p, acc v) { std::memcpy(p, &v, sizeof v); }
   template <bool Stream = false> static void store_vec(char *p, vec v) { put<Stream>(p, v); }
 };
@@ -81,11 +83,8 @@ using f64_elem = native_elem<double, f64_vec>;
 // (bench/DESIGN.md). Other element types convert and load as load_vec does.
 template <class E>
 typename E::vec load_whole_vec(const char *p) {
-  if constexpr (std::is_same_v<E, f32_elem> || std::is_same_v<E, f64_elem>) {
-    typename E::vec v; std::memcpy(&v, p, sizeof v); return v;
-  } else {
-    return E::load_vec(p);
-  }
+  if constexpr (std::is_same_v<E, f32_elem> || std::is_same_v<E, f64_elem>) return E::load_whole_vec(p);
+  else return E::load_vec(p);
 }
 
 struct f16_elem {
