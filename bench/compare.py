@@ -156,7 +156,7 @@ def render(args: argparse.Namespace, command: str, setup: list[str], rows: list[
         *(f"- {line}" for line in describe()),
         f"- Other processes kept busy during the run: {load}",
         *(f"- {line}" for line in setup),
-        *(f"- Note: {note}" for note in notes),
+        *(f"- Note: {note}" for note in dict.fromkeys(notes)),  # once, though every round adds it
         "",
         "## Columns",
         "",

@@ -1,6 +1,7 @@
 """What a new user meets first: ``python -m cbn --version``/``--help``, the benchmark's
 note on a slow result, ``set_weights`` before ``build``, PyTorch tensors that require grad
-or are bfloat16, and ``examples/train_digits.py --help``."""
+or are bfloat16, ``import cbn`` without ml_dtypes' import time, and
+``examples/train_digits.py --help``."""
 
 from __future__ import annotations
 
@@ -83,6 +84,27 @@ def test_torch_bfloat16_tensors_are_read_and_written_in_place():
     cbn.ops.batch_normalization(t, values.mean(axis=0), values.var(axis=0), epsilon=0.0, out=t)
     expected = (values - values.mean(axis=0)) / values.std(axis=0)
     np.testing.assert_allclose(t.float().numpy(), expected, rtol=1e-2)  # bfloat16: 8 bits
+
+
+def test_import_leaves_ml_dtypes_until_bfloat16_data_or_policy_needs_it():
+    # ml_dtypes takes most of a second to import: only bfloat16 data (whose maker
+    # imported it) and the mixed_bfloat16 policy need it.
+    code = """
+import sys
+import numpy as np
+import cbn
+assert "ml_dtypes" not in sys.modules
+mean, var = cbn.ops.moments(np.arange(12.0, dtype=np.float32).reshape(4, 3), axis=-1)
+assert "ml_dtypes" not in sys.modules
+layer = cbn.BatchNormalization(dtype="mixed_bfloat16")
+import ml_dtypes
+assert layer.compute_dtype == "bfloat16"
+x = np.arange(12.0).reshape(4, 3).astype(ml_dtypes.bfloat16)
+m, v = cbn.ops.moments(x, axis=-1)
+print(m.tolist(), v.tolist(), layer(x, training=True).dtype)
+"""
+    out = _run("-c", code).split("\n")[0]
+    assert out == f"{[4.5, 5.5, 6.5]} {[11.25, 11.25, 11.25]} bfloat16"
 
 
 def test_train_digits_help_shows_the_defaults():

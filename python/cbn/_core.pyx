@@ -10,7 +10,8 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy
 
 cimport numpy as cnp
-import ml_dtypes
+import sys
+
 import numpy as np
 
 cnp.import_array()
@@ -26,10 +27,17 @@ _DTYPE_CODES = {
     np.dtype(np.float32): BN_FLOAT32,
     np.dtype(np.float64): BN_FLOAT64,
     np.dtype(np.float16): BN_FLOAT16,
-    np.dtype(ml_dtypes.bfloat16): BN_BFLOAT16,
     np.dtype(np.bool_): BN_UINT8,
     np.dtype(np.uint8): BN_UINT8,
 }
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16. ml_dtypes is not imported for this
+    (importing it takes longer than the rest of ``import cbn``): no array of its
+    bfloat16 exists before it is."""
+    module = sys.modules.get("ml_dtypes")
+    return module is not None and dtype == module.bfloat16
 
 
 # An array described to the core; shape and strides copied as int64.
@@ -40,7 +48,8 @@ cdef struct tensor_desc:
 
 
 cdef int describe(tensor_desc *d, cnp.ndarray a, bint is_mask) except -1:
-    # The common dtypes by number; bfloat16 (a registered user dtype) through the table.
+    # The common dtypes by number, the others through the table; bfloat16 is a
+    # user dtype that ml_dtypes registers.
     cdef int type_num = cnp.PyArray_TYPE(a)
     if type_num == cnp.NPY_FLOAT32:
         code = BN_FLOAT32
@@ -48,6 +57,8 @@ cdef int describe(tensor_desc *d, cnp.ndarray a, bint is_mask) except -1:
         code = BN_FLOAT64
     else:
         code = _DTYPE_CODES.get(a.dtype)
+        if code is None and is_bfloat16(a.dtype):
+            code = BN_BFLOAT16
     if code is None or (code == BN_UINT8) != is_mask:
         raise TypeError(f"unsupported dtype {a.dtype} for {'a mask' if is_mask else 'data'}")
     cdef int rank = cnp.PyArray_NDIM(a)

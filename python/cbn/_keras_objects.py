@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._validate import BFLOAT16, MAX_RANK, is_integer, short_repr
+from ._validate import MAX_RANK, bfloat16, is_integer, short_repr
 
 #: Keras' ``backend.epsilon()``, used by its norm constraints.
 KERAS_EPSILON = 1e-7
@@ -446,14 +446,14 @@ class DTypePolicy:
         return {"name": self.name}
 
 
-_F32, _F64, _F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
+# name: (compute dtype, variable dtype). Built when asked for: bfloat16 imports ml_dtypes.
 _POLICIES = {
-    "float32": DTypePolicy("float32", _F32, _F32),
-    "float64": DTypePolicy("float64", _F64, _F64),
+    "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"),
     # cbn: Keras stores float16 variables under "float16"; cbn keeps them float32.
-    "float16": DTypePolicy("float16", _F16, _F32),
-    "mixed_float16": DTypePolicy("mixed_float16", _F16, _F32),
-    "mixed_bfloat16": DTypePolicy("mixed_bfloat16", BFLOAT16, _F32),
+    "float16": ("float16", "float32"),
+    "mixed_float16": ("float16", "float32"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
 }
 
 
@@ -481,7 +481,9 @@ def get_policy(identifier) -> DTypePolicy:
             f"dtype={identifier!r} is not supported; expected None or one of {list(_POLICIES)} "
             "(or a Keras DTypePolicy config naming one)"
         )
-    return _POLICIES[name]
+    compute, variable = _POLICIES[name]
+    compute_dtype = bfloat16() if compute == "bfloat16" else np.dtype(compute)
+    return DTypePolicy(name, compute_dtype, np.dtype(variable))
 
 
 def serialize_policy(policy: DTypePolicy) -> dict[str, Any]:

@@ -10,14 +10,13 @@ import numbers
 import reprlib
 from collections.abc import Sequence
 
-import ml_dtypes
 import numpy as np
 
 from . import _core
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-#: dtypes the core reads and writes directly.
-KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
+#: dtypes the core reads and writes directly, besides bfloat16 (``is_bfloat16``).
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+is_bfloat16 = _core.is_bfloat16
 #: The core's limit on dimensions (BN_MAX_RANK); no axis list can be longer.
 MAX_RANK = _core.MAX_RANK
 
@@ -74,7 +73,7 @@ def as_array(x, name: str = "x", *, writeable: bool = False) -> np.ndarray:
             arr = np.asarray(x)
     else:
         arr = np.asarray(x)
-    if arr.dtype == BFLOAT16:
+    if is_bfloat16(arr.dtype):
         return arr
     kind = arr.dtype.kind
     if kind not in "fiub":
@@ -99,12 +98,19 @@ def _torch_tensor_view(t, name: str) -> np.ndarray:
         return np.asarray(t)
 
 
+def bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, imported when first asked for (see ``is_bfloat16``)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def torch_numpy_view(t) -> np.ndarray:
     """The NumPy view of a CPU tensor's memory (no copy), bfloat16 as ml_dtypes' bfloat16."""
     if str(t.dtype) == "torch.bfloat16":
         import torch  # already imported by whoever made the tensor
 
-        return t.view(torch.int16).numpy().view(BFLOAT16)
+        return t.view(torch.int16).numpy().view(bfloat16())
     return t.numpy()
 
 
@@ -261,6 +267,6 @@ def check_epsilon(epsilon) -> float:
 def kernel_dtype(arr: np.ndarray) -> np.dtype:
     """The dtype the core computes ``arr`` in: 16/32/64-bit floats as they are,
     integers and bool as float32."""
-    if arr.dtype in KERNEL_DTYPES:
+    if arr.dtype in KERNEL_DTYPES or is_bfloat16(arr.dtype):
         return arr.dtype
     return np.dtype(np.float32)
