@@ -38,7 +38,10 @@ void moments_state::reset(const plan &p) {
   per_slot_ = layout(p);
   for (int32_t s = 0; s < slots_; ++s) {
     const moments_scratch m = slot(s);
-    std::fill(m.count, m.count + kChannelArrays * channels_, 0.0);
+    // The run arrays follow the statistics; only planes x L walks add into them
+    // (rows x C walks set them before each super block).
+    const int64_t arrays = p.inner_is_channel ? kStatisticsArrays : kChannelArrays;
+    std::fill(m.count, m.count + arrays * channels_, 0.0);
     std::fill(m.shift_ok, m.shift_ok + channels_, uint8_t{0});
   }
   std::fill(shifts_missing_.begin(), shifts_missing_.end(), channels_);

@@ -24,10 +24,11 @@ class moments_state {
   bool allocate(const plan &p, int32_t slots);
 
   // Partials laid out for p (no larger than the allocated plan), with what the
-  // kernels accumulate into zeroed: the per-channel arrays and shift_ok. The
-  // kernels set their block arrays before use, so those are left as they are
-  // (zeroing them would write 6 arrays of up to kRowsChannelChunk doubles per
-  // slot, far more than a short call's data; bench/DESIGN.md, 'Moments scratch').
+  // kernels accumulate into zeroed: the statistics, the shifts and shift_ok,
+  // and for planes x L the run arrays too. The kernels set the other arrays
+  // before use, so those are left as they are: a short rows x C call's reset
+  // would otherwise write more than its data, once per slot (bench/DESIGN.md,
+  // 'Moments scratch').
   void reset(const plan &p);
 
   moments_scratch slot(int32_t s) {
@@ -47,6 +48,7 @@ class moments_state {
 
  private:
   static constexpr int64_t kChannelArrays = 7;  // count, mean, m2, shift, run_s1, run_s2, run_n
+  static constexpr int64_t kStatisticsArrays = 4;  // the first four of them
   static constexpr int64_t kBlockArrays = 6;
 
   int64_t layout(const plan &p);
