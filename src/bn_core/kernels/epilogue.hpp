@@ -124,9 +124,9 @@ struct activation {
     const V one = splat<V>(1.0), zero = V{};
     switch (kind) {
       case BN_ACT_RELU: return v > zero ? one : zero;
-      case BN_ACT_RELU6: return (v > zero) & (v < splat<V>(6.0)) ? one : zero;
+      case BN_ACT_RELU6: return ((v > zero) & (v < splat<V>(6.0))) ? one : zero;
       case BN_ACT_LEAKY_RELU: return v > zero ? one : splat<V>(alpha);
-      case BN_ACT_CLIP: return (v > splat<V>(lo)) & (v < splat<V>(hi)) ? one : zero;
+      case BN_ACT_CLIP: return ((v > splat<V>(lo)) & (v < splat<V>(hi))) ? one : zero;
       case BN_ACT_SILU: {  // s·(1 + v·(1 − s))
         const V s = sigmoid_of(v);
         return s * (one + v * (one - s));
