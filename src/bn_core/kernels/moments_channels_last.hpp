@@ -353,10 +353,9 @@ struct rows_run {
   // prefetchers follow, which its own prefetches do not make up for
   // (bench/DESIGN.md).
   bool by_row;
-  // Tiles prefetch the next block's rows at their channels, from memory and
-  // from the L3 alike: the hardware prefetchers do not follow a walk down rows
-  // (bench/DESIGN.md). A tile spanning the whole row already walks memory in
-  // order, and rows in L2 need no prefetch.
+  // Tiles prefetch the next block's rows at their channels where the hardware
+  // prefetchers would not follow a walk down rows (prefetch_next_rows). A tile
+  // spanning the whole row already walks memory in order.
   bool prefetch_next;
 };
 
@@ -367,7 +366,7 @@ rows_run rows_run_at(const plan &p, const char *x, int64_t x_row, int64_t n_rows
                      int64_t len) {
   const bool one_tile = len <= kMomentsTileVectors * E::lanes;
   return rows_run{x, x_row, n_rows, c_first, len, !one_tile && p.x_from == x_source::memory,
-                  !(one_tile || p.x_from == x_source::l2)};
+                  !one_tile && prefetch_next_rows(p.x_from, len * E::size)};
 }
 
 // Points rows[0, nb) at the run's rows r0.. at position j0.

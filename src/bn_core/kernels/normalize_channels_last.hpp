@@ -87,10 +87,10 @@ void normalize_rows_run(const char *x, int64_t x_row, char *y, int64_t y_row, in
   const bool by_row = !one_tile && x_from == x_source::memory &&
                       3 * len * int64_t(sizeof(acc)) <= kNormalizeL1ParamBytes;
   const int64_t block = one_tile ? n_rows : by_row ? 1 : kNormalizeBlockRows;
+  const bool prefetching = block == kNormalizeBlockRows && prefetch_next_rows(x_from, len * E::size);
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t nb = min_of(block, n_rows - r0);
-    const int64_t ahead =
-        block != kNormalizeBlockRows || x_from == x_source::l2 ? 0 : min_of(block, n_rows - r0 - nb);
+    const int64_t ahead = prefetching ? min_of(block, n_rows - r0 - nb) : 0;
     const char *xb = x + r0 * x_row;
     char *yb = y + r0 * y_row;
     const Epi epi_b = epi.at(r0 * epi.row);

@@ -162,6 +162,21 @@ inline void prefetch_rows(const char *first, int64_t step, int64_t rows, int64_t
     for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(first + r * step + at, Write, 2);
 }
 
+// Rows longer than this many bytes, read from the L3, are left to the hardware
+// prefetchers even by tiles that walk down rows: the tiles cross each row in
+// order, and a run this long within a page is a stream they lock on to; the
+// software prefetches on top only took load slots and L1 room (on a Zen 3,
+// rows of 1000 to 4096 floats ran up to 1.7x faster without them, rows of 512
+// and fewer up to 1.4x slower; bench/DESIGN.md). From memory the software lead
+// is kept.
+constexpr int64_t kHardwarePrefetchRowBytes = 2048;
+
+// Whether a tile walking down rows of row_bytes from x_from prefetches the next
+// block of rows itself (rows in L2 need no prefetch).
+inline bool prefetch_next_rows(x_source x_from, int64_t row_bytes) {
+  return x_from == x_source::memory || (x_from == x_source::l3 && row_bytes <= kHardwarePrefetchRowBytes);
+}
+
 }  // namespace
 }  // namespace BN_ISA_NS
 }  // namespace bn_core
