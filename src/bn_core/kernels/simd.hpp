@@ -167,7 +167,7 @@ inline void prefetch_rows(const char *first, int64_t step, int64_t rows, int64_t
 // order, and a run this long within a page is a stream they lock on to; the
 // software prefetches on top only took load slots and L1 room (on a Zen 3,
 // rows of 1000 to 4096 floats ran up to 1.7x faster without them, rows of 512
-// and fewer up to 1.4x slower; bench/DESIGN.md). From memory the software lead
+// and fewer up to 1.5x slower; bench/DESIGN.md). From memory the software lead
 // is kept.
 constexpr int64_t kHardwarePrefetchRowBytes = 2048;
 
