@@ -118,15 +118,23 @@ struct activation {
   // act'(v), v the activation's input z, or its output for the piecewise-linear
   // activations whose output has z's sign and bounds (relu, relu6, clip, leaky
   // relu of a slope >= 0: the caller checks). At a kink, the slope PyTorch
-  // takes: 0 for relu at 0, and clip's (and relu6's) interior is open.
+  // takes: 0 for relu at 0, and clip's (and relu6's) interior is open. Their
+  // bounds are named before the bitwise &, which has no short circuit to lose:
+  // clang warns of a bitwise & whose operand calls a function.
   template <class V>
   V slope(V v) const {
     const V one = splat<V>(1.0), zero = V{};
     switch (kind) {
       case BN_ACT_RELU: return v > zero ? one : zero;
-      case BN_ACT_RELU6: return ((v > zero) & (v < splat<V>(6.0))) ? one : zero;
+      case BN_ACT_RELU6: {
+        const V six = splat<V>(6.0);
+        return ((v > zero) & (v < six)) ? one : zero;
+      }
       case BN_ACT_LEAKY_RELU: return v > zero ? one : splat<V>(alpha);
-      case BN_ACT_CLIP: return ((v > splat<V>(lo)) & (v < splat<V>(hi))) ? one : zero;
+      case BN_ACT_CLIP: {
+        const V l = splat<V>(lo), h = splat<V>(hi);
+        return ((v > l) & (v < h)) ? one : zero;
+      }
       case BN_ACT_SILU: {  // s·(1 + v·(1 − s))
         const V s = sigmoid_of(v);
         return s * (one + v * (one - s));
