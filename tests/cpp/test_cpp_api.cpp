@@ -160,7 +160,7 @@ void test_against_loop() {
         bn_core::train_forward(bn_core::nchw(x, N, C, H, W), bn_core::nchw(y, N, C, H, W), {1}, gamma, beta, 1e-3, m);
     CHECK(s.mean.size() == C && s.count.size() == C && t.mean.size() == C && t.count.empty(), "sizes");
     for (int c = 0; c < C; ++c) {
-      // float32 data: the bounds of test_c_api.c (2e-6 of the spread and of the variance).
+      // float32 data: the bounds of reference.h (2e-6 of the spread and of the variance).
       const double mean_tol = 2e-6 * std::sqrt(var[c]), var_tol = 2e-6 * var[c];
       CHECK(std::fabs(s.mean[c] - mean[c]) < mean_tol && std::fabs(s.variance[c] - var[c]) < var_tol &&
                 s.count[c] == count[c],

@@ -141,14 +141,6 @@ static void test_values(void) {
   bn_set_isa(bn_best_isa());
 }
 
-#define CHECK_STATUS(call, expected, what)                                                              \
-  do {                                                                                                  \
-    const bn_status got_ = (call);                                                                      \
-    CHECK(got_ == (expected), "%s: status %d, expected %d (%s)", what, (int)got_, (int)(expected),      \
-          bn_last_error());                                                                             \
-    CHECK(strlen(bn_last_error()) > 0, "%s: empty bn_last_error()", what);                              \
-  } while (0)
-
 static void test_errors(void) {
   float x[COUNT], y[COUNT], r[COUNT + 1];
   double mean[C] = {0}, var[C] = {1, 1, 1, 1, 1};
