@@ -158,6 +158,12 @@ struct backward_scratch {
 struct kernel_table {
   const char *name;
   void (*moments)(const plan &p, int64_t item_begin, int64_t item_end, const moments_scratch &s);
+  // The team's moments partials merged in slot order into slot 0's (slot s's
+  // arrays lie s * slot_stride doubles after slot 0's), then each channel's
+  // mean, biased variance and count (count may be null); 0 for a channel no
+  // element reached. True if some channel's mean or M2 is not finite.
+  bool (*finish_moments)(const moments_scratch &slot0, int64_t slot_stride, int32_t team, int64_t channels,
+                         double *mean, double *variance, double *count);
   void (*normalize)(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a);
   void (*backward_sums)(const plan &p, int64_t item_begin, int64_t item_end,
                         const backward_params &b, const backward_scratch &s);

@@ -6,7 +6,7 @@
 #include <new>
 #include <type_traits>
 
-#include "chan_merge.hpp"
+#include "dispatch.hpp"
 #include "float64_moments.hpp"
 #include "validate.hpp"
 
@@ -49,22 +49,9 @@ void moments_state::reset(const plan &p) {
 
 void moments_state::finish(int32_t team, const plan &p, double *mean, double *variance,
                            double *count) {
-  // Σ(mean + M2) over the channels: finite iff every term is (for float32 data
-  // no finite sum can overflow a double), at one addition a channel.
-  double total = 0.0;
-  for (int64_t c = 0; c < channels_; ++c) {
-    double n = 0, mu = 0, m2 = 0;
-    for (int32_t s = 0; s < team; ++s) {
-      const moments_scratch m = slot(s);
-      chan_merge(n, mu, m2, m.count[c], m.mean[c], m.m2[c]);
-    }
-    mean[c] = n > 0 ? mu : 0.0;
-    variance[c] = n > 0 ? std::max(m2 / n, 0.0) : 0.0;
-    if (count) count[c] = n;
-    total += mu + m2;
-  }
-  if (!std::isfinite(total) && float32_blocks_can_overflow(p.dtype))
-    redo_non_finite(p, mean, variance, count);
+  const bool non_finite =
+      active_kernels().finish_moments(slot(0), per_slot_, team, channels_, mean, variance, count);
+  if (non_finite && float32_blocks_can_overflow(p.dtype)) redo_non_finite(p, mean, variance, count);
 }
 
 // The partials are merged: slot 0's arrays are free to serve as the flags and

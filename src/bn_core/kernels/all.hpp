@@ -17,6 +17,7 @@
 #error "include kernels/target_<isa>.hpp before kernels/all.hpp"
 #endif
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -29,7 +30,7 @@
 #include "simd.hpp"                          // vector types, stores, element types
 #include "walks.hpp"                         // tiles of channels; runs, folded rows, segments
 #include "epilogue.hpp"                      // activations; plain and epilogue normalize variants
-#include "shifted_sums.hpp"                  // shifted sums and Chan's merge
+#include "shifted_sums.hpp"                  // shifted sums, Chan's merge, the team's partials
 #include "moments_channels_first.hpp"        // statistics of planes x L (any stride, masked)
 #include "moments_channels_last.hpp"         // statistics of rows x C (any stride, masked)
 #include "normalize_channels_first.hpp"      // normalize planes and strided segments

@@ -1,6 +1,7 @@
 // Defines the entry of the operation the including translation unit names
-// (BN_KERNEL_MOMENTS, BN_KERNEL_NORMALIZE, BN_KERNEL_NORMALIZE_EPILOGUE,
-// BN_KERNEL_NORMALIZE_PIECEWISE, // BN_KERNEL_BACKWARD_SUMS or BN_KERNEL_BACKWARD_APPLY): the element type
+// (BN_KERNEL_MOMENTS, BN_KERNEL_MOMENTS_FINISH, BN_KERNEL_NORMALIZE,
+// BN_KERNEL_NORMALIZE_EPILOGUE, BN_KERNEL_NORMALIZE_PIECEWISE,
+// BN_KERNEL_BACKWARD_SUMS or BN_KERNEL_BACKWARD_APPLY): the element type
 // dispatch into that operation.
 #include "all.hpp"
 #include "entries.hpp"
@@ -13,6 +14,16 @@ void moments_entry(const plan &p, int64_t item_begin, int64_t item_end, const mo
   with_element_type(p.dtype, [&](auto elem) {
     moments_items<decltype(elem)>(p, item_begin, item_end, s);
   });
+}
+#elif defined(BN_KERNEL_MOMENTS_FINISH)
+bool finish_moments_entry(const moments_scratch &slot0, int64_t slot_stride, int32_t team, int64_t channels,
+                          double *mean, double *variance, double *count) {
+  for (int32_t s = 1; s < team; ++s) {
+    const int64_t moved = s * slot_stride;
+    chan_merge_channels(slot0.count + moved, slot0.mean + moved, slot0.m2 + moved, channels, slot0.count,
+                        slot0.mean, slot0.m2);
+  }
+  return statistics_of_merged(slot0.count, slot0.mean, slot0.m2, team > 0, channels, mean, variance, count);
 }
 #elif defined(BN_KERNEL_NORMALIZE)
 void normalize_entry(const plan &p, int64_t item_begin, int64_t item_end, const affine_params &a) {

@@ -1,5 +1,6 @@
 // Shifted sums and Chan's merge: block sizes of the shifted sums Σ(x−K), Σ(x−K)²,
-// and their merge into float64 (count, mean, M2) per channel.
+// their merge into float64 (count, mean, M2) per channel, and the merge of the
+// team's per-slot partials into the statistics.
 // Part of the kernel source (kernels/all.hpp lists the parts in order).
 
 namespace bn_core {
@@ -70,6 +71,55 @@ void plane_merge_pending(int64_t c, const moments_scratch &s) {
   merge_shifted_sums(s.run_s1 + c, s.run_s2 + c, &shift, s.run_n[c], 1, s.count + c, s.mean + c, s.m2 + c,
                      s.shift + c);
   s.run_s1[c] = s.run_s2[c] = s.run_n[c] = 0;
+}
+
+// ---- the team's partials ------------------------------------------------------
+
+// Chan's merge of every channel's partial (n_b, mean_b, m2_b) into (n, mean, m2),
+// exact to rounding whatever the two parts' sizes and means. A merge with an
+// empty part, on either side, gives the other part exactly (selects, so the
+// loop has no branch and vectorizes: a channel's merges chain their divisions,
+// but channels are independent).
+inline void chan_merge_channels(const double *__restrict n_b, const double *__restrict mean_b,
+                                const double *__restrict m2_b, int64_t channels, double *__restrict n,
+                                double *__restrict mean, double *__restrict m2) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const double n_a = n[c], mean_a = mean[c], m2_a = m2[c], nb = n_b[c], mb = mean_b[c], m2b = m2_b[c];
+    const double total = n_a + nb;
+    const double delta = mb - mean_a;
+    const double merged_mean = mean_a + delta * (nb / total);
+    // delta² alone may overflow where the product does not
+    const double merged_m2 = m2_a + (m2b + delta * (delta * (n_a * nb / total)));
+    const double mean_with_b = n_a == 0.0 ? mb : merged_mean, m2_with_b = n_a == 0.0 ? m2b : merged_m2;
+    mean[c] = nb == 0.0 ? mean_a : mean_with_b;
+    m2[c] = nb == 0.0 ? m2_a : m2_with_b;
+    n[c] = nb == 0.0 ? n_a : total;
+  }
+}
+
+// The statistics of merged partials (any: some slot ran; none did, every count
+// is 0): mean, biased variance (rounding can take M2 below 0: clamped) and
+// count (if asked), 0 for a channel no element reached. True if some channel's
+// mean + M2 is not finite (for float32 data no finite mean and M2 overflow
+// their sum). The flag is a select rather than an or of booleans, which the
+// compiler does not vectorize.
+inline bool statistics_of_merged(const double *__restrict n, const double *__restrict mean,
+                                 const double *__restrict m2, bool any, int64_t channels,
+                                 double *__restrict mean_out, double *__restrict variance_out,
+                                 double *__restrict count_out) {
+  const double ran = any ? 1.0 : 0.0;
+  double non_finite = 0.0;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double n_c = n[c] * ran, mean_c = mean[c], m2_c = m2[c];
+    const double mu = n_c > 0 ? mean_c : 0.0, m2_kept = n_c > 0 ? m2_c : 0.0, v = m2_kept / n_c;
+    mean_out[c] = mu;
+    variance_out[c] = n_c > 0 ? (v > 0.0 ? v : 0.0) : 0.0;
+    const double t = mu + m2_kept, zero_if_finite = t - t;  // NaN for an infinite or NaN t
+    non_finite = zero_if_finite == 0.0 ? non_finite : 1.0;
+  }
+  if (count_out)
+    for (int64_t c = 0; c < channels; ++c) count_out[c] = n[c] * ran;
+  return non_finite != 0.0;
 }
 
 }  // namespace

@@ -1,0 +1,5 @@
+// The merge of the team's moments partials for the "avx2" target (flags from the
+// file suffix).
+#include "kernels/target_avx2.hpp"
+#define BN_KERNEL_MOMENTS_FINISH
+#include "kernels/entry.hpp"
