@@ -1,10 +1,11 @@
 """tf.keras 2 extras of cbn.BatchNormalization: ghost batch normalization (behaviour.md R12),
-adjustment (R13), fused (R1.5), tf.keras 2 configs and weight shapes (R10.2, R2.2).
+adjustment (R13) and fused (R1.5); tf.keras 2 configs and weight shapes (R10.2, R2.2) are in
+test_layer_tfkeras2_configs.py.
 
 tf.keras 2's own ghost-BN and adjustment tests (TensorFlow's normalization_test.py: testGhostBN*,
 testAdjustment, testRenormWithAdjustment) are re-expressed here against ``reference_step``, a
-float64 NumPy transcription of the rules written below, and against hand-derived numbers. The
-tf.keras 2 configs are literal outputs of tf_keras 2.21 ``BatchNormalization.get_config()``.
+float64 NumPy transcription of the rules (tfkeras2_reference.py), and against hand-derived
+numbers.
 """
 
 from __future__ import annotations
@@ -20,108 +21,20 @@ from reference import (
     assert_unchanged,
     axes_of,
     bshape,
-    mask_weights,
-    moments,
     normalize,
     snapshot,
     to64,
 )
+from tfkeras2_reference import (
+    assert_output,
+    assert_state,
+    batches,
+    reference_step,
+    state_of,
+    with_weights,
+)
 
 BN = cbn.BatchNormalization
-NAMES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
-         "renorm_stddev")
-
-
-# ---------------------------------------------------------------- float64 reference (R11-R13)
-
-
-def reference_step(x, state, *, axis=-1, virtual_batch_size=None, mask=None, momentum=0.99,
-                   eps=1e-3, renorm=False, renorm_momentum=0.99, clipping=None, adjust=None):
-    """One training call written from R4-R6, R8, R11-R13 in float64.
-
-    Ghost batch g holds the samples b with b mod (B/V) = g: ``x[g::B/V]`` (R12). Each is
-    normalized with its own (masked) moments; the moving and renorm updates and renorm's r, d
-    use the averages over ghost batches of their means and of their variances. ``adjust`` is
-    ``(a_scale, a_bias)`` broadcastable to the channel shape (R13). ``state`` maps weight names
-    to float64 arrays (gamma/beta may be missing). Returns ``(y, new_state)``.
-    """
-    x64 = to64(x)
-    axes = axes_of(axis, x64.ndim)
-    bs = bshape(x64.shape, axes)
-    cshape = tuple(x64.shape[a] for a in axes)
-    ghosts = 1 if virtual_batch_size is None else x64.shape[0] // virtual_batch_size
-    used = mask_weights(mask, x64.shape)
-    per_ghost = [moments(x64[g::ghosts], axis, used[g::ghosts]) for g in range(ghosts)]
-    mean = np.mean([m for m, _ in per_ghost], axis=0)
-    var = np.mean([v for _, v in per_ghost], axis=0)
-    stddev = np.sqrt(var + eps)
-    r, d = np.ones(cshape), np.zeros(cshape)
-    if renorm:
-        clipping = clipping or {}
-        renorm_stddev = np.maximum(state["renorm_stddev"], np.sqrt(eps))
-        r = stddev / renorm_stddev
-        d = (mean - state["renorm_mean"]) / renorm_stddev
-        r = np.clip(r, clipping.get("rmin", -np.inf), clipping.get("rmax", np.inf))
-        d = np.clip(d, -clipping.get("dmax", np.inf), clipping.get("dmax", np.inf))
-    a_scale, a_bias = adjust if adjust is not None else (1.0, 0.0)
-
-    def per_channel(v, default=None):
-        v = default if v is None else v
-        return np.broadcast_to(np.asarray(v, np.float64), cshape).reshape(bs)
-
-    gamma, beta = per_channel(state.get("gamma"), 1.0), per_channel(state.get("beta"), 0.0)
-    y = np.empty(x64.shape)
-    for g, (mean_g, var_g) in enumerate(per_ghost):
-        xhat = (x64[g::ghosts] - mean_g.reshape(bs)) / np.sqrt(var_g.reshape(bs) + eps)
-        corrected = xhat * per_channel(r) + per_channel(d)
-        y[g::ghosts] = (corrected * per_channel(a_scale) + per_channel(a_bias)) * gamma + beta
-
-    new = dict(state)
-    new["moving_mean"] = state["moving_mean"] * momentum + mean * (1 - momentum)
-    if renorm:
-        new["moving_stddev"] = state["moving_stddev"] * momentum + stddev * (1 - momentum)
-        new["moving_variance"] = np.maximum(new["moving_stddev"] ** 2 - eps, 0.0)
-        new["renorm_mean"] = state["renorm_mean"] * renorm_momentum + mean * (1 - renorm_momentum)
-        new["renorm_stddev"] = (state["renorm_stddev"] * renorm_momentum
-                                + stddev * (1 - renorm_momentum))
-    else:
-        new["moving_variance"] = state["moving_variance"] * momentum + var * (1 - momentum)
-    return y, new
-
-
-def state_of(layer):
-    return {n: np.asarray(getattr(layer, n), np.float64) for n in NAMES
-            if getattr(layer, n) is not None}
-
-
-def assert_state(layer, ref, rtol=2e-6, atol=2e-6):
-    got = state_of(layer)
-    assert sorted(got) == sorted(ref)
-    for n in got:
-        np.testing.assert_allclose(got[n], ref[n], rtol=rtol, atol=atol, err_msg=n)
-
-
-def assert_output(y, y_ref, tol=2e-6):
-    y = np.asarray(y, np.float64)
-    assert y.shape == y_ref.shape
-    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * max(1.0, np.abs(y_ref).max()))
-
-
-def batches(n, shape, seed=0):
-    r = np.random.default_rng(seed)
-    return [(r.normal(0.0, 1.0, shape) * (1.0 + k) + 2.0 * k - 1.0).astype(np.float32)
-            for k in range(n)]
-
-
-def with_weights(layer, shape, seed=1):
-    """Build ``layer`` for ``shape`` and give gamma and beta distinct values."""
-    layer.build(shape)
-    r = np.random.default_rng(seed)
-    ws = layer.get_weights()
-    ws[0] = r.uniform(0.5, 2.0, ws[0].shape).astype(ws[0].dtype)
-    ws[1] = r.uniform(-1.0, 1.0, ws[1].shape).astype(ws[1].dtype)
-    layer.set_weights(ws)
-    return state_of(layer)
 
 
 def test_reference_groups_strided_samples_R12():
@@ -553,158 +466,3 @@ def test_fused_true_never_raises_R1_5(kwargs, shape):
 def test_fused_must_be_none_or_bool_R1_5(fused):
     with pytest.raises(TypeError, match=re.escape(repr(fused))):
         BN(fused=fused)
-
-
-# ---------------------------------------------------------------- R10.2 / R2.2 tf.keras 2 configs
-
-# tf_keras 2.21: BatchNormalization(axis=1, virtual_batch_size=2, momentum=0.9, name="ghost_bn")
-# built by a training call on a (4, 3, 5) input. tf.keras 2 shifts a ghost layer's axes by one
-# at build (they index its (V, B/V, ...) view) and writes them so: "axis": [2].
-TF_KERAS2_GHOST_NCW = {
-    "name": "ghost_bn", "trainable": True, "dtype": "float32", "axis": [2], "momentum": 0.9,
-    "epsilon": 0.001, "center": True, "scale": True,
-    "beta_initializer": {"module": "keras.initializers", "class_name": "Zeros", "config": {},
-                         "registered_name": None},
-    "gamma_initializer": {"module": "keras.initializers", "class_name": "Ones", "config": {},
-                          "registered_name": None},
-    "moving_mean_initializer": {"module": "keras.initializers", "class_name": "Zeros",
-                                "config": {}, "registered_name": None},
-    "moving_variance_initializer": {"module": "keras.initializers", "class_name": "Ones",
-                                    "config": {}, "registered_name": None},
-    "beta_regularizer": None, "gamma_regularizer": None, "beta_constraint": None,
-    "gamma_constraint": None, "virtual_batch_size": 2,
-}
-
-# tf_keras 2.21: BatchNormalization(virtual_batch_size=2, renorm=True,
-#     renorm_clipping={"rmax": 2.0}, name="ghost_renorm", dtype="mixed_float16"), built on (4, 3).
-TF_KERAS2_GHOST_RENORM_MIXED = {
-    "name": "ghost_renorm", "trainable": True,
-    "dtype": {"module": "keras.mixed_precision", "class_name": "Policy",
-              "config": {"name": "mixed_float16"}, "registered_name": None},
-    "axis": [2], "momentum": 0.99, "epsilon": 0.001, "center": True, "scale": True,
-    "beta_initializer": {"module": "keras.initializers", "class_name": "Zeros", "config": {},
-                         "registered_name": None},
-    "gamma_initializer": {"module": "keras.initializers", "class_name": "Ones", "config": {},
-                          "registered_name": None},
-    "moving_mean_initializer": {"module": "keras.initializers", "class_name": "Zeros",
-                                "config": {}, "registered_name": None},
-    "moving_variance_initializer": {"module": "keras.initializers", "class_name": "Ones",
-                                    "config": {}, "registered_name": None},
-    "beta_regularizer": None, "gamma_regularizer": None, "beta_constraint": None,
-    "gamma_constraint": None, "renorm": True, "renorm_clipping": {"rmax": 2.0},
-    "renorm_momentum": 0.99, "virtual_batch_size": 2,
-}
-
-# tf_keras 2.21: BatchNormalization(axis=[1, 3], name="multi") built on (4, 3, 5, 2); its
-# weights have the broadcast shape (1, 3, 1, 2).
-TF_KERAS2_MULTI_AXIS = {
-    "name": "multi", "trainable": True, "dtype": "float32", "axis": [1, 3], "momentum": 0.99,
-    "epsilon": 0.001, "center": True, "scale": True,
-    "beta_initializer": {"module": "keras.initializers", "class_name": "Zeros", "config": {},
-                         "registered_name": None},
-    "gamma_initializer": {"module": "keras.initializers", "class_name": "Ones", "config": {},
-                          "registered_name": None},
-    "moving_mean_initializer": {"module": "keras.initializers", "class_name": "Zeros",
-                                "config": {}, "registered_name": None},
-    "moving_variance_initializer": {"module": "keras.initializers", "class_name": "Ones",
-                                    "config": {}, "registered_name": None},
-    "beta_regularizer": None, "gamma_regularizer": None, "beta_constraint": None,
-    "gamma_constraint": None,
-}
-
-
-def tf_keras2_weights(shape, count, seed):
-    """Distinct weights in a tf.keras 2 broadcast shape; variances kept positive."""
-    r = np.random.default_rng(seed)
-    ws = [r.uniform(-1.0, 1.0, shape).astype(np.float32) for _ in range(count)]
-    ws[3] = np.abs(ws[3]) + 0.5
-    if count == 7:  # moving_stddev and renorm_stddev positive too
-        ws[4], ws[6] = np.abs(ws[4]) + 0.5, np.abs(ws[6]) + 0.5
-    return ws
-
-
-def test_from_tf_keras2_built_ghost_config_unshifts_axis_R10_2_R12():
-    layer = BN.from_config(dict(TF_KERAS2_GHOST_NCW))
-    cfg = layer.get_config()
-    assert cfg["axis"] == [1] and cfg["virtual_batch_size"] == 2
-    assert cfg["momentum"] == 0.9 and cfg["synchronized"] is False and cfg["renorm"] is False
-    # tf.keras 2's weights of this layer have the shape (1, 1, 3, 1) (R2.2: one more leading 1)
-    layer.build((4, 3, 5))
-    weights = tf_keras2_weights((1, 1, 3, 1), 4, seed=18)
-    layer.set_weights(weights)
-    ref = {n: w.reshape(3).astype(np.float64) for n, w in zip(NAMES, weights, strict=False)}
-    for w, expected in zip(layer.get_weights(), weights, strict=True):
-        assert w.shape == (3,)
-        np.testing.assert_array_equal(w, expected.reshape(3))
-    x = batches(1, (4, 3, 5), seed=19)[0]
-    y_ref, ref = reference_step(x, ref, axis=1, virtual_batch_size=2, momentum=0.9)
-    assert_output(layer(x, training=True), y_ref)
-    assert_state(layer, ref)
-    # the config it writes is cbn's, which round-trips unchanged
-    assert BN.from_config(layer.get_config()).get_config() == layer.get_config()
-
-
-def test_from_tf_keras2_ghost_renorm_mixed_config_R10_2_R12():
-    layer = BN.from_config(dict(TF_KERAS2_GHOST_RENORM_MIXED))
-    cfg = layer.get_config()
-    assert cfg["axis"] == [1]  # [2] in tf.keras 2's shifted numbering of a rank-2 input
-    assert cfg["renorm"] is True and cfg["renorm_clipping"] == {"rmax": 2.0}
-    assert cfg["dtype"]["config"]["name"] == "mixed_float16"
-    layer.build((4, 3))
-    weights = tf_keras2_weights((1, 1, 3), 7, seed=20)
-    layer.set_weights(weights)
-    ref = {n: w.reshape(3).astype(np.float64) for n, w in zip(NAMES, weights, strict=True)}
-    x = batches(1, (4, 3), seed=21)[0]
-    y = layer(x, training=True)
-    assert y.dtype == np.float16
-    y_ref, ref = reference_step(x.astype(np.float16), ref, virtual_batch_size=2, renorm=True,
-                                clipping={"rmax": 2.0})
-    np.testing.assert_allclose(y.astype(np.float64), y_ref, rtol=2**-10, atol=2**-10)
-    assert_state(layer, ref)
-
-
-@pytest.mark.parametrize("axis, expected", [
-    (-1, -1),          # unbuilt tf.keras 2 layer: the user's int
-    ([1], [1]),        # an axis 1 was never shifted (shifted axes are >= 2)
-    ([-1], [-1]),
-])
-def test_tf_keras2_ghost_configs_with_unshifted_axes_kept_R10_2(axis, expected):
-    cfg = dict(TF_KERAS2_GHOST_NCW, axis=axis)
-    assert BN.from_config(cfg).get_config()["axis"] == expected
-
-
-@pytest.mark.parametrize("axis", [[2], [2, 3], -1, 2])
-def test_cbn_ghost_configs_round_trip_unchanged_R10_2(axis):
-    # cbn (like Keras 3) always writes "synchronized": its own configs are never shifted.
-    cfg = BN(axis=axis, virtual_batch_size=2).get_config()
-    back = BN.from_config(cfg).get_config()
-    assert back == cfg and back["axis"] == axis
-
-
-def test_from_tf_keras2_multi_axis_config_and_broadcast_weights_R10_2_R2_2():
-    layer = BN.from_config(dict(TF_KERAS2_MULTI_AXIS))
-    assert layer.get_config()["axis"] == [1, 3]  # no virtual_batch_size: never shifted
-    layer.build((4, 3, 5, 2))
-    weights = tf_keras2_weights((1, 3, 1, 2), 4, seed=22)
-    layer.set_weights(weights)
-    for w, expected in zip(layer.get_weights(), weights, strict=True):
-        assert w.shape == (3, 2)
-        np.testing.assert_array_equal(w, expected.reshape(3, 2))
-    ref = {n: w.reshape(3, 2).astype(np.float64) for n, w in zip(NAMES, weights, strict=False)}
-    x = batches(1, (4, 3, 5, 2), seed=23)[0]
-    y_ref = normalize(x, ref["moving_mean"], ref["moving_variance"], ref["gamma"], ref["beta"],
-                      axis=[1, 3])
-    assert_output(layer(x), y_ref)
-    y_ref, ref = reference_step(x, ref, axis=[1, 3])
-    assert_output(layer(x, training=True), y_ref)
-    assert_state(layer, ref)
-
-
-def test_tf_keras2_weight_shape_mismatch_changes_nothing_R2_2():
-    layer = BN.from_config(dict(TF_KERAS2_GHOST_NCW))
-    layer.build((4, 3, 5))
-    before = snapshot(layer)
-    with pytest.raises(ValueError, match=re.escape("(1, 1, 5, 1)")):
-        layer.set_weights([np.ones((1, 1, 3, 1), np.float32)] * 3
-                          + [np.ones((1, 1, 5, 1), np.float32)])
-    assert_unchanged(layer, before)

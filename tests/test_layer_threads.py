@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cbn
 import numpy as np
+from layer_state import NAMES4
 from reference import moments, normalize, train_step
 
 BN = cbn.BatchNormalization
 SHAPE = (64, 32, 96)  # 196608 elements, ~0.8 MB float32: large enough for the core to run long
-NAMES4 = ["gamma", "beta", "moving_mean", "moving_variance"]
 
 
 def data(seed, shape=SHAPE):
