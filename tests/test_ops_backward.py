@@ -149,6 +149,35 @@ def test_strided_and_reversed_views():
     check_against_closed_form(x, dy, gamma, (3,), None, True, np.float32)
 
 
+def at_page_offset(values, offset):
+    """A copy of ``values`` starting ``offset`` bytes into a page."""
+    raw = np.empty(values.nbytes + 8192, np.uint8)
+    start = (-raw.ctypes.data) % 4096 + offset
+    out = raw[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
+    out[...] = values
+    return out
+
+
+@pytest.mark.parametrize("dtype, channels", [(np.float32, 1024), (np.float32, 512),
+                                             (np.float64, 512), (np.float32, 256)])
+def test_buffers_at_one_page_offset(dtype, channels):
+    # x, dy and dx 16 bytes into their pages (as malloc places large buffers) with rows of
+    # 1-4 KiB: the rows of a tile walk share L1 sets, so dx is written a row at a time
+    # where they would overfill one. The values are the closed form's, and the same bits
+    # as with the buffers apart.
+    rng = np.random.default_rng(11)
+    shape = (64, channels)
+    x = rng.normal(2.0, 3.0, shape).astype(dtype)
+    dy = rng.normal(0.0, 1.0, shape).astype(dtype)
+    gamma = rng.normal(1.0, 0.2, (channels,))
+    results = []
+    for offsets in [(16, 16, 16), (16, 1040, 2064)]:
+        xs, dys = at_page_offset(x, offsets[0]), at_page_offset(dy, offsets[1])
+        out = at_page_offset(np.zeros_like(x), offsets[2])
+        results.append(check_against_closed_form(xs, dys, gamma, (1,), None, True, dtype, out=out))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("target", ["dy", "x"])
 def test_in_place(target):
     rng = np.random.default_rng(5)

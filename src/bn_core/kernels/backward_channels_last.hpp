@@ -25,9 +25,11 @@ constexpr int64_t kGradRowBlock = 8;
 // Rows a tile of `tile` channels walks before the next tile. One tile covering
 // the row walks the run in memory order: no blocks needed. From memory, wider
 // rows go one at a time: the bandwidth hides the parameter loads, and the tile
-// walk defeated the hardware prefetchers.
-inline int64_t rows_per_block(int64_t n_rows, int64_t len, int64_t tile, bool from_memory) {
-  return len <= tile ? n_rows : from_memory ? 1 : kGradRowBlock;
+// walk defeated the hardware prefetchers. So do rows whose block would overfill
+// an L1 set (tile_walk_overfills_l1_set).
+inline int64_t rows_per_block(int64_t n_rows, int64_t len, int64_t tile, bool from_memory,
+                              bool overfills_l1_set) {
+  return len <= tile ? n_rows : from_memory || overfills_l1_set ? 1 : kGradRowBlock;
 }
 
 template <class E, int K>
@@ -118,8 +120,11 @@ void grad_rows_tile_apply(const char *x, const char *dy, char *dx, int64_t x_row
 template <class E>
 void grad_rows_apply(const plan &p, const grad_segment g, const loop_dim step, int64_t n_rows,
                      const backward_params &b) {
-  const int64_t block = rows_per_block(n_rows, g.len, kGradTileVectors * E::lanes,
-                                       p.x_from == x_source::memory);
+  constexpr int64_t tile = kGradTileVectors * E::lanes;
+  const char *const streams[3] = {g.x, g.dy, g.dx};
+  const bool overfills = step.x_stride == step.d_stride && step.x_stride == step.y_stride &&
+                         tile_walk_overfills_l1_set(streams, step.x_stride, kGradRowBlock, tile * E::size);
+  const int64_t block = rows_per_block(n_rows, g.len, tile, p.x_from == x_source::memory, overfills);
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t nb = min_of(block, n_rows - r0);
     const char *xb = g.x + r0 * step.x_stride, *db = g.dy + r0 * step.d_stride;

@@ -24,6 +24,44 @@ void part_tile(int64_t n_vectors, int64_t j, F &tile) {
   }
 }
 
+// Lines of one L1 data cache set (32 KiB, 8-way on Zen 3 and Zen 4; Intel's
+// 48 KiB caches have 12): a walk keeping more of them live evicts its own.
+constexpr int64_t kL1Ways = 8;
+
+// Whether a tile walking `rows` rows at a time down `streams` (rows `row_bytes`
+// apart; an in-place output is its input, one stream) keeps more lines of one
+// L1 set live than the set holds. Rows a multiple of 4 KiB apart (p rows per
+// 4 KiB: every p-th row) land in the same set, and so do streams at the same
+// offset in their pages, as malloc places large buffers: 8 rows of 4 KiB of x,
+// dy and dx are 24 lines for 8 ways, and the tile reloads from L2 what it has
+// just brought in (2.5x the time of a walk with the streams apart). A walk a
+// row at a time keeps a few lines per stream.
+template <int N>
+bool tile_walk_overfills_l1_set(const char *const (&streams)[N], int64_t row_bytes, int64_t rows,
+                                int64_t tile_bytes) {
+  constexpr int64_t page = 4096;
+  int64_t period = 0;  // rows per 4 KiB, when rows come back to the same set within the walk
+  for (int64_t k = 1; k < rows && period == 0; ++k) {
+    const int64_t gap = (k * row_bytes) % page;
+    if (gap < tile_bytes || gap > page - tile_bytes) period = k;
+  }
+  if (period == 0) return false;
+  const int64_t lines_per_stream = (rows + period - 1) / period, span = page / period;
+  int64_t most = 0;  // distinct streams sharing a set
+  for (int i = 0; i < N; ++i) {
+    int64_t sharing = 0;
+    for (int j = 0; j < N; ++j) {
+      bool seen = false;  // a stream listed twice counts once
+      for (int k = 0; k < j; ++k) seen |= streams[k] == streams[j];
+      const int64_t gap = static_cast<int64_t>((reinterpret_cast<uintptr_t>(streams[j]) -
+                                                reinterpret_cast<uintptr_t>(streams[i])) % span);
+      sharing += !seen && (gap < tile_bytes || gap > span - tile_bytes);
+    }
+    most = most > sharing ? most : sharing;
+  }
+  return most * lines_per_stream > kL1Ways;
+}
+
 // Calls tile(vectors<K>{}, j) over channels [0, len) in tiles of Max vectors of
 // W lanes, the last one shorter; returns where the whole vectors end (the
 // caller's scalar tail starts there).
