@@ -40,9 +40,10 @@ template <int N>
 bool tile_walk_overfills_l1_set(const char *const (&streams)[N], int64_t row_bytes, int64_t rows,
                                 int64_t tile_bytes) {
   constexpr int64_t page = 4096;
+  const int64_t step = (row_bytes % page + page) % page;  // any stride, without overflow
   int64_t period = 0;  // rows per 4 KiB, when rows come back to the same set within the walk
   for (int64_t k = 1; k < rows && period == 0; ++k) {
-    const int64_t gap = (k * row_bytes) % page;
+    const int64_t gap = k * step % page;
     if (gap < tile_bytes || gap > page - tile_bytes) period = k;
   }
   if (period == 0) return false;
