@@ -181,6 +181,27 @@ def test_float32_nan_still_stays_in_its_own_channel():
     assert np.isfinite(mean[0]) and np.isfinite(var[0]) and mean[2] == 1.0 and var[2] == 0.0
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_data_gives_a_nan_variance_in_its_channel_only(threads, dtype, bad):
+    # As NumPy's var: a NaN, or an infinity (inf - inf), leaves the channel's variance NaN,
+    # however many slots merged it (the merge clamps only negative rounding to 0).
+    x = np.random.default_rng(4).standard_normal((4096, 64)).astype(dtype)
+    x[3000, 5] = bad
+    cbn.set_num_threads(threads)
+    try:
+        mean, var = ops.moments(x, axis=-1)
+    finally:
+        cbn.set_num_threads(0)
+    assert np.isnan(var[5]) and np.isnan(np.var(x[:, 5].astype(np.float64)))
+    assert not np.isfinite(mean[5])
+    others = np.arange(64) != 5
+    ref_mean, ref_var = _float64_reference(x[:, others], -1)
+    np.testing.assert_allclose(mean[others], ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var[others], ref_var, rtol=1e-5)
+
+
 def test_nan_reaches_only_its_channel_and_masked_out_nan_nothing():
     # Issue 28 item 10, as docs/behaviour.md "Numbers at the edges" states it.
     rng = np.random.default_rng(8)

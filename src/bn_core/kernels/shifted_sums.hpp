@@ -98,7 +98,8 @@ inline void chan_merge_channels(const double *__restrict n_b, const double *__re
 }
 
 // The statistics of merged partials (any: some slot ran; none did, every count
-// is 0): mean, biased variance (rounding can take M2 below 0: clamped) and
+// is 0): mean, biased variance (rounding can take M2 below 0: clamped; NaN,
+// from NaN or infinite data, stays NaN) and
 // count (if asked), 0 for a channel no element reached. True if some channel's
 // mean + M2 is not finite (for float32 data no finite mean and M2 overflow
 // their sum). The flag is a select rather than an or of booleans, which the
@@ -113,7 +114,7 @@ inline bool statistics_of_merged(const double *__restrict n, const double *__res
     const double n_c = n[c] * ran, mean_c = mean[c], m2_c = m2[c];
     const double mu = n_c > 0 ? mean_c : 0.0, m2_kept = n_c > 0 ? m2_c : 0.0, v = m2_kept / n_c;
     mean_out[c] = mu;
-    variance_out[c] = n_c > 0 ? (v > 0.0 ? v : 0.0) : 0.0;
+    variance_out[c] = n_c > 0 ? (v < 0.0 ? 0.0 : v) : 0.0;  // std::max(v, 0.0): NaN stays
     const double t = mu + m2_kept, zero_if_finite = t - t;  // NaN for an infinite or NaN t
     non_finite = zero_if_finite == 0.0 ? non_finite : 1.0;
   }
